@@ -1,0 +1,333 @@
+"""webui infotext (the PNG `parameters` text) and the `info` JSON of a response.
+
+Matches AUTOMATIC1111 v1.10.1: `processing.py: create_infotext` / `Processed.js` and
+`infotext_utils.py: quote / unquote / parse_generation_parameters`.
+Facts: shared/reference/webui-api.md §2 and §3.
+
+Everything here is pure: callers resolve webui's options (add_model_hash_to_info, the
+ancestral/eta rule for ENSD, ...) and pass the per-image values; a value of None means
+"the key is not printed", exactly like webui's `None` entries.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+NEGATIVE_PREFIX = "Negative prompt:"
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    """Everything that goes on the params line of ONE image, typed.
+
+    Pass floats for cfg_scale, denoising_strength, subseed_strength, image_cfg_scale and
+    conditional_mask_weight: webui's API (pydantic v1) coerced them, so `7` prints as
+    `CFG scale: 7.0`. An int that arrives anyway is printed as that float.
+
+    `extra` is webui's `p.extra_generation_params` for this image: insertion order is kept,
+    values must already be per-image scalars (webui's list/callable forms are resolved by
+    the caller) and are printed as given (`Hires upscale` must be `2.0`, not `2`). A key
+    that is also a fixed key ("Schedule type", "Denoising strength", ...) keeps the fixed
+    position and only replaces the value; a None value removes the key.
+    """
+
+    steps: int
+    sampler: str  # e.g. "DPM++ 2M"
+    schedule_type: str | None  # "Karras" / "Automatic" / None (omitted)
+    cfg_scale: float
+    seed: int
+    width: int  # first-pass size
+    height: int
+    model_hash: str | None = None  # 10 hex; None → key omitted
+    model_name: str | None = None
+    vae_hash: str | None = None
+    vae_name: str | None = None
+    subseed: int | None = None
+    subseed_strength: float = 0.0  # "Variation seed"/"Variation seed strength" only if != 0
+    seed_resize_from: tuple[int, int] | None = None  # (w, h); printed when both > 0
+    denoising_strength: float | None = None
+    clip_skip: int = 1  # printed only if > 1
+    ensd: int = 0  # printed only if != 0; the caller applies webui's ancestral/eta rule
+    rng: str | None = None  # printed only if not "GPU"/None
+    tiling: bool = False
+    image_cfg_scale: float | None = None
+    face_restoration: str | None = None
+    conditional_mask_weight: float | None = None
+    init_image_hash: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    version: str | None = None  # "Version", after the extras
+    user: str | None = None
+
+
+def _as_float(value: float | None) -> float | None:
+    """Print ints as webui would after pydantic v1 coerced them to float (`7` → `7.0`)."""
+    return None if value is None else float(value)
+
+
+def _seed_resize(p: ImageParams) -> str | None:
+    if p.seed_resize_from is None:
+        return None
+    w, h = p.seed_resize_from
+    return f"{w}x{h}" if w > 0 and h > 0 else None
+
+
+def _absent(_: ImageParams) -> None:
+    """A fixed key we never fill ourselves; listed so that an `extra` keeps its position."""
+    return None
+
+
+# webui's dict literal in create_infotext, in order (reference §3, items 1..22).
+_FIXED_KEYS: tuple[tuple[str, Callable[[ImageParams], Any]], ...] = (
+    ("Steps", lambda p: p.steps),
+    ("Sampler", lambda p: p.sampler),
+    ("Schedule type", lambda p: p.schedule_type),
+    ("CFG scale", lambda p: _as_float(p.cfg_scale)),
+    ("Image CFG scale", lambda p: _as_float(p.image_cfg_scale)),
+    ("Seed", lambda p: p.seed),
+    ("Face restoration", lambda p: p.face_restoration),
+    ("Size", lambda p: f"{p.width}x{p.height}"),
+    ("Model hash", lambda p: p.model_hash),
+    ("Model", lambda p: p.model_name),
+    ("FP8 weight", _absent),
+    ("Cache FP16 weight for LoRA", _absent),
+    ("VAE hash", lambda p: p.vae_hash),
+    ("VAE", lambda p: p.vae_name),
+    ("Variation seed", lambda p: p.subseed if p.subseed_strength != 0 else None),
+    (
+        "Variation seed strength",
+        lambda p: _as_float(p.subseed_strength) if p.subseed_strength != 0 else None,
+    ),
+    ("Seed resize from", _seed_resize),
+    ("Denoising strength", lambda p: _as_float(p.denoising_strength)),
+    ("Conditional mask weight", lambda p: _as_float(p.conditional_mask_weight)),
+    ("Clip skip", lambda p: p.clip_skip if p.clip_skip > 1 else None),
+    ("ENSD", lambda p: p.ensd if p.ensd != 0 else None),
+    ("Token merging ratio", _absent),
+    ("Token merging ratio hr", _absent),
+    ("Init image hash", lambda p: p.init_image_hash),
+    ("RNG", lambda p: p.rng if p.rng not in (None, "GPU") else None),
+    ("Tiling", lambda p: "True" if p.tiling else None),
+)
+
+FIXED_KEYS: tuple[str, ...] = tuple(key for key, _ in _FIXED_KEYS)
+
+
+def generation_params(params: ImageParams) -> dict[str, Any]:
+    """The ordered key → value dict behind the params line (None values still included).
+
+    Built the way webui's dict literal behaves: fixed keys, then `extra` (a repeated key
+    keeps its first position and takes the new value), then "Version" and "User".
+    """
+    result = {key: get(params) for key, get in _FIXED_KEYS}
+    result.update(params.extra)
+    result["Version"] = params.version
+    result["User"] = params.user
+    return result
+
+
+def quote(value: Any) -> str:
+    """webui's `quote`: JSON-quote a value whose text has `,`, `:` or a newline.
+
+    Other values are printed with `str()`. A value json cannot encode is quoted as its
+    `str()` (webui would raise there).
+    """
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def params_line(params: ImageParams) -> str:
+    """The last infotext line: `Key: value` pairs; a value equal to its key prints the key."""
+    return ", ".join(
+        key if key == value else f"{key}: {quote(value)}"
+        for key, value in generation_params(params).items()
+        if value is not None
+    )
+
+
+def create_infotext(prompt: str, negative_prompt: str, params: ImageParams) -> str:
+    """The infotext of one image, byte for byte as webui writes it.
+
+    The negative line is left out when the negative prompt is empty; like webui the whole
+    text is `.strip()`ped, so an empty prompt leaves just the params line.
+    """
+    negative = f"\n{NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{params_line(params)}".strip()
+
+
+# ---------------------------------------------------------------------------- parsing
+
+# infotext_utils.re_param / re_imagesize, verbatim patterns.
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+# webui only treats the last line as parameters if it holds at least this many pairs.
+_MIN_PARAMS_ON_LINE = 3
+
+# What webui's parse_generation_parameters fills in for keys that are absent (the subset
+# that maps to request fields we serve). Used only with `with_defaults=True`.
+PARSE_DEFAULTS: tuple[tuple[str, str], ...] = (
+    ("Clip skip", "1"),
+    ("Hires resize-1", "0"),
+    ("Hires resize-2", "0"),
+    ("Hires sampler", "Use same sampler"),
+    ("Hires schedule type", "Use same scheduler"),
+    ("Hires checkpoint", "Use same checkpoint"),
+    ("Hires prompt", ""),
+    ("Hires negative prompt", ""),
+    ("Mask mode", "Inpaint masked"),
+    ("Masked content", "original"),
+    ("Inpaint area", "Whole picture"),
+    ("Masked area padding", "32"),
+    ("RNG", "GPU"),
+    ("Schedule type", "Automatic"),
+    ("Schedule max sigma", "0"),
+    ("Schedule min sigma", "0"),
+    ("Schedule rho", "0"),
+    ("VAE Encoder", "Full"),
+    ("VAE Decoder", "Full"),
+)
+
+
+def _unquote(text: str) -> str:
+    """webui's `unquote`: JSON-decode a quoted value; keep the raw text if that fails."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        decoded = json.loads(text)
+    except ValueError:
+        return text
+    return decoded if isinstance(decoded, str) else text
+
+
+def _join_line(acc: str, line: str) -> str:
+    # webui: `acc += ("" if acc == "" else "\n") + line` (so leading blank lines vanish)
+    return line if acc == "" else f"{acc}\n{line}"
+
+
+def parse_infotext(text: str, *, with_defaults: bool = False) -> dict[str, str]:
+    """Parse an infotext like webui's `parse_generation_parameters` (the essentials).
+
+    Returns every `Key: value` of the params line (quoted values decoded), then "Prompt"
+    and "Negative prompt". A `WxH` value is kept under its key AND split into `Key-1` /
+    `Key-2` (webui keeps only the split). Like webui: lines are stripped, the last line
+    is parameters only if it has at least 3 pairs, bare keys and empty values are dropped.
+    `with_defaults=True` adds webui's defaults for absent keys (PARSE_DEFAULTS).
+    """
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM_RE.findall(last)) < _MIN_PARAMS_ON_LINE:
+        lines.append(last)
+        last = ""
+
+    prompt = ""
+    negative = ""
+    in_negative = False
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith(NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(NEGATIVE_PREFIX) :].strip()
+        if in_negative:
+            negative = _join_line(negative, line)
+        else:
+            prompt = _join_line(prompt, line)
+
+    result: dict[str, str] = {}
+    for key, raw_value in _PARAM_RE.findall(last):
+        if not raw_value:
+            continue  # webui fails on v[0] for an empty value and skips the key
+        value = _unquote(raw_value)
+        result[key] = value
+        size = _SIZE_RE.match(value)
+        if size is not None:
+            result[f"{key}-1"] = size.group(1)
+            result[f"{key}-2"] = size.group(2)
+
+    result["Prompt"] = prompt
+    result["Negative prompt"] = negative
+    if with_defaults:
+        for key, default in PARSE_DEFAULTS:
+            result.setdefault(key, default)
+    return result
+
+
+# ---------------------------------------------------------------------------- info JSON
+
+
+@dataclass(frozen=True)
+class InfoRecord:
+    """The `info` JSON of a txt2img/img2img response, fields in webui's key order.
+
+    `warnings` is ours (always last): what the request asked for that we ignored or could
+    not honour. webui has no such key; webui clients ignore unknown keys.
+    """
+
+    prompt: str
+    all_prompts: list[str]
+    negative_prompt: str
+    all_negative_prompts: list[str]
+    seed: int
+    all_seeds: list[int]
+    subseed: int
+    all_subseeds: list[int]
+    subseed_strength: float
+    width: int
+    height: int
+    sampler_name: str
+    cfg_scale: float
+    steps: int
+    batch_size: int
+    restore_faces: bool
+    face_restoration_model: str | None
+    sd_model_name: str | None
+    sd_model_hash: str | None
+    sd_vae_name: str | None
+    sd_vae_hash: str | None
+    seed_resize_from_w: int
+    seed_resize_from_h: int
+    denoising_strength: float | None
+    extra_generation_params: dict[str, Any]
+    index_of_first_image: int
+    infotexts: list[str]
+    styles: list[str]
+    job_timestamp: str
+    clip_skip: int
+    is_using_inpainting_conditioning: bool
+    version: str
+    warnings: list[str] = field(default_factory=list)
+
+
+# Fields webui's API holds as floats (pydantic v1 coercion): an int becomes `7.0` in JSON.
+_FLOAT_FIELDS = ("subseed_strength", "cfg_scale", "denoising_strength")
+
+
+def _coerce_float(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _unserialisable(_: Any) -> None:
+    return None
+
+
+def info_json(record: InfoRecord) -> str:
+    """`json.dumps` of the record in webui's key order (then "warnings").
+
+    Like webui's `Processed.js` (`default=lambda o: None`), a value json cannot encode
+    (at any depth, e.g. inside extra_generation_params) becomes null.
+    """
+    obj = {f.name: getattr(record, f.name) for f in fields(record)}
+    for name in _FLOAT_FIELDS:
+        obj[name] = _coerce_float(obj[name])
+    return json.dumps(obj, default=_unserialisable)
+
+
+def job_timestamp(moment: datetime) -> str:
+    """webui's `state.job_timestamp` format: `YYYYMMDDhhmmss`."""
+    return moment.strftime("%Y%m%d%H%M%S")

@@ -1,0 +1,548 @@
+"""engine.payload: webui request bodies -> typed requests, settings and warnings."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import urllib.parse
+from typing import Any
+
+import pytest
+
+from engine.errors import RequestError
+from engine.payload import (
+    IGNORED_FIELDS,
+    OPTIONS,
+    Img2ImgRequest,
+    Limits,
+    Mode,
+    Range,
+    Settings,
+    Txt2ImgRequest,
+    all_negative_prompts,
+    all_prompts,
+    choose_mode,
+    decode_api_json,
+    echo_parameters,
+    effective_mask_blur,
+    parse_request,
+    requested_sampler,
+)
+
+IMG = {"init_images": ["aGVsbG8="]}  # img2img needs one; content is not decoded here
+
+
+def txt(**fields: Any):
+    return parse_request(fields, "txt2img")
+
+
+def img(**fields: Any):
+    return parse_request({**IMG, **fields}, "img2img")
+
+
+def problems_of(payload: dict[str, Any], mode: Mode = "txt2img") -> RequestError:
+    with pytest.raises(RequestError) as info:
+        parse_request(payload, mode)
+    return info.value
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults
+# ---------------------------------------------------------------------------------------------
+
+Defaults = list[tuple[str, Any]]
+
+COMMON_DEFAULTS: Defaults = [
+    ("prompt", ""),
+    ("negative_prompt", ""),
+    ("sampler_name", None),
+    ("sampler_index", "Euler"),
+    ("scheduler", None),
+    ("steps", 50),
+    ("cfg_scale", 7.0),
+    ("width", 512),
+    ("height", 512),
+    ("seed", -1),
+    ("subseed", -1),
+    ("subseed_strength", 0.0),
+    ("seed_resize_from_w", -1),
+    ("seed_resize_from_h", -1),
+    ("batch_size", 1),
+    ("n_iter", 1),
+    ("denoising_strength", 0.75),
+    ("eta", None),
+    ("restore_faces", None),
+    ("tiling", None),
+    ("send_images", True),
+    ("save_images", False),
+    ("override_settings_restore_afterwards", True),
+    ("script_args", []),
+    ("alwayson_scripts", {}),
+]
+TXT2IMG_DEFAULTS: Defaults = [
+    ("enable_hr", False),
+    ("hr_scale", 2.0),
+    ("hr_upscaler", None),
+    ("hr_second_pass_steps", 0),
+    ("firstphase_width", 0),
+    ("hr_prompt", ""),
+]
+IMG2IMG_DEFAULTS: Defaults = [
+    ("resize_mode", 0),
+    ("mask", None),
+    ("mask_blur_x", 4),
+    ("mask_blur_y", 4),
+    ("mask_blur", None),
+    ("mask_round", True),
+    ("inpainting_fill", 0),
+    ("inpaint_full_res", True),  # API default; the UI's is "Whole picture"
+    ("inpaint_full_res_padding", 0),
+    ("inpainting_mask_invert", 0),
+    ("initial_noise_multiplier", None),
+    ("include_init_images", False),
+]
+
+
+@pytest.mark.parametrize(("field", "expected"), COMMON_DEFAULTS + TXT2IMG_DEFAULTS)
+def test_empty_txt2img_body_gets_webui_api_defaults(field, expected):
+    value = getattr(txt().request, field)
+    assert value == expected
+    assert type(value) is type(expected)  # 7.0 stays a float, 50 an int
+
+
+@pytest.mark.parametrize(("field", "expected"), COMMON_DEFAULTS + IMG2IMG_DEFAULTS)
+def test_img2img_body_gets_webui_api_defaults(field, expected):
+    value = getattr(img().request, field)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_empty_body_is_clean_and_uses_euler():
+    parsed = txt()
+    assert parsed.mode == "txt2img"
+    assert isinstance(parsed.request, Txt2ImgRequest)
+    assert parsed.warnings == ()
+    assert requested_sampler(parsed.request) == "Euler"
+    assert parsed.settings == Settings()
+
+
+def test_null_means_default_for_every_field():
+    every_field_null = dict.fromkeys(Txt2ImgRequest.model_fields)
+    assert parse_request(every_field_null, "txt2img").request == txt().request
+    assert img(**dict.fromkeys(set(Img2ImgRequest.model_fields) - {"init_images"})).request == (
+        img().request
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "sampler"),
+    [
+        ({}, "Euler"),
+        ({"sampler_index": "DPM++ 2M"}, "DPM++ 2M"),
+        ({"sampler_name": "Euler a"}, "Euler a"),
+        ({"sampler_name": "Euler a", "sampler_index": "DDIM"}, "Euler a"),
+        ({"sampler_name": "", "sampler_index": "DDIM"}, "DDIM"),  # webui: name or index
+        ({"sampler_name": None}, "Euler"),
+    ],
+)
+def test_sampler_index_is_the_legacy_alias(payload, sampler):
+    assert requested_sampler(txt(**payload).request) == sampler
+
+
+# ---------------------------------------------------------------------------------------------
+# Types and coercions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "sent", "stored"),
+    [
+        ("cfg_scale", 7, 7.0),  # webui's pydantic coerces; infotext prints "CFG scale: 7.0"
+        ("denoising_strength", 1, 1.0),
+        ("eta", 0, 0.0),
+        ("steps", 20.0, 20),  # some clients send whole numbers as floats
+        ("seed", 1234.0, 1234),
+        ("prompt", ["a", "b"], ["a", "b"]),
+    ],
+)
+def test_numbers_are_normalised(field, sent, stored):
+    extra = {"batch_size": 2} if field == "prompt" else {}
+    value = getattr(txt(**{field: sent}, **extra).request, field)
+    assert value == stored
+    assert type(value) is type(stored)
+    assert str(txt(cfg_scale=7).request.cfg_scale) == "7.0"
+
+
+BAD_VALUES = [
+    # field, value, words the message must contain
+    ("steps", 0, "integer from 1 to 150"),
+    ("steps", 151, "integer from 1 to 150"),
+    ("steps", 20.5, "integer from 1 to 150"),
+    ("steps", True, "integer from 1 to 150"),  # a bool is not an int
+    ("steps", "20", "integer from 1 to 150"),
+    ("batch_size", 9, "from 1 to 8"),
+    ("n_iter", 33, "from 1 to 32"),
+    ("width", 32, "from 64 to 2048"),
+    ("height", 4096, "from 64 to 2048"),
+    ("cfg_scale", math.nan, "finite number from -100 to 100"),
+    ("cfg_scale", math.inf, "finite number from -100 to 100"),
+    ("cfg_scale", 101, "from -100 to 100"),
+    ("cfg_scale", "7", "number"),
+    ("denoising_strength", 1.5, "from 0 to 1"),
+    ("eta", 11, "from 0 to 10"),
+    ("seed", -2, "-1 for random"),
+    ("seed", False, "-1 for random"),
+    ("subseed_strength", 2, "from 0 to 1"),
+    ("prompt", 5, "string or a list of strings"),
+    ("prompt", "x" * 20001, "at most 20000 characters"),
+    ("negative_prompt", {"a": 1}, "string or a list of strings"),
+    ("sampler_name", 3, "must be a string"),
+    ("sampler_index", 0, "must be a string"),
+    ("scheduler", ["karras"], "must be a string"),
+    ("styles", "anime", "list of strings"),
+    ("send_images", "yes", "true or false"),
+    ("restore_faces", 1, "true or false"),
+    ("override_settings", ["CLIP_stop_at_last_layers", 2], "JSON object"),
+    ("alwayson_scripts", [], "JSON object"),
+    ("script_args", {}, "must be a list"),
+    ("enable_hr", "true", "true or false"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "words"), BAD_VALUES)
+def test_bad_value_names_field_value_and_what_is_allowed(field, value, words):
+    error = problems_of({field: value})
+    assert len(error.problems) == 1
+    problem = error.problems[0]
+    assert problem.field == field
+    assert problem.value is value
+    assert words in problem.allowed
+    assert field in str(error) and words in str(error)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "path"),
+    [
+        ("prompt", ["ok", 3], "prompt[1]"),
+        ("styles", ["a", None], "styles[1]"),
+        ("prompt", ["ok", "x" * 20001], "prompt[1]"),
+    ],
+)
+def test_bad_list_item_is_named_by_index(field, value, path):
+    error = problems_of({field: value, "batch_size": 2})
+    assert [p.field for p in error.problems] == [path]
+
+
+def test_every_problem_is_reported_in_one_error():
+    error = problems_of(
+        {
+            "steps": 0,
+            "cfg_scale": "high",
+            "width": 10,
+            "seed": 1.5,
+            "override_settings": {"CLIP_stop_at_last_layers": 0, "samples_format": "bmp"},
+        }
+    )
+    assert {p.field for p in error.problems} == {
+        "steps",
+        "cfg_scale",
+        "width",
+        "seed",
+        "override_settings.CLIP_stop_at_last_layers",
+        "override_settings.samples_format",
+    }
+    assert "6 problems" in str(error)
+
+
+def test_prompt_list_must_have_one_entry_per_image_even_beside_other_problems():
+    error = problems_of({"prompt": ["a", "b"], "batch_size": 3, "steps": 0})
+    fields = {p.field: p for p in error.problems}
+    assert set(fields) == {"prompt", "steps"}
+    assert "3 entries" in fields["prompt"].allowed
+
+
+def test_prompt_lists_give_one_prompt_per_image():
+    request = txt(prompt=["a", "b", "c", "d"], negative_prompt="bad", batch_size=2, n_iter=2)
+    assert all_prompts(request.request) == ["a", "b", "c", "d"]
+    assert all_negative_prompts(request.request) == ["bad"] * 4
+    with pytest.raises(RequestError, match="negative_prompt"):
+        txt(negative_prompt=["x"], batch_size=2)
+
+
+@pytest.mark.parametrize(("sent", "used"), [(513, 512), (519, 512), (520, 520), (2047, 2040)])
+def test_size_not_multiple_of_8_is_floored_with_a_warning(sent, used):
+    parsed = txt(width=sent, height=sent)
+    assert (parsed.request.width, parsed.request.height) == (used, used)
+    size_warnings = [w for w in parsed.warnings if str(sent) in w and "multiple of 8" in w]
+    assert len(size_warnings) == (2 if sent != used else 0)
+
+
+def test_configurable_limits():
+    limits = Limits(steps=Range(1, 10))
+    with pytest.raises(RequestError, match="from 1 to 10"):
+        parse_request({"steps": 11}, "txt2img", limits=limits)
+    assert parse_request({"steps": 10}, "txt2img", limits=limits).request.steps == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Warnings: unknown keys, the other endpoint's keys, fields we accept but ignore
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_and_other_endpoint_keys_are_warnings_not_errors():
+    parsed = txt(foo=1, init_images=["x"], distilled_cfg_scale=3.5)
+    assert "unknown field 'foo' ignored" in parsed.warnings
+    assert "unknown field 'distilled_cfg_scale' ignored" in parsed.warnings
+    assert any("'init_images'" in w and "ignored by txt2img" in w for w in parsed.warnings)
+    parsed = img(enable_hr=True)
+    assert any("'enable_hr'" in w and "ignored by img2img" in w for w in parsed.warnings)
+
+
+IGNORED_CASES = [
+    # field, values that change nothing (no warning), a value that would (warning)
+    ("styles", [None, []], ["Anime"]),
+    ("subseed_strength", [0, 0.0], 0.5),
+    ("seed_resize_from_w", [-1, 0], 768),
+    ("restore_faces", [False], True),
+    ("tiling", [False], True),
+    ("s_churn", [0.0], 0.5),
+    ("s_noise", [1.0], 1.003),
+    ("refiner_checkpoint", ["", "None", "none"], "sdxl_refiner"),
+    ("disable_extra_networks", [False], True),
+    ("script_name", [""], "x/y/z plot"),
+    ("script_args", [[]], [1, 2]),
+    ("alwayson_scripts", [{}], {"controlnet": {"args": []}}),
+    ("infotext", [""], "a cat\nSteps: 20"),
+    ("firstpass_image", [""], "aGVsbG8="),
+    ("save_images", [False], True),
+    ("override_settings_restore_afterwards", [True], False),
+    ("enable_hr", [False], True),
+    ("firstphase_width", [0], 256),
+]
+
+
+@pytest.mark.parametrize(("field", "quiet", "loud"), IGNORED_CASES)
+def test_ignored_field_warns_only_when_it_would_change_something(field, quiet, loud):
+    for value in quiet:
+        assert not [w for w in txt(**{field: value}).warnings if w.startswith(field)]
+    warnings = [w for w in txt(**{field: loud}).warnings if w.startswith(f"{field}:")]
+    assert len(warnings) == 1 and warnings[0].endswith("ignored")
+
+
+def test_not_yet_fields_use_the_agreed_wording():
+    assert "tiling: not supported yet; ignored" in txt(tiling=True).warnings
+    assert any("never saved" in w for w in txt(save_images=True).warnings)
+    restore = txt(override_settings_restore_afterwards=False).warnings
+    assert any("never keeps settings between requests" in w for w in restore)
+
+
+def test_hires_fields_matter_only_with_enable_hr():
+    hr = {"hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 10}
+    assert txt(**hr).warnings == ()  # webui ignores them too
+    warned = {w.split(":")[0] for w in txt(enable_hr=True, **hr).warnings}
+    assert warned == {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps"}
+
+
+def test_ignored_fields_are_still_type_checked():
+    error = problems_of({"hr_scale": "2x", "tiling": "yes", "script_args": "a"})
+    assert {p.field for p in error.problems} == {"hr_scale", "tiling", "script_args"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("mask", "bWFzaw=="), ("resize_mode", 1), ("inpaint_full_res", False), ("mask_blur", 8)],
+)
+def test_img2img_fields_warn_until_implemented(field, value):
+    assert f"{field}: not supported yet; ignored" in img(**{field: value}).warnings
+    assert not [w for w in img().warnings if w.startswith(f"{field}:")]
+
+
+def test_img2img_requires_init_images():
+    payloads: list[dict[str, Any]] = [{}, {"init_images": None}, {"init_images": []}]
+    for payload in payloads:
+        error = problems_of(payload, "img2img")
+        assert [p.field for p in error.problems] == ["init_images"]
+    assert problems_of({"init_images": "abc"}, "img2img").problems[0].field == "init_images"
+
+
+def test_ignored_table_names_real_fields():
+    every_field = set(Txt2ImgRequest.model_fields) | set(Img2ImgRequest.model_fields)
+    assert set(IGNORED_FIELDS) <= every_field
+
+
+def test_webui_noop_fields_are_silent():
+    parsed = txt(
+        do_not_save_samples=True, do_not_save_grid=True, force_task_id="t1", comments={"a": 1}
+    )
+    assert parsed.warnings == ()
+
+
+# ---------------------------------------------------------------------------------------------
+# override_settings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_honoured_overrides_reach_settings():
+    parsed = txt(
+        override_settings={
+            "CLIP_stop_at_last_layers": 2,
+            "sd_model_checkpoint": "v1-5-pruned-emaonly",
+            "samples_format": "JPG",  # webui compares case-insensitively
+            "eta_ancestral": 1,
+            "jpeg_quality": 95,
+            "enable_pnginfo": False,
+        }
+    )
+    s = parsed.settings
+    assert (s.CLIP_stop_at_last_layers, s.sd_model_checkpoint) == (2, "v1-5-pruned-emaonly")
+    assert (s.samples_format, s.jpeg_quality, s.enable_pnginfo) == ("jpg", 95, False)
+    assert s.eta_ancestral == 1.0 and isinstance(s.eta_ancestral, float)
+    assert parsed.warnings == ()
+
+
+def test_unknown_option_is_a_warning():
+    parsed = txt(override_settings={"show_progressbar": True})
+    assert parsed.warnings == ("override_settings.show_progressbar: unknown option; ignored",)
+
+
+@pytest.mark.parametrize(
+    ("option", "default", "other"),
+    [
+        ("sd_vae", "Automatic", "vae-ft-mse.safetensors"),
+        ("eta_noise_seed_delta", 0, 31337),
+        ("randn_source", "GPU", "CPU"),
+        ("emphasis", "Original", "No norm"),
+    ],
+)
+def test_known_but_not_honoured_option_warns_only_when_not_default(option, default, other):
+    assert txt(override_settings={option: default}).warnings == ()
+    parsed = txt(override_settings={option: other})
+    assert parsed.warnings == (f"override_settings.{option}: not supported yet; ignored",)
+    assert getattr(parsed.settings, option) == default  # what actually runs
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("CLIP_stop_at_last_layers", 13, "integer from 1 to 12"),
+        ("CLIP_stop_at_last_layers", "2", "integer"),
+        ("samples_format", "bmp", "'png'"),
+        ("jpeg_quality", 0, "from 1 to 100"),
+        ("enable_pnginfo", "false", "true or false"),
+        ("randn_source", "gpu", "'GPU', 'CPU', 'NV'"),
+        ("sd_vae", 1, "string"),
+    ],
+)
+def test_bad_option_value_is_an_error_at_its_path(option, value, words):
+    error = problems_of({"override_settings": {option: value}})
+    [problem] = error.problems
+    assert problem.field == f"override_settings.{option}"
+    assert problem.value == value
+    assert words in problem.allowed
+
+
+def test_settings_defaults_come_from_the_options_table():
+    assert Settings().model_dump() == {name: spec.default for name, spec in OPTIONS.items()}
+    assert txt(override_settings={"CLIP_stop_at_last_layers": None}).settings == Settings()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for the lead
+# ---------------------------------------------------------------------------------------------
+
+
+def test_echo_parameters_is_the_request_with_defaults():
+    params = echo_parameters(txt(prompt="cat", cfg_scale=5))
+    assert params["prompt"] == "cat" and params["cfg_scale"] == 5.0 and params["steps"] == 50
+    assert params["sampler_name"] is None and params["sampler_index"] == "Euler"
+    json.dumps(params)  # the response must serialise
+
+
+@pytest.mark.parametrize(("include", "echoed"), [(False, None), (True, ["aGVsbG8="])])
+def test_echo_parameters_hides_init_images_unless_asked(include, echoed):
+    params = echo_parameters(img(mask="bWFzaw==", include_init_images=include))
+    assert params["init_images"] == echoed
+    assert params["mask"] == ("bWFzaw==" if include else None)
+
+
+def test_mask_blur_sets_both_axes_like_webui():
+    assert effective_mask_blur(img().request) == (4, 4)
+    assert effective_mask_blur(img(mask_blur=8).request) == (8, 8)
+    assert effective_mask_blur(img(mask_blur_x=2).request) == (2, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_api_json and choose_mode
+# ---------------------------------------------------------------------------------------------
+
+BODY = {"prompt": "a cat, (fluffy:1.2)", "steps": 20, "é": "ü"}
+BODY_TEXT = json.dumps(BODY, ensure_ascii=False)
+B64 = base64.b64encode(BODY_TEXT.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        BODY_TEXT,
+        f"  {BODY_TEXT}\n",
+        f"data:application/json;base64,{B64}",  # what `cog predict -i api_json=@f.json` sends
+        f"data:application/json;charset=utf-8;base64,{B64}",
+        f"data:text/plain;base64,{B64.rstrip('=')}",  # padding dropped
+        "data:application/json," + urllib.parse.quote(BODY_TEXT),
+        "data:application/json;charset=latin-1;base64,"
+        + base64.b64encode(BODY_TEXT.encode("latin-1")).decode(),
+        "\ufeff" + BODY_TEXT,
+    ],
+)
+def test_decode_api_json_accepts_text_and_data_urls(text):
+    assert decode_api_json(text) == BODY
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('{"prompt": "a cat",}', "not valid JSON"),
+        ("{'prompt': 'a cat'}", "line 1 column 2"),
+        ("[1, 2]", "not a JSON array"),
+        ('"just a string"', "not a JSON string"),
+        ("null", "JSON object"),
+        ('{"cfg_scale": NaN}', "NaN and Infinity"),
+        ('{"cfg_scale": -Infinity}', "NaN and Infinity"),
+        ("", "empty"),
+        ("data:application/json;base64,{not base64}", "not valid base64"),
+        ("data:application/json;base64" + B64, "','"),
+        ("data:application/json;charset=nope;base64," + B64, "unknown charset"),
+        ("data:application/json;base64," + base64.b64encode(b"\xff\xfe{").decode(), "utf-8"),
+    ],
+)
+def test_decode_api_json_errors_name_api_json_and_say_why(text, words):
+    with pytest.raises(RequestError) as info:
+        decode_api_json(text)
+    [problem] = info.value.problems
+    assert problem.field == "api_json"
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "payload", "mode"),
+    [
+        ("auto", {}, "txt2img"),
+        ("auto", {"prompt": "x"}, "txt2img"),
+        ("auto", {"init_images": None}, "txt2img"),
+        ("auto", {"init_images": ["aGVsbG8="]}, "img2img"),
+        ("auto", {"init_images": []}, "img2img"),  # present: img2img then says it is empty
+        ("txt2img", {"init_images": ["aGVsbG8="]}, "txt2img"),
+        ("img2img", {}, "img2img"),
+        (" IMG2IMG ", {}, "img2img"),
+    ],
+)
+def test_choose_mode(endpoint, payload, mode):
+    assert choose_mode(endpoint, payload) == mode
+
+
+def test_choose_mode_rejects_other_endpoints():
+    with pytest.raises(RequestError) as info:
+        choose_mode("extra-single-image", {})
+    assert info.value.problems[0].field == "endpoint"
+    assert "'txt2img'" in str(info.value)
