@@ -27,7 +27,7 @@ def show_choices(choices: Iterable[Any]) -> str:
     items = [repr(c) for c in choices]
     if len(items) > _MAX_CHOICES_SHOWN:
         rest = len(items) - _MAX_CHOICES_SHOWN
-        items = items[:_MAX_CHOICES_SHOWN] + [f"... ({rest} more)"]
+        items = [*items[:_MAX_CHOICES_SHOWN], f"... ({rest} more)"]
     return ", ".join(items) if items else "(none available)"
 
 

@@ -1,0 +1,100 @@
+"""The engine's front door: setup once, then one call per request, by webui endpoint name."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .catalog import Catalog, HashCache
+from .errors import RequestError
+from .generate import Models, Progress, Result, log_progress, txt2img
+from .images import EncodedImage
+from .loading import Placement, default_placement
+from .payload import choose_mode, decode_api_json, parse_request
+from .pipelines import PipelineCache
+from .samplers import list_samplers, list_schedulers
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where models live and which checkpoint a request without one gets."""
+
+    models_dir: Path
+    cache_dir: Path
+    default_checkpoint: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineConfig:
+        """SD_MODELS_DIR (default: the repository root), SD_CACHE_DIR (default:
+        <models dir>/.cache), SD_DEFAULT_CHECKPOINT (default: the first checkpoint by name)."""
+        env = os.environ if environ is None else environ
+        models = Path(env.get("SD_MODELS_DIR") or REPO_ROOT).resolve()
+        cache = Path(env.get("SD_CACHE_DIR") or models / ".cache").resolve()
+        return cls(models, cache, env.get("SD_DEFAULT_CHECKPOINT") or None)
+
+
+@dataclass
+class Response:
+    """What an endpoint returns: generated images with webui's `info`, or listing JSON."""
+
+    images: list[EncodedImage] = field(default_factory=list)
+    info: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    listing: Any = None
+
+
+Listing = Callable[["Engine"], Any]
+
+# Listing endpoints, named like webui's /sdapi/v1/<name>.
+LISTINGS: dict[str, Listing] = {
+    "sd-models": lambda engine: engine.models.catalog.sd_models_listing(),
+    "samplers": lambda engine: list_samplers(),
+    "schedulers": lambda engine: list_schedulers(),
+}
+GENERATION_ENDPOINTS = ("auto", "txt2img", "img2img")
+ENDPOINTS = GENERATION_ENDPOINTS + tuple(LISTINGS)
+
+
+class Engine:
+    """Loaded models plus request handling. Holds no per-request state."""
+
+    models: Models
+
+    def __init__(self, models: Models):
+        self.models = models
+
+    @classmethod
+    def setup(cls, config: EngineConfig, placement: Placement | None = None) -> Engine:
+        """Scan the model folders and load every checkpoint once."""
+        # 1. What is on disk (hashes cached by path, size and mtime).
+        catalog = Catalog.scan(
+            config.models_dir, hash_cache=HashCache(config.cache_dir / "hashes.json")
+        )
+        # 2. The default checkpoint must exist before anything loads.
+        default = catalog.default_checkpoint(config.default_checkpoint)
+        # 3. Load every checkpoint into the cache.
+        cache = PipelineCache(catalog, placement or default_placement(), config.cache_dir)
+        cache.load_all()
+        return cls(Models(catalog, cache, default))
+
+    def handle(self, endpoint: str, api_json: str, progress: Progress = log_progress) -> Response:
+        """Serve one request: a listing endpoint, or txt2img/img2img from a webui payload."""
+        name = str(endpoint).strip().lower()
+        if name in LISTINGS:
+            return Response(listing=LISTINGS[name](self))
+        if name not in GENERATION_ENDPOINTS:
+            raise RequestError.single(
+                "endpoint", endpoint, f"must be one of {', '.join(map(repr, ENDPOINTS))}"
+            )
+        payload = decode_api_json(api_json)
+        parsed = parse_request(payload, choose_mode(name, payload))
+        result: Result = txt2img(self.models, parsed, progress)
+        return Response(images=result.images, info=result.info, parameters=result.parameters)

@@ -1,0 +1,31 @@
+"""Shared fixtures: the tiny models are made once per test run, the engine is loaded once."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub: tests never reach a hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+from engine.api import Engine, EngineConfig
+from scripts.make_tiny_models import make_all
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight models in the predictor's folder layout."""
+    folder = tmp_path_factory.mktemp("models")
+    make_all(folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_models_dir: Path) -> Engine:
+    """One engine with every tiny checkpoint loaded, shared by the end-to-end tests."""
+    config = EngineConfig(models_dir=tiny_models_dir, cache_dir=tiny_models_dir / ".cache")
+    return Engine.setup(config)

@@ -1,0 +1,51 @@
+"""Small helpers shared by the end-to-end tests (names of the tiny models, payloads, PNG text)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from PIL import Image
+
+SD1 = "tiny-sd15.safetensors"
+SDXL = "tiny-sdxl.safetensors"
+SD2 = "tiny-sd21-v.safetensors"
+INPAINT = "tiny-sd15_inpainting.safetensors"
+
+# Small and quick on two CPU cores, but a real run of every stage.
+BASE: dict[str, Any] = {
+    "prompt": "a lighthouse on a cliff",
+    "negative_prompt": "blurry",
+    "width": 64,
+    "height": 64,
+    "steps": 4,
+    "seed": 1234,
+    "sampler_name": "Euler",
+}
+
+
+def payload(**changes: Any) -> str:
+    """BASE with changes, as the JSON text a client sends."""
+    body = dict(BASE)
+    for key, value in changes.items():
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return json.dumps(body)
+
+
+def with_model(name: str, **changes: Any) -> str:
+    return payload(override_settings={"sd_model_checkpoint": name}, **changes)
+
+
+def png_parameters(data: bytes) -> str | None:
+    """The infotext in a PNG's `parameters` text chunk."""
+    image = Image.open(io.BytesIO(data))
+    text: str | None = image.info.get("parameters")
+    return text
+
+
+def pixels(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")

@@ -1,0 +1,223 @@
+"""The real Cog HTTP server (coglet), started here on 127.0.0.1 over the tiny models."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import payload
+
+pytestmark = pytest.mark.http
+
+REPO = Path(__file__).resolve().parent.parent
+SETUP_TIMEOUT_S = 240
+REQUEST_TIMEOUT_S = 120
+
+
+class CogServer:
+    def __init__(self, base: str, process: subprocess.Popen[bytes], log: Path):
+        self.base = base
+        self.process = process
+        self.log = log
+
+    def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        for key, value in (headers or {}).items():
+            request.add_header(key, value)
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as reply:
+                text = reply.read().decode()
+                return reply.status, json.loads(text) if text else None
+        except urllib.error.HTTPError as err:
+            text = err.read().decode()
+            return err.code, json.loads(text) if text else None
+
+    def health(self) -> str:
+        _, body = self.call("GET", "/health-check")
+        return str(body["status"])
+
+    def predict(self, api_json: str, endpoint: str = "auto") -> dict[str, Any]:
+        status, body = self.call(
+            "POST", "/predictions", {"input": {"api_json": api_json, "endpoint": endpoint}}
+        )
+        assert status == 200, body
+        return dict(body)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("cog") / "server.log"
+    env = dict(os.environ)
+    env.update(
+        PORT=str(port),
+        COG_PREDICT_TYPE_STUB="predict.py:Predictor",
+        SD_MODELS_DIR=str(tiny_models_dir),
+        HF_HUB_OFFLINE="1",
+        # The worker is started as plain `python`: our interpreter must come first on PATH.
+        PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = CogServer(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + SETUP_TIMEOUT_S
+        status = "STARTING"
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            try:
+                status = server.health()
+            except OSError:
+                status = "UNREACHABLE"
+            if status in ("READY", "SETUP_FAILED", "DEFUNCT"):
+                break
+            time.sleep(0.5)
+        if status != "READY":
+            pytest.fail(f"Cog server did not become READY ({status}):\n{log.read_text()[-4000:]}")
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def image_bytes(prediction: dict[str, Any]) -> list[bytes]:
+    urls = prediction["output"]["images"]
+    return [base64.b64decode(url.split(",", 1)[1]) for url in urls]
+
+
+def test_txt2img_prediction_succeeds_with_images_and_info(server: CogServer) -> None:
+    prediction = server.predict(payload(batch_size=2))
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    images = image_bytes(prediction)
+    assert len(images) == 2 and all(d.startswith(b"\x89PNG") for d in images)
+    info = json.loads(prediction["output"]["info"])
+    assert info["all_seeds"] == [1234, 1235]
+    assert "step 4/4" in prediction["logs"]
+
+
+def test_data_url_payload_as_cog_cli_sends_it(server: CogServer) -> None:
+    url = "data:application/json;base64," + base64.b64encode(payload().encode()).decode()
+    assert image_bytes(server.predict(url)) == image_bytes(server.predict(payload()))
+
+
+def test_listing_endpoint_over_http(server: CogServer) -> None:
+    prediction = server.predict("{}", endpoint="samplers")
+    assert prediction["status"] == "succeeded"
+    names = [s["name"] for s in json.loads(prediction["output"]["listing"])]
+    assert "Euler" in names
+
+
+def test_malformed_json_fails_clearly_and_server_stays_ready(server: CogServer) -> None:
+    prediction = server.predict('{"prompt": "a cat",')
+    assert prediction["status"] == "failed"
+    assert "api_json" in prediction["error"] and "not valid JSON" in prediction["error"]
+    assert server.health() == "READY"
+
+
+def test_bad_field_fails_naming_field_and_allowed_values(server: CogServer) -> None:
+    prediction = server.predict(payload(sampler_name="Nope"))
+    assert prediction["status"] == "failed"
+    assert "sampler_name" in prediction["error"] and "'Nope'" in prediction["error"]
+    assert "Euler" in prediction["error"]
+
+
+class WebhookSink:
+    """A loopback HTTP server that records the prediction objects Cog posts to a webhook."""
+
+    def __init__(self) -> None:
+        events: list[dict[str, Any]] = []
+        self.events = events
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                events.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, predicate: Any, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in list(self.events):
+                if predicate(event):
+                    return event
+            time.sleep(0.1)
+        pytest.fail(
+            f"no matching webhook event in {timeout}s; got {[e.get('status') for e in self.events]}"
+        )
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_cancelled_async_prediction_then_next_gives_expected_bytes(server: CogServer) -> None:
+    golden = image_bytes(server.predict(payload()))
+    sink = WebhookSink()
+    try:
+        # A long run (many steps) so that the cancel lands mid-denoising.
+        body = {
+            "input": {"api_json": payload(steps=150, width=128, height=128)},
+            "webhook": sink.url,
+        }
+        status, reply = server.call(
+            "PUT", "/predictions/cancel-me", body, {"Prefer": "respond-async"}
+        )
+        assert status == 202, reply
+        sink.wait_for(lambda e: "step " in (e.get("logs") or ""), timeout=60)
+        status, _ = server.call("POST", "/predictions/cancel-me/cancel")
+        assert status == 200
+        final = sink.wait_for(
+            lambda e: e.get("status") in ("canceled", "succeeded", "failed"), timeout=60
+        )
+    finally:
+        sink.close()
+    assert final["status"] == "canceled", final
+    assert "step 150/150" not in (final.get("logs") or "")
+    deadline = time.monotonic() + 30
+    while server.health() != "READY" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert image_bytes(server.predict(payload())) == golden
