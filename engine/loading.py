@@ -213,7 +213,9 @@ def infer_unet(base: dict[str, Any], shapes: Shapes, spec: FamilySpec, name: str
     proj_in = next(
         v for k, v in shapes.items() if k.startswith(UNET) and k.endswith(".1.proj_in.weight")
     )
-    cfg["use_linear_projection"] = len(proj_in) == 2
+    linear = len(proj_in) == 2
+    if linear != bool(base.get("use_linear_projection", False)):
+        cfg["use_linear_projection"] = linear
     if "projection_class_embeddings_input_dim" in base:
         cfg["projection_class_embeddings_input_dim"] = _shape(
             shapes, f"{UNET}label_emb.0.0.weight", name
@@ -259,7 +261,10 @@ def infer_text_encoder(
             shapes, f"{prefix}transformer.resblocks.0.mlp.c_fc.weight", name
         )[0]
         cfg["max_position_embeddings"] = _shape(shapes, f"{prefix}positional_embedding", name)[0]
-        if f"{prefix}text_projection" in shapes:
+        # Only CLIPTextModelWithProjection (SDXL's second encoder) has a projection layer; SD2's
+        # CLIPTextModel ignores projection_dim, so its reference value stays.
+        projected = "CLIPTextModelWithProjection" in base.get("architectures", [])
+        if projected and f"{prefix}text_projection" in shapes:
             cfg["projection_dim"] = shapes[f"{prefix}text_projection"][1]
         if family is Family.SD2:
             layers -= _SD2_DROPPED_TEXT_LAYERS

@@ -10,6 +10,7 @@ import pytest
 from engine.api import Engine
 from engine.errors import RequestError, UnknownName
 from engine.infotext import parse_infotext
+from engine.samplers import list_samplers
 
 from .helpers import SD1, SD2, SDXL, payload, pixels, png_parameters, with_model
 
@@ -124,7 +125,9 @@ def test_sd2_v_prediction_checkpoint_generates(engine: Engine) -> None:
 @pytest.mark.parametrize("alias", ["tiny-sdxl", "tiny-sdxl.safetensors", "title", "hash", "sha256"])
 def test_checkpoint_aliases_select_the_same_model(engine: Engine, alias: str) -> None:
     info = engine.models.catalog.resolve_checkpoint(SDXL)
-    name = {"title": info.title, "hash": info.shorthash, "sha256": info.sha256}.get(alias, alias)
+    name = str(
+        {"title": info.title, "hash": info.shorthash, "sha256": info.sha256}.get(alias, alias)
+    )
     _, result = run(engine, with_model(name))
     assert result["sd_model_name"] == "tiny-sdxl"
 
@@ -208,3 +211,11 @@ def test_sd_models_listing_names_every_tiny_checkpoint(engine: Engine) -> None:
     assert [t.split(" [")[0] for t in titles] == sorted(
         [SD1, SD2, SDXL, "tiny-sd15_inpainting.safetensors"], key=str.lower
     )
+
+
+@pytest.mark.parametrize("sampler", [s["name"] for s in list_samplers()])
+def test_every_listed_sampler_runs(engine: Engine, sampler: str) -> None:
+    images, info = run(engine, payload(sampler_name=sampler, steps=3))
+    assert len(images) == 1
+    assert info["sampler_name"] == sampler
+    assert f"Sampler: {sampler}," in info["infotexts"][0]
