@@ -15,6 +15,9 @@ from cog import BaseModel, BasePredictor, Input, Path
 from engine.api import ENDPOINTS, Engine, EngineConfig
 
 
+KEEP_OUTPUT_DIRS = 2
+
+
 class Output(BaseModel):
     """`images`: the generated files (PNG with the infotext in its `parameters` chunk unless
     `samples_format` asks otherwise). `info`: webui's info JSON string. `parameters`: the
@@ -36,7 +39,7 @@ class Predictor(BasePredictor):
         """Load every checkpoint under SD_MODELS_DIR (default: this repository)."""
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.engine = Engine.setup(EngineConfig.from_env())
-        self.outdir = Path(tempfile.mkdtemp(prefix="sd-out-"))
+        self.outdirs: list[Path] = []
 
     def predict(
         self,
@@ -53,12 +56,15 @@ class Predictor(BasePredictor):
         ),
     ) -> Output:
         response = self.engine.handle(endpoint, api_json, print_progress)
-        # Files of the previous prediction have been delivered by now; keep only this one's.
-        shutil.rmtree(self.outdir, ignore_errors=True)
-        self.outdir.mkdir(parents=True)
+        # Each prediction writes into its own folder; older ones have been delivered by now,
+        # so only the last few are kept (a name is never reused while Cog may still read it).
+        outdir = Path(tempfile.mkdtemp(prefix="sd-out-"))
+        self.outdirs.append(outdir)
+        while len(self.outdirs) > KEEP_OUTPUT_DIRS:
+            shutil.rmtree(self.outdirs.pop(0), ignore_errors=True)
         files = []
         for index, image in enumerate(response.images):
-            path = self.outdir / f"{index:05d}.{image.extension}"
+            path = outdir / f"{index:05d}.{image.extension}"
             path.write_bytes(image.data)
             files.append(Path(path))
         listing = "" if response.listing is None else json.dumps(response.listing)

@@ -10,6 +10,7 @@ from the same weights.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,10 @@ def task_pipeline(loaded: LoadedCheckpoint, task: str, scheduler: Any) -> Any:
     import diffusers
 
     cls = getattr(diffusers, TASK_PIPELINES[(loaded.family, task)])
-    pipe = cls.from_pipe(loaded.pipe, scheduler=scheduler)
+    with warnings.catch_warnings():
+        # The pipeline constructor warns (FutureWarning) when steps_offset != 1; webui's
+        # "linspace" schedules need steps_offset 0 on purpose (samplers.py), so it is noise.
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = cls.from_pipe(loaded.pipe, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
