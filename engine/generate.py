@@ -152,12 +152,15 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     if note:
         warnings.append(note)
     clip_skip = settings.CLIP_stop_at_last_layers
-    if checkpoint.family is not Family.SDXL:
+    if checkpoint.family is Family.SD1:
         check_clip_skip(checkpoint.pipe.text_encoder, clip_skip)
     elif clip_skip > 1:
-        # webui ignores Clip skip for SDXL (it always uses the penultimate layer) unless
-        # opts.sdxl_clip_l_skip is set; we do the same.
-        warnings.append("CLIP_stop_at_last_layers is ignored for SDXL checkpoints, as in webui")
+        # webui applies Clip skip to SD1 only: SDXL always uses the penultimate layers (unless
+        # opts.sdxl_clip_l_skip), and SD2's OpenCLIP wrapper never reads the option.
+        warnings.append(
+            f"CLIP_stop_at_last_layers is ignored for {checkpoint.family.value.upper()} "
+            "checkpoints, as in webui"
+        )
     count = req.batch_size * req.n_iter
     prompts, negatives = all_prompts(req, count), all_negative_prompts(req, count)
     tokenizer = checkpoint.pipe.tokenizer
@@ -214,8 +217,9 @@ def run_batch(
     with torch.inference_mode():
         if loaded.family is not Family.SDXL:
             # SD1/SD2: our encoder, for webui's clip skip (see prompts.py).
-            positive = encode_clip(pipe.tokenizer, pipe.text_encoder, prompts, plan.clip_skip)
-            negative = encode_clip(pipe.tokenizer, pipe.text_encoder, negatives, plan.clip_skip)
+            skip = plan.clip_skip if loaded.family is Family.SD1 else 1
+            positive = encode_clip(pipe.tokenizer, pipe.text_encoder, prompts, skip)
+            negative = encode_clip(pipe.tokenizer, pipe.text_encoder, negatives, skip)
             del kwargs["prompt"], kwargs["negative_prompt"]
             kwargs.update(prompt_embeds=positive, negative_prompt_embeds=negative)
         out = pipe(**kwargs)

@@ -219,3 +219,13 @@ def test_every_listed_sampler_runs(engine: Engine, sampler: str) -> None:
     assert len(images) == 1
     assert info["sampler_name"] == sampler
     assert f"Sampler: {sampler}," in info["infotexts"][0]
+
+
+@pytest.mark.parametrize("model", [SDXL, SD2])
+def test_clip_skip_is_ignored_outside_sd1_as_in_webui(engine: Engine, model: str) -> None:
+    plain, _ = run(engine, with_model(model))
+    body = payload(override_settings={"sd_model_checkpoint": model, "CLIP_stop_at_last_layers": 2})
+    skipped, info = run(engine, body)
+    assert skipped != plain  # the infotext says "Clip skip: 2", as webui's does
+    assert pixels(skipped[0]).tobytes() == pixels(plain[0]).tobytes()
+    assert any("CLIP_stop_at_last_layers is ignored" in w for w in info["warnings"])
