@@ -14,7 +14,6 @@ from cog import BaseModel, BasePredictor, Input, Path
 
 from engine.api import ENDPOINTS, Engine, EngineConfig
 
-
 KEEP_OUTPUT_DIRS = 2
 
 
