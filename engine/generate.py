@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from .catalog import Catalog, CheckpointInfo
+from .conditioning import constant_schedule
 from .errors import GenerationError, RequestError
 from .images import EncodedImage, encode_image
 from .infotext import ImageParams, InfoRecord, create_infotext, info_json, job_timestamp
@@ -28,8 +29,8 @@ from .payload import (
     all_prompts,
     echo_parameters,
 )
-from .pipelines import PipelineCache, task_pipeline
-from .prompts import check_clip_skip, encode_clip, truncation_warnings
+from .pipelines import PipelineCache
+from .prompts import check_clip_skip, truncation_warnings
 from .samplers import (
     SamplerChoice,
     build_scheduler,
@@ -39,6 +40,7 @@ from .samplers import (
     resolve_sampler,
     sampler_call_kwargs,
 )
+from .sampling import DenoiseJob, decode_latents, denoise, has_non_finite
 from .seeds import fix_seed, image_seeds, initial_noise, make_generators
 
 log = logging.getLogger(__name__)
@@ -190,52 +192,57 @@ def run_batch(
     """One UNet batch: per-image noise from per-image generators, a fresh scheduler."""
     req = plan.request
     loaded = plan.checkpoint
-    scheduler = build_scheduler(plan.sampler, loaded.scheduler_config, eta=plan.eta, seeds=seeds)
-    pipe = task_pipeline(loaded, "txt2img", scheduler)
-    device = str(loaded.pipe.device)
-    generators = make_generators(seeds, "cuda" if device.startswith("cuda") else "cpu")
-    latents = initial_noise(generators, loaded.pipe.unet.config.in_channels, req.height, req.width)
-    latents = latents.to(device=loaded.pipe.device, dtype=loaded.pipe.unet.dtype)
-
-    def on_step(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        progress(step + 1, req.steps)
-        return kwargs
-
-    kwargs: dict[str, Any] = dict(
-        prompt=prompts,
-        negative_prompt=negatives,
-        width=req.width,
-        height=req.height,
-        num_inference_steps=req.steps,
-        guidance_scale=req.cfg_scale,
-        generator=generators,
+    pipe = loaded.pipe
+    # 1. A fresh scheduler for this batch; the timesteps of the full schedule.
+    scheduler: Any = build_scheduler(
+        plan.sampler, loaded.scheduler_config, eta=plan.eta, seeds=seeds
+    )
+    scheduler.set_timesteps(req.steps, device=pipe.device)
+    # 2. Per-image noise (float32, per-image generators), scaled to the first sigma.
+    generators = make_generators(seeds, generator_device(pipe.device))
+    noise = initial_noise(generators, LATENT_CHANNELS, req.height, req.width)
+    latents = noise.to(device=pipe.device, dtype=pipe.unet.dtype) * scheduler.init_noise_sigma
+    # 3. Text conditioning (the same at every step for plain prompts).
+    with torch.inference_mode():
+        conditioning = constant_schedule(pipe, loaded.family, prompts, negatives, plan.clip_skip)
+    # 4. Denoise, then decode; NaN is an error, never a black picture.
+    job = DenoiseJob(
+        unet=pipe.unet,
+        scheduler=scheduler,
+        timesteps=scheduler.timesteps,
         latents=latents,
-        output_type="pil",
-        callback_on_step_end=on_step,
-        **sampler_call_kwargs(plan.sampler, plan.eta),
+        cfg_scale=req.cfg_scale,
+        schedule=lambda _step: conditioning,
+        generators=generators,
+        time_ids=sdxl_time_ids(loaded, req.width, req.height),
+        eta=sampler_call_kwargs(plan.sampler, plan.eta).get("eta"),
+        progress=progress,
     )
     with torch.inference_mode():
-        if loaded.family is not Family.SDXL:
-            # SD1/SD2: our encoder, for webui's clip skip (see prompts.py).
-            skip = plan.clip_skip if loaded.family is Family.SD1 else 1
-            positive = encode_clip(pipe.tokenizer, pipe.text_encoder, prompts, skip)
-            negative = encode_clip(pipe.tokenizer, pipe.text_encoder, negatives, skip)
-            del kwargs["prompt"], kwargs["negative_prompt"]
-            kwargs.update(prompt_embeds=positive, negative_prompt_embeds=negative)
-        out = pipe(**kwargs)
-    images = list(out.images)
-    for i, image in enumerate(images):
-        if _is_blank(image):
+        latents = denoise(job)
+        if has_non_finite(latents):
             raise GenerationError(
-                f"image {i} (seed {seeds[i]}) came out blank: the model produced NaN or Inf values"
+                f"the model produced NaN or Inf values for seeds {seeds}; no image is returned"
             )
-    return images
+        return decode_latents(pipe.vae, latents)
 
 
-def _is_blank(image: Any) -> bool:
-    # A NaN latent decodes to an all-black image; webui would return it silently.
-    extrema = image.getextrema()
-    return all(lo == hi == 0 for lo, hi in extrema)
+LATENT_CHANNELS = 4
+
+
+def generator_device(device: Any) -> str:
+    """webui's default randn source "GPU": CUDA generators on CUDA, else the CPU one."""
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
+def sdxl_time_ids(loaded: LoadedCheckpoint, width: int, height: int) -> torch.Tensor | None:
+    """SDXL size conditioning as webui: original = target = (h, w), crop (0, 0)."""
+    if loaded.family is not Family.SDXL:
+        return None
+    pipe = loaded.pipe
+    return torch.tensor(
+        [[height, width, 0, 0, height, width]], device=pipe.device, dtype=pipe.unet.dtype
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -455,6 +455,10 @@ def _finish(
 ) -> LoadedCheckpoint:
     pipe.to(placement.device)
     pipe.set_progress_bar_config(disable=True)
+    if pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        # SDXL's VAE overflows in fp16. diffusers upcasts it around each decode, which flips a
+        # shared module's dtype per request; we keep it in fp32 once, at load.
+        pipe.vae.to(torch.float32)
     if placement.device == "cuda":
         _enable_fast_attention(pipe)
     return LoadedCheckpoint(
