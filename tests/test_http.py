@@ -55,6 +55,16 @@ class CogServer:
         _, body = self.call("GET", "/health-check")
         return str(body["status"])
 
+    def settled_health(self, timeout: float = 10.0) -> str:
+        """Health once the last prediction's slot is released (coglet reports BUSY for a
+        moment after answering)."""
+        deadline = time.monotonic() + timeout
+        status = self.health()
+        while status == "BUSY" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = self.health()
+        return status
+
     def predict(self, api_json: str, endpoint: str = "auto") -> dict[str, Any]:
         body = {"input": {"api_json": api_json, "endpoint": endpoint}}
         # coglet frees the slot a moment after it answers a sync prediction; a request sent in
@@ -152,7 +162,7 @@ def test_malformed_json_fails_clearly_and_server_stays_ready(server: CogServer) 
     prediction = server.predict('{"prompt": "a cat",')
     assert prediction["status"] == "failed"
     assert "api_json" in prediction["error"] and "not valid JSON" in prediction["error"]
-    assert server.health() == "READY"
+    assert server.settled_health() == "READY"
 
 
 def test_bad_field_fails_naming_field_and_allowed_values(server: CogServer) -> None:
@@ -230,7 +240,5 @@ def test_cancelled_async_prediction_then_next_gives_expected_bytes(server: CogSe
         sink.close()
     assert final["status"] == "canceled", final
     assert "step 150/150" not in (final.get("logs") or "")
-    deadline = time.monotonic() + 30
-    while server.health() != "READY" and time.monotonic() < deadline:
-        time.sleep(0.2)
+    assert server.settled_health(timeout=30) == "READY"
     assert image_bytes(server.predict(payload())) == golden
