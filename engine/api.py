@@ -11,7 +11,7 @@ from typing import Any
 
 from .catalog import Catalog, HashCache
 from .errors import RequestError
-from .generate import Models, Progress, Result, log_progress, txt2img
+from .generate import Models, Progress, Result, generate, log_progress
 from .images import EncodedImage
 from .loading import Placement, default_placement
 from .payload import choose_mode, decode_api_json, parse_request
@@ -96,5 +96,5 @@ class Engine:
             )
         payload = decode_api_json(api_json)
         parsed = parse_request(payload, choose_mode(name, payload))
-        result: Result = txt2img(self.models, parsed, progress)
+        result: Result = generate(self.models, parsed, progress)
         return Response(images=result.images, info=result.info, parameters=result.parameters)

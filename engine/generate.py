@@ -1,33 +1,57 @@
-"""txt2img as webui does it, in numbered steps.
+"""txt2img and img2img as webui does them, in numbered steps.
 
-Everything a request decides lives in local values of `txt2img`; the only shared objects are
-the cached model weights, which are read, never changed.
+`make_plan` decides everything a request asks for (names, sampler, seeds, prompts, images,
+masks, hires and refiner settings) and raises every user error before any model work. The
+batches then run on the cached models, which are read, never changed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
 from .catalog import Catalog, CheckpointInfo
 from .conditioning import constant_schedule
-from .errors import GenerationError, RequestError
+from .errors import GenerationError, Problem, RequestError
+from .geometry import (
+    HiresTarget,
+    HiresUpscaler,
+    InitImage,
+    MaskPlan,
+    crop_latent,
+    finish_image,
+    firstphase_to_hires,
+    hires_target,
+    hr_upscaler_choice,
+    img2img_steps,
+    latent_mask,
+    prepare_init_image,
+    prepare_mask,
+    resize_image,
+    resize_latent,
+    upscale_latent,
+    upscale_pixels,
+)
 from .images import EncodedImage, encode_image
 from .infotext import ImageParams, InfoRecord, create_infotext, info_json, job_timestamp
+from .inputs import decode_image_list, decode_mask
 from .loading import Family, LoadedCheckpoint
 from .payload import (
+    Img2ImgRequest,
     ParsedRequest,
     Settings,
     Txt2ImgRequest,
     all_negative_prompts,
     all_prompts,
     echo_parameters,
+    effective_mask_blur,
 )
 from .pipelines import PipelineCache
 from .prompts import check_clip_skip, truncation_warnings
@@ -40,13 +64,23 @@ from .samplers import (
     resolve_sampler,
     sampler_call_kwargs,
 )
-from .sampling import DenoiseJob, decode_latents, denoise, has_non_finite
-from .seeds import fix_seed, image_seeds, initial_noise, make_generators
+from .sampling import (
+    DenoiseJob,
+    MaskBlend,
+    StepConditioning,
+    decode_latents,
+    denoise,
+    encode_images,
+    has_non_finite,
+)
+from .seeds import NoiseSpec, first_noise, fix_seed, request_seeds
 
 log = logging.getLogger(__name__)
 
 VERSION = f"cog-webui-sd-v{__version__}"
+LATENT_CHANNELS = 4
 Progress = Callable[[int, int], None]
+_OFF = (None, "", "None", "none")
 
 
 @dataclass
@@ -69,20 +103,71 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Hires:
+    """The hires-fix second pass, decided up front."""
+
+    target: HiresTarget
+    upscaler: HiresUpscaler
+    checkpoint: LoadedCheckpoint
+    sampler: SamplerChoice
+    schedule_steps: int
+    steps_run: int
+    denoise: float
+    prompts: list[str]
+    negative_prompts: list[str]
+
+
+@dataclass(frozen=True)
+class Img2Img:
+    """The init images and mask of an img2img request, prepared as webui does."""
+
+    inits: list[InitImage]
+    mask: MaskPlan | None
+    resize_mode: int
+    schedule_steps: int
+    steps_run: int
+    noise_multiplier: float
+    inpainting_fill: int
+    mask_round: bool
+    mask_weight: float
+
+
+@dataclass(frozen=True)
+class Refiner:
+    checkpoint: LoadedCheckpoint
+    switch_at: float
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything decided about a request before any model work."""
 
-    request: Txt2ImgRequest
+    request: Txt2ImgRequest | Img2ImgRequest
     settings: Settings
     checkpoint: LoadedCheckpoint
     sampler: SamplerChoice
     eta: float | None
     clip_skip: int
+    batch_size: int
     seeds: list[int]
     subseeds: list[int]
     prompts: list[str]
     negative_prompts: list[str]
+    width: int
+    height: int
+    rng_device: str
+    hires: Hires | None
+    img2img: Img2Img | None
+    refiner: Refiner | None
+    extras: dict[str, Any]
     warnings: list[str]
+    comments: list[str]
+
+    @property
+    def denoising_strength(self) -> float | None:
+        if self.img2img is not None or self.hires is not None:
+            return float(self.request.denoising_strength)
+        return None
 
 
 def log_progress(step: int, total: int) -> None:
@@ -93,24 +178,26 @@ def log_progress(step: int, total: int) -> None:
 # Orchestration
 
 
-def txt2img(models: Models, parsed: ParsedRequest, progress: Progress = log_progress) -> Result:
-    """Run a parsed txt2img request and build webui's response."""
-    # 1. Decide everything (names, sampler, seeds, prompts): every error before model work.
+def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_progress) -> Result:
+    """Run a parsed txt2img or img2img request and build webui's response."""
+    # 1. Decide everything (names, sampler, seeds, prompts, images): every error before model work.
     plan = make_plan(models, parsed)
     req = plan.request
-    # 2. Generate batch by batch (n_iter batches of batch_size), each with a fresh scheduler.
+    # 2. Generate batch by batch (n_iter batches of batch_size).
     pil_images: list[Any] = []
     for batch in range(req.n_iter):
-        lo, hi = batch * req.batch_size, (batch + 1) * req.batch_size
-        pil_images += run_batch(
-            plan, plan.seeds[lo:hi], plan.prompts[lo:hi], plan.negative_prompts[lo:hi], progress
-        )
+        lo, hi = batch * plan.batch_size, (batch + 1) * plan.batch_size
+        pil_images += run_batch(plan, lo, hi, progress)
     # 3. Infotext per image, encoded files, the info JSON.
     infotexts = [image_infotext(plan, i) for i in range(len(pil_images))]
-    fmt = parsed.settings.samples_format
-    pnginfo = parsed.settings.enable_pnginfo
+    settings = parsed.settings
     images = [
-        encode_image(img, fmt, text if pnginfo else None, jpeg_quality=parsed.settings.jpeg_quality)
+        encode_image(
+            img,
+            settings.samples_format,
+            text if settings.enable_pnginfo else None,
+            jpeg_quality=settings.jpeg_quality,
+        )
         for img, text in zip(pil_images, infotexts, strict=True)
     ]
     if not req.send_images:
@@ -121,37 +208,25 @@ def txt2img(models: Models, parsed: ParsedRequest, progress: Progress = log_prog
     )
 
 
+# Kept for callers of the first version.
+txt2img = generate
+
+
 def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     """Resolve names and values; raise RequestError listing what is wrong."""
     req = parsed.request
-    if not isinstance(req, Txt2ImgRequest):
-        raise RequestError.single(
-            "init_images",
-            "(present)",
-            "img2img is not supported yet by this server; send a txt2img payload",
-        )
     settings = parsed.settings
     warnings = list(parsed.warnings)
-    # The checkpoint: the request's, else the default. Never the previous request's.
-    info = (
-        models.catalog.resolve_checkpoint(settings.sd_model_checkpoint)
-        if settings.sd_model_checkpoint
-        else models.default
+    # 1. The checkpoint: the request's, else the default. Never the previous request's.
+    checkpoint = _checkpoint(
+        models, settings.sd_model_checkpoint, "override_settings.sd_model_checkpoint"
     )
-    checkpoint = models.cache.get(info)
-    if checkpoint.is_inpainting:
-        raise RequestError.single(
-            "override_settings.sd_model_checkpoint",
-            info.title,
-            "is an inpainting (9-channel) checkpoint; txt2img with inpainting checkpoints is not "
-            "supported yet, choose another checkpoint",
-        )
+    # 2. Sampler, eta and clip skip.
     sampler = resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
     eta = effective_eta(
         sampler, req.eta, eta_ancestral=settings.eta_ancestral, eta_ddim=settings.eta_ddim
     )
-    note = eta_warning(sampler, eta)
-    if note:
+    if note := eta_warning(sampler, eta):
         warnings.append(note)
     clip_skip = settings.CLIP_stop_at_last_layers
     if checkpoint.family is Family.SD1:
@@ -163,14 +238,34 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
             f"CLIP_stop_at_last_layers is ignored for {checkpoint.family.value.upper()} "
             "checkpoints, as in webui"
         )
-    count = req.batch_size * req.n_iter
-    prompts, negatives = all_prompts(req, count), all_negative_prompts(req, count)
+    # 3. img2img images first: k init images make a batch of k (webui).
+    decoded = _decode_img2img(req) if isinstance(req, Img2ImgRequest) else None
+    batch_size = req.batch_size
+    if decoded is not None and len(decoded[0]) > 1:
+        batch_size = len(decoded[0])
+    # 4. Prompts and seeds (webui: with a variation strength all images share the seed).
+    count = batch_size * req.n_iter
+    prompts = all_prompts(req, req.batch_size * req.n_iter)[:count]
+    negatives = all_negative_prompts(req, req.batch_size * req.n_iter)[:count]
     tokenizer = checkpoint.pipe.tokenizer
     warnings += truncation_warnings(tokenizer, "prompt", prompts)
     warnings += truncation_warnings(tokenizer, "negative_prompt", negatives)
-    first_seed = fix_seed(req.seed)
-    # webui draws a random subseed even when variation is off; info reports it.
-    first_subseed = fix_seed(req.subseed)
+    seeds, subseeds = request_seeds(
+        fix_seed(req.seed), fix_seed(req.subseed), req.subseed_strength, count
+    )
+    extras: dict[str, Any] = {}
+    comments: list[str] = []
+    # 5. Mode specifics: hires fix for txt2img, init images and mask for img2img.
+    width, height = req.width, req.height
+    hires = img2img = None
+    if isinstance(req, Txt2ImgRequest):
+        width, height, hires = _plan_hires(
+            models, req, settings, checkpoint, sampler, prompts, negatives, extras
+        )
+    else:
+        assert decoded is not None
+        img2img = _plan_img2img(req, decoded, settings, sampler, extras, comments)
+    refiner = _plan_refiner(models, req, checkpoint, extras)
     return Plan(
         request=req,
         settings=settings,
@@ -178,61 +273,579 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         sampler=sampler,
         eta=eta,
         clip_skip=clip_skip,
-        seeds=image_seeds(first_seed, count),
-        subseeds=image_seeds(first_subseed, count),
+        batch_size=batch_size,
+        seeds=seeds,
+        subseeds=subseeds,
         prompts=prompts,
         negative_prompts=negatives,
+        width=width,
+        height=height,
+        rng_device=_rng_device(checkpoint, settings.randn_source),
+        hires=hires,
+        img2img=img2img,
+        refiner=refiner,
+        extras=extras,
         warnings=warnings,
+        comments=comments,
     )
 
 
-def run_batch(
-    plan: Plan, seeds: list[int], prompts: list[str], negatives: list[str], progress: Progress
-) -> list[Any]:
-    """One UNet batch: per-image noise from per-image generators, a fresh scheduler."""
-    req = plan.request
+def short_title(info: CheckpointInfo) -> str:
+    """webui's CheckpointInfo.short_title: "name [hash]" (Hires checkpoint, Refiner keys)."""
+    return f"{info.name_for_extra} [{info.shorthash}]" if info.shorthash else info.name_for_extra
+
+
+def _checkpoint(models: Models, name: str | None, field: str) -> LoadedCheckpoint:
+    info = models.catalog.resolve_checkpoint(name, field=field) if name else models.default
+    return models.cache.get(info)
+
+
+def _rng_device(checkpoint: LoadedCheckpoint, source: str) -> str:
+    """webui's randn_source: "GPU" draws on CUDA when the model is there, "CPU" always on CPU."""
+    on_cuda = str(checkpoint.pipe.device).startswith("cuda")
+    return "cuda" if source == "GPU" and on_cuda else "cpu"
+
+
+def _plan_hires(
+    models: Models,
+    req: Txt2ImgRequest,
+    settings: Settings,
+    checkpoint: LoadedCheckpoint,
+    sampler: SamplerChoice,
+    prompts: list[str],
+    negatives: list[str],
+    extras: dict[str, Any],
+) -> tuple[int, int, Hires | None]:
+    width, height = req.width, req.height
+    if req.firstphase_width > 0 or req.firstphase_height > 0:
+        # Legacy (<1.0) hires API: firstphase_* is the first pass (webui ignores width/height).
+        width, height = firstphase_to_hires(
+            req.width, req.height, req.firstphase_width, req.firstphase_height
+        )
+    if not req.enable_hr:
+        return width, height, None
+    hr_checkpoint = checkpoint
+    if req.hr_checkpoint_name not in (*_OFF, "Use same checkpoint"):
+        hr_checkpoint = _checkpoint(models, req.hr_checkpoint_name, "hr_checkpoint_name")
+        _same_family(checkpoint, hr_checkpoint, "hr_checkpoint_name")
+        extras["Hires checkpoint"] = short_title(hr_checkpoint.info)
+    hr_sampler = sampler
+    if req.hr_sampler_name not in (*_OFF, "Use same sampler") or req.hr_scheduler not in (
+        *_OFF,
+        "Use same scheduler",
+    ):
+        name = (
+            req.hr_sampler_name
+            if req.hr_sampler_name not in (*_OFF, "Use same sampler")
+            else sampler.sampler
+        )
+        scheduler = (
+            req.hr_scheduler
+            if req.hr_scheduler not in (*_OFF, "Use same scheduler")
+            else req.scheduler
+        )
+        hr_sampler = resolve_sampler(
+            name, None, scheduler, sampler_field="hr_sampler_name", scheduler_field="hr_scheduler"
+        )
+        if hr_sampler.sampler != sampler.sampler:
+            extras["Hires sampler"] = hr_sampler.sampler
+        if hr_sampler.schedule_label != sampler.schedule_label:
+            extras["Hires schedule type"] = hr_sampler.schedule_label
+    hr_prompts = [req.hr_prompt or p for p in prompts]
+    hr_negatives = [req.hr_negative_prompt or n for n in negatives]
+    if hr_prompts != prompts:
+        extras["Hires prompt"] = hr_prompts[0]
+    if hr_negatives != negatives:
+        extras["Hires negative prompt"] = hr_negatives[0]
+    target = hires_target(width, height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
+    extras.update(target.infotext)
+    if req.hr_second_pass_steps:
+        extras["Hires steps"] = req.hr_second_pass_steps
+    upscaler = hr_upscaler_choice(req.hr_upscaler)
+    if req.hr_upscaler is not None:
+        extras["Hires upscaler"] = req.hr_upscaler
+    schedule, run = img2img_steps(
+        req.hr_second_pass_steps or req.steps,
+        req.denoising_strength,
+        fix_steps=True,
+        timestep_sampler=hr_sampler.row.ignores_schedule,
+    )
+    hires = Hires(
+        target=target,
+        upscaler=upscaler,
+        checkpoint=hr_checkpoint,
+        sampler=hr_sampler,
+        schedule_steps=schedule,
+        steps_run=run,
+        denoise=req.denoising_strength,
+        prompts=hr_prompts,
+        negative_prompts=hr_negatives,
+    )
+    return width, height, hires
+
+
+def _decode_img2img(req: Img2ImgRequest) -> tuple[list[Any], Any]:
+    """Init images and mask, decoded strictly (every bad image reported at once)."""
+    problems: list[Problem] = []
+    images = mask_image = None
+    try:
+        images = decode_image_list(req.init_images, field="init_images")
+    except RequestError as err:
+        problems += err.problems
+    if req.mask is not None:
+        try:
+            mask_image = decode_mask(req.mask, field="mask")
+        except RequestError as err:
+            problems += err.problems
+    if images is not None and len(images) > req.batch_size:
+        problems.append(
+            Problem(
+                "init_images",
+                f"{len(images)} images",
+                f"at most batch_size ({req.batch_size}) images, as in webui",
+            )
+        )
+    if problems:
+        raise RequestError(problems)
+    assert images is not None
+    return images, mask_image
+
+
+def _plan_img2img(
+    req: Img2ImgRequest,
+    decoded: tuple[list[Any], Any],
+    settings: Settings,
+    sampler: SamplerChoice,
+    extras: dict[str, Any],
+    comments: list[str],
+) -> Img2Img:
+    images, mask_image = decoded
+    # 2. The mask as webui processes it (binarize, invert, blur, crop or resize).
+    blur_x, blur_y = effective_mask_blur(req)
+    mask_plan = None
+    if mask_image is not None:
+        mask_plan = prepare_mask(
+            mask_image,
+            width=req.width,
+            height=req.height,
+            resize_mode=req.resize_mode,
+            mask_blur_x=blur_x,
+            mask_blur_y=blur_y,
+            inpaint_full_res=req.inpaint_full_res,
+            inpaint_full_res_padding=req.inpaint_full_res_padding,
+            inpainting_mask_invert=req.inpainting_mask_invert,
+            inpainting_fill=req.inpainting_fill,
+            mask_round=req.mask_round,
+        )
+        extras.update(mask_plan.infotext)
+        comments.extend(mask_plan.comments)
+        if mask_plan.mask is None:
+            mask_plan = None
+    # 3. Init images resized/cropped/filled; one image repeats for the batch (webui).
+    upscaler = settings.upscaler_for_img2img
+    inits = [
+        prepare_init_image(
+            image,
+            width=req.width,
+            height=req.height,
+            resize_mode=req.resize_mode,
+            mask=mask_plan,
+            inpainting_fill=req.inpainting_fill,
+            upscaler=upscaler,
+        )
+        for image in images
+    ]
+    # 4. webui's step rule and noise multiplier.
+    schedule, run = img2img_steps(
+        req.steps,
+        req.denoising_strength,
+        settings.img2img_fix_steps,
+        timestep_sampler=sampler.row.ignores_schedule,
+    )
+    multiplier = req.initial_noise_multiplier
+    if multiplier is None:
+        multiplier = settings.initial_noise_multiplier
+    if multiplier != 1.0:
+        extras["Noise multiplier"] = multiplier
+    return Img2Img(
+        inits=inits,
+        mask=mask_plan,
+        resize_mode=req.resize_mode,
+        schedule_steps=schedule,
+        steps_run=run,
+        noise_multiplier=multiplier,
+        inpainting_fill=req.inpainting_fill,
+        mask_round=req.mask_round,
+        mask_weight=settings.inpainting_mask_weight,
+    )
+
+
+def _plan_refiner(
+    models: Models,
+    req: Txt2ImgRequest | Img2ImgRequest,
+    checkpoint: LoadedCheckpoint,
+    extras: dict[str, Any],
+) -> Refiner | None:
+    if req.refiner_checkpoint in _OFF or req.refiner_switch_at is None:
+        return None
+    if not 0 < req.refiner_switch_at < 1:
+        raise RequestError.single(
+            "refiner_switch_at", req.refiner_switch_at, "a fraction of the steps: 0 < value < 1"
+        )
+    refiner = _checkpoint(models, req.refiner_checkpoint, "refiner_checkpoint")
+    _same_family(checkpoint, refiner, "refiner_checkpoint")
+    extras["Refiner"] = short_title(refiner.info)
+    extras["Refiner switch at"] = req.refiner_switch_at
+    return Refiner(refiner, req.refiner_switch_at)
+
+
+def _same_family(base: LoadedCheckpoint, other: LoadedCheckpoint, field: str) -> None:
+    if other.family is not base.family or other.is_inpainting != base.is_inpainting:
+        raise RequestError.single(
+            field,
+            other.info.title,
+            f"must be a {base.family.value.upper()} checkpoint like {base.info.title} (the latent "
+            "spaces must match)",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# One batch
+
+
+def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
+    """One UNet batch: noise, first pass (txt2img or img2img), hires pass, decode, overlay."""
     loaded = plan.checkpoint
-    pipe = loaded.pipe
-    # 1. A fresh scheduler for this batch; the timesteps of the full schedule.
-    scheduler: Any = build_scheduler(
-        plan.sampler, loaded.scheduler_config, eta=plan.eta, seeds=seeds
-    )
-    scheduler.set_timesteps(req.steps, device=pipe.device)
-    # 2. Per-image noise (float32, per-image generators), scaled to the first sigma.
-    generators = make_generators(seeds, generator_device(pipe.device))
-    noise = initial_noise(generators, LATENT_CHANNELS, req.height, req.width)
-    latents = noise.to(device=pipe.device, dtype=pipe.unet.dtype) * scheduler.init_noise_sigma
-    # 3. Text conditioning (the same at every step for plain prompts).
+    seeds, prompts, negatives = plan.seeds[lo:hi], plan.prompts[lo:hi], plan.negative_prompts[lo:hi]
+    # 1. Per-image noise from per-image generators (webui ImageRNG).
+    spec = _noise_spec(plan, lo, hi)
+    noise, generators = first_noise(spec, LATENT_CHANNELS, plan.height, plan.width)
+    noise = noise.to(device=loaded.pipe.device, dtype=loaded.pipe.unet.dtype)
     with torch.inference_mode():
-        conditioning = constant_schedule(pipe, loaded.family, prompts, negatives, plan.clip_skip)
-    # 4. Denoise, then decode; NaN is an error, never a black picture.
-    job = DenoiseJob(
-        unet=pipe.unet,
-        scheduler=scheduler,
-        timesteps=scheduler.timesteps,
-        latents=latents,
-        cfg_scale=req.cfg_scale,
-        schedule=lambda _step: conditioning,
-        generators=generators,
-        time_ids=sdxl_time_ids(loaded, req.width, req.height),
-        eta=sampler_call_kwargs(plan.sampler, plan.eta).get("eta"),
-        progress=progress,
-    )
-    with torch.inference_mode():
-        latents = denoise(job)
+        # 2. The first pass.
+        if plan.img2img is None:
+            latents = txt2img_pass(plan, noise, generators, prompts, negatives, progress)
+        else:
+            latents = img2img_pass(
+                plan, plan.img2img, lo, hi, noise, generators, prompts, negatives, progress
+            )
+        # 3. Hires fix: upscale, then img2img at the target size with fresh noise of the same seeds.
+        if plan.hires is not None:
+            latents = hires_pass(plan, plan.hires, latents, lo, hi, progress)
+        # 4. Decode; NaN is an error, never a black picture.
         if has_non_finite(latents):
             raise GenerationError(
                 f"the model produced NaN or Inf values for seeds {seeds}; no image is returned"
             )
-        return decode_latents(pipe.vae, latents)
+        vae = (plan.hires.checkpoint if plan.hires else loaded).pipe.vae
+        images = decode_latents(vae, latents)
+    # 5. img2img with a mask: paste "only masked" crops back and lay the original over.
+    if plan.img2img is not None and plan.img2img.mask is not None:
+        inits = _batch_inits(plan.img2img, hi - lo)
+        images = [finish_image(img, init) for img, init in zip(images, inits, strict=True)]
+    return images
 
 
-LATENT_CHANNELS = 4
+def _noise_spec(plan: Plan, lo: int, hi: int) -> NoiseSpec:
+    req = plan.request
+    resize = (req.seed_resize_from_h, req.seed_resize_from_w)
+    return NoiseSpec(
+        seeds=plan.seeds[lo:hi],
+        subseeds=plan.subseeds[lo:hi],
+        subseed_strength=req.subseed_strength,
+        seed_resize_from=resize if min(resize) > 0 else None,
+        ensd=_ensd(plan),
+        device=plan.rng_device,
+    )
 
 
-def generator_device(device: Any) -> str:
-    """webui's default randn source "GPU": CUDA generators on CUDA, else the CPU one."""
-    return "cuda" if str(device).startswith("cuda") else "cpu"
+def _ensd(plan: Plan) -> int:
+    """webui applies ENSD only where later noise is drawn: ancestral/SDE samplers with eta != 0."""
+    delta = plan.settings.eta_noise_seed_delta
+    row = plan.sampler.row
+    if delta and getattr(row, "uses_ensd", False) and (plan.eta is None or plan.eta != 0):
+        return int(delta)
+    return 0
+
+
+def _scheduler(
+    plan: Plan, sampler: SamplerChoice, loaded: LoadedCheckpoint, seeds: Sequence[int]
+) -> Any:
+    scheduler: Any = build_scheduler(sampler, loaded.scheduler_config, eta=plan.eta, seeds=seeds)
+    return scheduler
+
+
+def _window(scheduler: Any, schedule_steps: int, steps_run: int, device: Any) -> list[Any]:
+    """The last `steps_run` steps of a `schedule_steps` schedule (webui's img2img window)."""
+    scheduler.set_timesteps(schedule_steps, device=device)
+    start = (schedule_steps - steps_run) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return list(scheduler.timesteps[start:])
+
+
+def constant(conditioning: StepConditioning) -> Callable[[int], StepConditioning]:
+    """A step schedule that gives the same conditioning at every step."""
+
+    def at(_step: int) -> StepConditioning:
+        return conditioning
+
+    return at
+
+
+def _conditioning(
+    loaded: LoadedCheckpoint, prompts: list[str], negatives: list[str], clip_skip: int
+) -> StepConditioning:
+    return constant_schedule(loaded.pipe, loaded.family, prompts, negatives, clip_skip)
+
+
+def _run(
+    plan: Plan,
+    loaded: LoadedCheckpoint,
+    scheduler: Any,
+    timesteps: list[Any],
+    latents: torch.Tensor,
+    prompts: list[str],
+    negatives: list[str],
+    generators: list[torch.Generator],
+    size: tuple[int, int],
+    progress: Progress,
+    *,
+    inpaint_inputs: torch.Tensor | None = None,
+    blend: MaskBlend | None = None,
+    refiner: Refiner | None = None,
+) -> torch.Tensor:
+    """Denoise over `timesteps`, switching to the refiner at its fraction of the steps."""
+    width, height = size
+    stops = [len(timesteps)]
+    models = [loaded]
+    if refiner is not None:
+        switch = max(1, min(len(timesteps), int(len(timesteps) * refiner.switch_at)))
+        stops = [switch, len(timesteps)]
+        models = [loaded, refiner.checkpoint]
+    first = 0
+    for model, stop in zip(models, stops, strict=True):
+        conditioning = _conditioning(model, prompts, negatives, plan.clip_skip)
+        job = DenoiseJob(
+            unet=model.pipe.unet,
+            scheduler=scheduler,
+            timesteps=timesteps,
+            latents=latents,
+            cfg_scale=plan.request.cfg_scale,
+            schedule=constant(conditioning),
+            generators=generators,
+            time_ids=sdxl_time_ids(model, width, height),
+            inpaint_inputs=inpaint_inputs,
+            blend=blend,
+            eta=sampler_call_kwargs(plan.sampler, plan.eta).get("eta"),
+            progress=progress,
+            first=first,
+            stop=stop,
+        )
+        latents = denoise(job)
+        first = stop
+    return latents
+
+
+def txt2img_pass(
+    plan: Plan,
+    noise: torch.Tensor,
+    generators: list[torch.Generator],
+    prompts: list[str],
+    negatives: list[str],
+    progress: Progress,
+) -> torch.Tensor:
+    loaded = plan.checkpoint
+    scheduler = _scheduler(plan, plan.sampler, loaded, plan.seeds)
+    scheduler.set_timesteps(plan.request.steps, device=loaded.pipe.device)
+    latents = noise * scheduler.init_noise_sigma
+    inpaint_inputs = None
+    if loaded.is_inpainting:
+        inpaint_inputs = txt2img_inpaint_inputs(loaded, noise.shape[0], plan.width, plan.height)
+    return _run(
+        plan,
+        loaded,
+        scheduler,
+        list(scheduler.timesteps),
+        latents,
+        prompts,
+        negatives,
+        generators,
+        (plan.width, plan.height),
+        progress,
+        inpaint_inputs=inpaint_inputs,
+        refiner=plan.refiner,
+    )
+
+
+def txt2img_inpaint_inputs(
+    loaded: LoadedCheckpoint, batch: int, width: int, height: int
+) -> torch.Tensor:
+    """webui txt2img_image_conditioning for 9-channel models: the whole image is "masked",
+    so the mask is all ones and the masked image is mid-grey (0 in the VAE's -1..1 range)."""
+    from PIL import Image
+
+    grey = Image.new("RGB", (width, height), (127, 127, 127))
+    latent = encode_images(loaded.pipe.vae, [grey]).to(loaded.pipe.unet.dtype)
+    ones = torch.ones_like(latent[:, :1])
+    return torch.cat([ones, latent], dim=1).repeat(batch, 1, 1, 1)
+
+
+def _batch_inits(job: Img2Img, size: int) -> list[InitImage]:
+    # webui: one init image repeats for the batch; k images (k <= batch_size) are the batch.
+    if len(job.inits) == 1:
+        return job.inits * size
+    return list(job.inits[:size])
+
+
+def img2img_pass(
+    plan: Plan,
+    job: Img2Img,
+    lo: int,
+    hi: int,
+    noise: torch.Tensor,
+    generators: list[torch.Generator],
+    prompts: list[str],
+    negatives: list[str],
+    progress: Progress,
+) -> torch.Tensor:
+    loaded = plan.checkpoint
+    pipe = loaded.pipe
+    inits = _batch_inits(job, hi - lo)
+    noise = noise[: len(inits)]
+    # 1. Init latents (resize_mode 3: encoded at the original size, then the latent resized).
+    init = encode_images(pipe.vae, [i.image for i in inits]).to(pipe.unet.dtype)
+    if init.shape[-2:] != noise.shape[-2:]:
+        init = resize_latent(init, plan.width, plan.height)
+    # 2. The mask at latent size (1 = repaint) and webui's masked-content fill.
+    repaint = None
+    if job.mask is not None and job.mask.mask is not None:
+        values = latent_mask(
+            job.mask.mask, plan.width // 8, plan.height // 8, round_mask=job.mask_round
+        )
+        repaint = torch.from_numpy(np.ascontiguousarray(values))[None, None].to(
+            init.device, init.dtype
+        )
+        if job.inpainting_fill == 2:  # latent noise
+            init = init * (1 - repaint) + noise * repaint
+        elif job.inpainting_fill == 3:  # latent nothing
+            init = init * (1 - repaint)
+    # 3. The schedule window and the noised start.
+    scheduler = _scheduler(plan, plan.sampler, loaded, plan.seeds[lo:hi])
+    timesteps = _window(scheduler, job.schedule_steps, job.steps_run, pipe.device)
+    if not timesteps:
+        return init
+    start_noise = noise * job.noise_multiplier
+    latents = scheduler.add_noise(
+        init, start_noise, torch.as_tensor([timesteps[0]]).repeat(init.shape[0])
+    )
+    # 4. Inpainting conditioning (9-channel) and the per-step blend with the original.
+    inpaint_inputs = None
+    if loaded.is_inpainting:
+        inpaint_inputs = img2img_inpaint_inputs(loaded, inits, job)
+    blend = MaskBlend(init, start_noise, 1 - repaint) if repaint is not None else None
+    return _run(
+        plan,
+        loaded,
+        scheduler,
+        timesteps,
+        latents,
+        prompts,
+        negatives,
+        generators,
+        (plan.width, plan.height),
+        progress,
+        inpaint_inputs=inpaint_inputs,
+        blend=blend,
+        refiner=plan.refiner,
+    )
+
+
+def img2img_inpaint_inputs(
+    loaded: LoadedCheckpoint, inits: list[InitImage], job: Img2Img
+) -> torch.Tensor:
+    """webui img2img_image_conditioning for 9-channel models: [rounded mask, VAE(masked image)],
+    the masked image lerped with the original by opts.inpainting_mask_weight."""
+    pipe = loaded.pipe
+    width, height = inits[0].image.size
+    if job.mask is not None and job.mask.mask is not None:
+        mask = (
+            np.asarray(job.mask.mask.convert("L").resize((width, height)), dtype=np.float32) / 255
+        )
+    else:
+        mask = np.ones((height, width), dtype=np.float32)
+    cond_mask = torch.from_numpy(np.round(mask))[None, None]
+    pixels = [np.asarray(i.image.convert("RGB"), dtype=np.float32) / 255 for i in inits]
+    masked = []
+    for array in pixels:
+        source = torch.from_numpy(array).permute(2, 0, 1)[None]
+        blended = torch.lerp(source, source * (1.0 - cond_mask), job.mask_weight)
+        masked.append(blended)
+    from PIL import Image
+
+    masked_images = [
+        Image.fromarray((m[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+        for m in masked
+    ]
+    latents = encode_images(pipe.vae, masked_images).to(pipe.unet.dtype)
+    small = torch.nn.functional.interpolate(cond_mask, size=latents.shape[-2:]).to(
+        latents.device, latents.dtype
+    )
+    return torch.cat([small.repeat(latents.shape[0], 1, 1, 1), latents], dim=1)
+
+
+def hires_pass(
+    plan: Plan, hires: Hires, latents: torch.Tensor, lo: int, hi: int, progress: Progress
+) -> torch.Tensor:
+    loaded = hires.checkpoint
+    pipe = loaded.pipe
+    target = hires.target
+    # 1. Upscale: in latent space, or decode -> pixel upscaler -> encode.
+    if hires.upscaler.latent:
+        upscaled = upscale_latent(latents, target.resize_x, target.resize_y, hires.upscaler.name)
+        upscaled = crop_latent(upscaled, target)
+    else:
+        images = decode_latents(plan.checkpoint.pipe.vae, latents)
+        resized = [
+            resize_image(
+                1 if target.crop else 0,
+                upscale_pixels(img, target.resize_x, target.resize_y, hires.upscaler.name),
+                target.width,
+                target.height,
+            )
+            for img in images
+        ]
+        upscaled = encode_images(pipe.vae, resized).to(pipe.unet.dtype)
+    if hires.steps_run <= 0:
+        return upscaled  # webui decodes the upscaled latent as it is when denoising is 0
+    # 2. Fresh noise from the same seeds at the new size (webui makes a new ImageRNG).
+    spec = _noise_spec(plan, lo, hi)
+    noise, generators = first_noise(spec, LATENT_CHANNELS, target.height, target.width)
+    noise = noise.to(device=pipe.device, dtype=pipe.unet.dtype)
+    # 3. The second pass: img2img over webui's fixed-steps window.
+    scheduler = _scheduler(plan, hires.sampler, loaded, plan.seeds[lo:hi])
+    timesteps = _window(scheduler, hires.schedule_steps, hires.steps_run, pipe.device)
+    start = scheduler.add_noise(
+        upscaled, noise, torch.as_tensor([timesteps[0]]).repeat(upscaled.shape[0])
+    )
+    inpaint_inputs = None
+    if loaded.is_inpainting:
+        inpaint_inputs = txt2img_inpaint_inputs(
+            loaded, upscaled.shape[0], target.width, target.height
+        )
+    return _run(
+        plan,
+        loaded,
+        scheduler,
+        timesteps,
+        start,
+        hires.prompts[lo:hi],
+        hires.negative_prompts[lo:hi],
+        generators,
+        (target.width, target.height),
+        progress,
+        inpaint_inputs=inpaint_inputs,
+    )
 
 
 def sdxl_time_ids(loaded: LoadedCheckpoint, width: int, height: int) -> torch.Tensor | None:
@@ -240,9 +853,8 @@ def sdxl_time_ids(loaded: LoadedCheckpoint, width: int, height: int) -> torch.Te
     if loaded.family is not Family.SDXL:
         return None
     pipe = loaded.pipe
-    return torch.tensor(
-        [[height, width, 0, 0, height, width]], device=pipe.device, dtype=pipe.unet.dtype
-    )
+    values = [[height, width, 0, 0, height, width]]
+    return torch.tensor(values, device=pipe.device, dtype=pipe.unet.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,36 +865,46 @@ def image_params(plan: Plan, index: int) -> ImageParams:
     req = plan.request
     info = plan.checkpoint.info
     settings = plan.settings
+    resize = (req.seed_resize_from_w, req.seed_resize_from_h)
     return ImageParams(
         steps=req.steps,
         sampler=plan.sampler.sampler,
         schedule_type=plan.sampler.schedule_label,
         cfg_scale=req.cfg_scale,
         seed=plan.seeds[index],
-        width=req.width,
-        height=req.height,
+        width=plan.width,
+        height=plan.height,
         model_hash=info.shorthash if settings.add_model_hash_to_info else None,
         model_name=info.name_for_extra if settings.add_model_name_to_info else None,
+        subseed=plan.subseeds[index] if req.subseed_strength else None,
+        subseed_strength=req.subseed_strength,
+        seed_resize_from=resize if min(resize) > 0 else None,
+        denoising_strength=plan.denoising_strength,
         clip_skip=plan.clip_skip,
-        extra=sampler_extras(plan),
+        ensd=_ensd(plan),
+        rng=None if settings.randn_source == "GPU" else settings.randn_source,
+        conditional_mask_weight=(
+            plan.img2img.mask_weight
+            if plan.img2img is not None and plan.checkpoint.is_inpainting
+            else None
+        ),
+        extra={**plan.extras, **eta_infotext_params(plan.sampler, plan.eta)},
         version=VERSION if settings.add_version_to_infotext else None,
     )
 
 
-def sampler_extras(plan: Plan) -> dict[str, Any]:
-    """webui's extra_generation_params from the sampler (Eta DDIM when it is not 0)."""
-    return dict(eta_infotext_params(plan.sampler, plan.eta))
-
-
 def image_infotext(plan: Plan, index: int) -> str:
+    seed_index = min(index, len(plan.seeds) - 1)
     return create_infotext(
-        plan.prompts[index], plan.negative_prompts[index], image_params(plan, index)
+        plan.prompts[seed_index], plan.negative_prompts[seed_index], image_params(plan, seed_index)
     )
 
 
 def build_info(plan: Plan, infotexts: list[str]) -> InfoRecord:
     req = plan.request
     ckpt = plan.checkpoint.info
+    extra = {"Schedule type": plan.sampler.schedule_label, **plan.extras}
+    extra.update(eta_infotext_params(plan.sampler, plan.eta))
     return InfoRecord(
         prompt=plan.prompts[0],
         all_prompts=plan.prompts,
@@ -293,8 +915,8 @@ def build_info(plan: Plan, infotexts: list[str]) -> InfoRecord:
         subseed=plan.subseeds[0],
         all_subseeds=plan.subseeds,
         subseed_strength=req.subseed_strength,
-        width=req.width,
-        height=req.height,
+        width=plan.width,
+        height=plan.height,
         sampler_name=plan.sampler.sampler,
         cfg_scale=req.cfg_scale,
         steps=req.steps,
@@ -307,17 +929,14 @@ def build_info(plan: Plan, infotexts: list[str]) -> InfoRecord:
         sd_vae_hash=None,
         seed_resize_from_w=req.seed_resize_from_w,
         seed_resize_from_h=req.seed_resize_from_h,
-        denoising_strength=None,
-        extra_generation_params={
-            "Schedule type": plan.sampler.schedule_label,
-            **sampler_extras(plan),
-        },
+        denoising_strength=plan.denoising_strength,
+        extra_generation_params=extra,
         index_of_first_image=0,
         infotexts=infotexts,
         styles=list(req.styles or []),
         job_timestamp=job_timestamp(datetime.now()),
         clip_skip=plan.clip_skip,
-        is_using_inpainting_conditioning=False,
+        is_using_inpainting_conditioning=plan.checkpoint.is_inpainting,
         version=VERSION,
-        warnings=plan.warnings,
+        warnings=plan.warnings + plan.comments,
     )

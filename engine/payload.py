@@ -386,8 +386,8 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     _opt("jpeg_quality", _check_int, 80, True, range=Range(1, 100)),
     # Known, validated, not honoured yet: a value other than the default gets a warning.
     _opt("sd_vae", _check_str, "Automatic", False),
-    _opt("eta_noise_seed_delta", _check_int, 0, False),
-    _opt("randn_source", _check_str, "GPU", False, choices=("GPU", "CPU", "NV")),
+    _opt("eta_noise_seed_delta", _check_int, 0, True),
+    _opt("randn_source", _check_str, "GPU", True, choices=("GPU", "CPU", "NV")),
     _opt(
         "emphasis", _check_str, "Original", False, choices=("Original", "No norm", "Ignore", "None")
     ),
@@ -398,15 +398,15 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     _opt("s_noise", _check_float, 1.0, False),
     _opt("sgm_noise_multiplier", _check_bool, False, False),
     _opt("always_discard_next_to_last_sigma", _check_bool, False, False),
-    _opt("img2img_fix_steps", _check_bool, False, False),
-    _opt("initial_noise_multiplier", _check_float, 1.0, False),
-    _opt("inpainting_mask_weight", _check_float, 1.0, False, range=Range(0, 1)),
+    _opt("img2img_fix_steps", _check_bool, False, True),
+    _opt("initial_noise_multiplier", _check_float, 1.0, True),
+    _opt("inpainting_mask_weight", _check_float, 1.0, True, range=Range(0, 1)),
     _opt("token_merging_ratio", _check_float, 0.0, False, range=Range(0, 0.9)),
     _opt("sd_lora", _check_str, "None", False),
     _opt("use_old_scheduling", _check_bool, False, False),
     _opt("comma_padding_backtrack", _check_int, 20, False, range=Range(0, 74)),
     _opt("img2img_color_correction", _check_bool, False, False),
-    _opt("upscaler_for_img2img", _check_str, None, False),
+    _opt("upscaler_for_img2img", _check_str, None, True),
 )
 OPTIONS: Final[dict[str, OptionSpec]] = {row.name: row for row in _OPTION_ROWS}
 
@@ -497,9 +497,6 @@ class Ignored:
 _IGNORED_ROWS: Final[tuple[Ignored, ...]] = (
     # Common fields.
     Ignored("styles", _falsy, note=f"{_NOT_YET} (this server has no styles.csv)"),
-    Ignored("subseed_strength", _one_of(0.0)),
-    Ignored("seed_resize_from_w", _not_positive),  # webui: active only when both are > 0
-    Ignored("seed_resize_from_h", _not_positive),
     Ignored("restore_faces", _falsy),
     Ignored("tiling", _falsy),
     # webui >= 1.10 reads these from opts, whose defaults are 0, 0, 0 (inf), 0, 1.0.
@@ -508,8 +505,6 @@ _IGNORED_ROWS: Final[tuple[Ignored, ...]] = (
     Ignored("s_tmax", _one_of(None, 0.0)),
     Ignored("s_tmin", _one_of(None, 0.0)),
     Ignored("s_noise", _one_of(None, 1.0)),
-    Ignored("refiner_checkpoint", _one_of(None, "", "None", "none")),
-    Ignored("refiner_switch_at", gate="refiner_checkpoint"),
     Ignored("disable_extra_networks", _falsy),
     Ignored("firstpass_image", _falsy),
     Ignored("script_name", _falsy),
@@ -527,34 +522,10 @@ _IGNORED_ROWS: Final[tuple[Ignored, ...]] = (
         note="this server never keeps settings between requests (each request starts "
         "from the defaults)",
     ),
-    # txt2img: hires fix. firstphase_* resize the first pass even without enable_hr.
-    Ignored("enable_hr", _falsy, note=f"hires fix is {_NOT_YET}"),
-    Ignored("firstphase_width", _not_positive),
-    Ignored("firstphase_height", _not_positive),
-    Ignored("hr_scale", gate="enable_hr"),
-    Ignored("hr_upscaler", gate="enable_hr"),
-    Ignored("hr_second_pass_steps", _not_positive, gate="enable_hr"),
-    Ignored("hr_resize_x", _not_positive, gate="enable_hr"),
-    Ignored("hr_resize_y", _not_positive, gate="enable_hr"),
-    Ignored("hr_checkpoint_name", _one_of(None, "", "Use same checkpoint"), gate="enable_hr"),
-    Ignored("hr_sampler_name", _one_of(None, "", "Use same sampler"), gate="enable_hr"),
-    Ignored("hr_scheduler", _one_of(None, "", "Use same scheduler"), gate="enable_hr"),
-    Ignored("hr_prompt", _falsy, gate="enable_hr"),
-    Ignored("hr_negative_prompt", _falsy, gate="enable_hr"),
-    # img2img-only fields (include_init_images is honoured by echo_parameters).
-    Ignored("init_images", _falsy, note=f"img2img is {_NOT_YET}"),
-    Ignored("resize_mode"),
-    Ignored("image_cfg_scale"),
-    Ignored("mask", _falsy),
-    Ignored("mask_blur_x"),
-    Ignored("mask_blur_y"),
-    Ignored("mask_blur"),
-    Ignored("mask_round"),
-    Ignored("inpainting_fill"),
-    Ignored("inpaint_full_res"),
-    Ignored("inpaint_full_res_padding"),
-    Ignored("inpainting_mask_invert"),
-    Ignored("initial_noise_multiplier", _one_of(None, 1.0)),
+    # img2img-only fields webui itself only uses for edit models / never decodes.
+    Ignored(
+        "image_cfg_scale", _one_of(None), note="only instruct-pix2pix (edit) models use it; ignored"
+    ),
     Ignored("latent_mask", _falsy),
 )
 IGNORED_FIELDS: Final[dict[str, Ignored]] = {row.field: row for row in _IGNORED_ROWS}

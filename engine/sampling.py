@@ -76,6 +76,10 @@ class DenoiseJob:
     eta: float | None = None
     hooks: list[UNetHook] = field(default_factory=list)
     progress: Progress | None = None
+    # The slice of `timesteps` this job runs (a refiner switch splits one schedule in two jobs
+    # that share the scheduler); step indices stay absolute for schedules and progress.
+    first: int = 0
+    stop: int | None = None
 
 
 def step_kwargs(
@@ -116,7 +120,9 @@ def denoise(job: DenoiseJob) -> torch.Tensor:
     latents = job.latents
     extra = step_kwargs(job.scheduler, job.generators, job.eta)
     total = len(job.timesteps)
-    for index, t in enumerate(job.timesteps):
+    stop = total if job.stop is None else job.stop
+    for index in range(job.first, stop):
+        t = job.timesteps[index]
         cond = job.schedule(index)
         copies = 1 + len(cond.conds)
         model_in = job.scheduler.scale_model_input(torch.cat([latents] * copies), t)

@@ -49,3 +49,32 @@ def png_parameters(data: bytes) -> str | None:
 
 def pixels(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def b64_png(image: Image.Image) -> str:
+    """An image as the raw base64 PNG webui clients send."""
+    import base64
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def card_image(width: int = 96, height: int = 64) -> Image.Image:
+    """A picture whose content is easy to locate: blue, a red square, a green bar at the top."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (width, height), (20, 40, 200))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([width // 4, height // 4, width // 2, height // 2], fill=(220, 20, 20))
+    draw.rectangle([0, 0, width - 1, height // 8], fill=(20, 200, 40))
+    return image
+
+
+def box_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """White (repaint) inside box, black elsewhere."""
+    from PIL import ImageDraw
+
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    return mask

@@ -180,13 +180,6 @@ def test_progress_is_reported_per_step(engine: Engine) -> None:
     assert steps == [(1, 3), (2, 3), (3, 3)]
 
 
-def test_img2img_is_refused_clearly_until_supported(engine: Engine) -> None:
-    body = payload(init_images=["iVBORw0KGgo="])
-    with pytest.raises(RequestError) as err:
-        engine.handle("auto", body)
-    assert "img2img" in str(err.value)
-
-
 @pytest.mark.parametrize(
     ("endpoint", "check"),
     [
