@@ -1,0 +1,723 @@
+"""LoRA per request on shared pipelines: webui names and hashes, peft adapters switched on/off.
+
+A request's prompt names LoRAs (`<lora:name:te:unet>`). `LoraManager.applied(...)` makes one
+cached pipeline compute with exactly those LoRAs at those weights for one generation, and
+afterwards with none, bit for bit as before:
+
+- Every LoRA file becomes a peft adapter beside the base weights (diffusers' `load_lora_weights`).
+  Nothing is ever fused into the base weights, so no fuse/unfuse arithmetic can drift them.
+- Outside `applied()` no adapter is active on any layer. A peft LoRA layer with no active adapter
+  returns `base_layer(x)` itself, the same call on the same weights as before any LoRA was loaded.
+- Adapters stay loaded (up to `max_cached` per pipeline, least recently used evicted), so a later
+  request with the same LoRA, at any weights, reads no file: switching is a walk over the LoRA
+  layers that sets their active list and scale (see `_activate` for where the time goes).
+
+Request values are only looked up in the catalog's name tables; a name is never joined to a path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem, RequestError, UnknownName
+from .loading import Family, LoadedCheckpoint
+
+log = logging.getLogger(__name__)
+
+LORA_SUFFIX = ".safetensors"
+HASH_BLOCK = 1 << 20  # stream in 1 MiB blocks
+MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own bound on its JSON header
+ADDNET_HASH_CHARS = 12  # webui's LoRA "shorthash"
+# Cover images can be megabytes of base64; newer webui drops them from the listing too.
+LISTING_DROPPED_METADATA = frozenset({"ssmd_cover_images"})
+# webui (extensions-builtin/Lora/network.py) lists these metadata keys first, in this order.
+METADATA_TAGS_ORDER: Mapping[str, int] = {
+    "ss_sd_model_name": 1,
+    "ss_resolution": 2,
+    "ss_clip_skip": 3,
+    "ss_num_train_images": 10,
+    "ss_tag_frequency": 20,
+}
+# What a request's LoRA name may not contain: such a name never matches anything.
+_PATH_LIKE = ("/", "\\", "..", "\x00")
+# Which request weight drives each LoRA-loadable pipeline component.
+COMPONENT_WEIGHTS: Mapping[str, str] = {
+    "unet": "unet",
+    "text_encoder": "te",
+    "text_encoder_2": "te",
+}
+
+# --------------------------------------------------------------------------- family guess
+
+# sd-scripts' ss_base_model_version / modelspec.architecture prefixes, most specific first.
+_METADATA_FAMILIES: tuple[tuple[str, str, Family], ...] = (
+    ("ss_base_model_version", "sdxl", Family.SDXL),
+    ("ss_base_model_version", "sd_v2", Family.SD2),
+    ("ss_base_model_version", "sd_v1", Family.SD1),
+    ("modelspec.architecture", "stable-diffusion-xl", Family.SDXL),
+    ("modelspec.architecture", "stable-diffusion-v2", Family.SD2),
+    ("modelspec.architecture", "stable-diffusion-v1", Family.SD1),
+    ("ss_v2", "True", Family.SD2),  # older sd-scripts: no base version, only this flag
+)
+# Keys only a LoRA for a two-text-encoder model (SDXL) has, in kohya and diffusers layouts.
+_SDXL_KEY_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.", "te2.")
+# The cross-attention key projection's input width is the text width the UNet was trained on.
+_CROSS_ATTENTION_KEY_ENDINGS = (
+    "attn2_to_k.lora_down.weight",
+    "attn2.to_k.lora_A.weight",
+    "attn2.to_k.lora.down.weight",
+    "attn2.processor.to_k_lora.down.weight",
+)
+_CONTEXT_WIDTH_FAMILIES: Mapping[int, Family] = {
+    768: Family.SD1,
+    1024: Family.SD2,
+    2048: Family.SDXL,
+}
+
+
+def guess_family(metadata: Mapping[str, str], shapes: Mapping[str, Sequence[int]]) -> Family | None:
+    """The model family a LoRA was trained for: from its metadata, else its keys and shapes.
+
+    None when nothing tells (a tiny or exotic file); such a LoRA is tried and refused only if
+    diffusers cannot apply it.
+    """
+    for key, prefix, family in _METADATA_FAMILIES:
+        if str(metadata.get(key, "")).startswith(prefix):
+            return family
+    if any(k.startswith(_SDXL_KEY_PREFIXES) for k in shapes):
+        return Family.SDXL
+    for key, shape in shapes.items():
+        if key.endswith(_CROSS_ATTENTION_KEY_ENDINGS) and len(shape) >= 2:
+            return _CONTEXT_WIDTH_FAMILIES.get(int(shape[1]))
+    return None
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class SafetensorsFacts:
+    """What one read of a .safetensors file tells: header, shapes and content hashes."""
+
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    data_sha256: str  # sha256 of everything after the header: webui's "addnet" hash, in full
+    content_id: str  # sha256 over header and data digest: names the exact file content
+
+
+def read_safetensors_facts(path: Path) -> SafetensorsFacts:
+    """Parse the header and hash the tensor data of `path` in one streaming read.
+
+    Raises ValueError for a file that is not a well-formed safetensors file, OSError when it
+    cannot be read.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError("shorter than a safetensors header")
+        size = int.from_bytes(head, "little")
+        if not 2 <= size <= MAX_HEADER_BYTES:
+            raise ValueError(f"header length {size} is out of range")
+        header_bytes = fh.read(size)
+        if len(header_bytes) != size:
+            raise ValueError("the header is cut short")
+        data = hashlib.sha256()
+        while block := fh.read(HASH_BLOCK):
+            data.update(block)
+    header = json.loads(header_bytes)
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    raw_meta = header.pop("__metadata__", None)
+    metadata = (
+        {str(k): v for k, v in raw_meta.items() if isinstance(v, str)}
+        if isinstance(raw_meta, dict)
+        else {}
+    )
+    shapes = {
+        str(k): tuple(int(n) for n in v["shape"])
+        for k, v in header.items()
+        if isinstance(v, dict) and isinstance(v.get("shape"), list)
+    }
+    data_sha = data.hexdigest()
+    content_id = hashlib.sha256(header_bytes + bytes.fromhex(data_sha)).hexdigest()
+    return SafetensorsFacts(metadata, shapes, data_sha, content_id)
+
+
+def read_lora_state_dict(path: Path) -> dict[str, Any]:
+    """The tensors of a LoRA file, on the CPU (the single place a LoRA file is read for loading)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def listing_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """Metadata as webui's `/sdapi/v1/loras` shows it: JSON-looking values parsed, tags ordered.
+
+    webui's read_metadata_from_safetensors parses every value starting with "{" as JSON
+    (ss_tag_frequency becomes an object) and keeps the text when that fails.
+    """
+    shown: dict[str, Any] = {}
+    ordered = sorted(metadata.items(), key=lambda kv: METADATA_TAGS_ORDER.get(kv[0], 999))
+    for key, value in ordered:
+        if key in LISTING_DROPPED_METADATA:
+            continue
+        shown[key] = value
+        if value.startswith("{"):
+            with suppress(ValueError):
+                shown[key] = json.loads(value)
+    return shown
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """One LoRA file under the names and hash webui gives it."""
+
+    name: str  # file name without extension (webui's NetworkOnDisk.name)
+    alias: str  # ss_output_name from the metadata, else name
+    path: Path  # absolute, as found under the loras folder
+    metadata: Mapping[str, str] = field(compare=False)
+    # sha256 of the file without its header, first 12 hex (webui's addnet hash); or the
+    # sshs_model_hash written by sd-scripts, first 12 characters, when present (webui uses that).
+    addnet_hash: str
+    family: Family | None  # "sd1" / "sd2" / "sdxl", None when the file does not tell
+    # The peft adapter name: derived from the file content, never from a user's string, so it
+    # is always a safe module key and two copies of one file share one adapter.
+    adapter_id: str
+
+    def listing(self) -> dict[str, Any]:
+        """This LoRA as an entry of `GET /sdapi/v1/loras`."""
+        return {
+            "name": self.name,
+            "alias": self.alias,
+            "path": str(self.path),
+            "metadata": listing_metadata(self.metadata),
+        }
+
+
+def lora_info(path: Path) -> LoraInfo:
+    """Read `path` once (header and hash) and describe it as webui does."""
+    facts = read_safetensors_facts(path)
+    name = path.name[: -len(path.suffix)] if path.suffix else path.name
+    sshs = facts.metadata.get("sshs_model_hash", "")
+    return LoraInfo(
+        name=name,
+        alias=facts.metadata.get("ss_output_name") or name,
+        path=path,
+        metadata=dict(facts.metadata),
+        addnet_hash=(sshs or facts.data_sha256)[:ADDNET_HASH_CHARS],
+        family=guess_family(facts.metadata, facts.shapes),
+        adapter_id="lora_" + facts.content_id[:24],
+    )
+
+
+def _is_path_like(name: str) -> bool:
+    return not name or any(part in name for part in _PATH_LIKE)
+
+
+@dataclass(frozen=True)
+class LoraCatalog:
+    """An immutable snapshot of the LoRA files, with webui's name and alias lookup."""
+
+    loras: tuple[LoraInfo, ...]
+    _names: Mapping[str, LoraInfo] = field(init=False, repr=False, compare=False)
+    _aliases: Mapping[str, LoraInfo] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names: dict[str, LoraInfo] = {}
+        for info in self.loras:
+            if info.name in names:
+                # webui keys LoRAs by bare file name, so two folders with one name clash there
+                # too; like the checkpoint catalog, the first by path keeps the name.
+                log.warning(
+                    "LoRA name %r is used by %s and %s; it names the first",
+                    info.name,
+                    names[info.name].path,
+                    info.path,
+                )
+                continue
+            names[info.name] = info
+        # webui's forbidden_network_aliases: an alias two files share, or that is another file's
+        # name, names nothing (the file name still works).
+        owners: dict[str, set[Path]] = {}
+        for info in self.loras:
+            owners.setdefault(info.alias, set()).add(info.path)
+        aliases = {
+            info.alias: info
+            for info in self.loras
+            if len(owners[info.alias]) == 1
+            and (info.alias not in names or names[info.alias] is info)
+        }
+        object.__setattr__(self, "_names", names)
+        object.__setattr__(self, "_aliases", aliases)
+
+    @classmethod
+    def scan(cls, files: Iterable[Path]) -> LoraCatalog:
+        """Describe the LoRA files among `files` (e.g. `Catalog.files("loras")`), in that order.
+
+        Only .safetensors files are loaded. A .pt/.ckpt/.bin LoRA is skipped with a warning:
+        pickles are only ever read through torch's weights-only loader, and diffusers' LoRA
+        loader refuses pickles anyway. A file that is not valid safetensors is skipped with a
+        warning, so one bad download does not fail setup.
+        """
+        infos: list[LoraInfo] = []
+        for path in files:
+            if path.suffix.lower() != LORA_SUFFIX:
+                log.warning("LoRA %s skipped: only %s LoRAs are supported", path, LORA_SUFFIX)
+                continue
+            try:
+                infos.append(lora_info(Path(path)))
+            except (OSError, ValueError) as exc:
+                log.warning("LoRA %s skipped: not a readable safetensors file (%s)", path, exc)
+        log.info("LoRA catalog: %d file(s)", len(infos))
+        return cls(tuple(infos))
+
+    @property
+    def choices(self) -> list[str]:
+        """Every name a request may use: file names, then the aliases that differ from them."""
+        return list(dict.fromkeys([*self._names, *self._aliases]))
+
+    def resolve(self, name: str, *, field: str = "prompt") -> LoraInfo:
+        """The LoRA a request names: its file name without extension, or its alias.
+
+        Never a path: a name holding "/", "\\", ".." or NUL matches nothing. An unknown name
+        raises `UnknownName` listing close matches first, then every other name.
+        """
+        if isinstance(name, str) and not _is_path_like(name):
+            info = self._names.get(name) or self._aliases.get(name)
+            if info is not None:
+                return info
+        choices = self.choices
+        close = (
+            difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
+            if isinstance(name, str)
+            else []
+        )
+        ordered = close + [c for c in choices if c not in close]
+        raise UnknownName(field, name, ordered, kind="LoRA")
+
+    def listing(self) -> list[dict[str, Any]]:
+        """`GET /sdapi/v1/loras`: one entry per LoRA file, in scan order."""
+        return [info.listing() for info in self.loras]
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """One `<lora:name:te:unet>` tag of a prompt, as parsed (webui: unet defaults to te)."""
+
+    name: str
+    te_weight: float
+    unet_weight: float
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """The total weights one adapter gets in a generation."""
+
+    info: LoraInfo
+    te_weight: float
+    unet_weight: float
+
+
+def combine_requests(pairs: Sequence[tuple[LoraInfo, LoraRequest]]) -> list[LoraUse]:
+    """Total weight per adapter, the way webui's Lora extension ends up applying them.
+
+    webui keeps one Network object per name *as written*: the same name twice in a prompt is
+    that one object listed twice, whose multipliers the last mention overwrote, so its delta
+    is added twice at the LAST weights (`<lora:x:0.2> <lora:x:0.6>` -> 1.2). Different
+    spellings of one file (its name and its alias) are separate objects, each at its own
+    weights, so they add up. LoRA deltas are linear in the weight, so one adapter at the summed
+    weight computes the same thing. Order: by first mention.
+    """
+    mentions: dict[str, tuple[LoraInfo, LoraRequest, int]] = {}
+    for info, req in pairs:
+        count = mentions[req.name][2] + 1 if req.name in mentions else 1
+        mentions[req.name] = (info, req, count)
+    totals: dict[str, LoraUse] = {}
+    for info, req, count in mentions.values():
+        prev = totals.get(info.adapter_id)
+        te = count * req.te_weight + (prev.te_weight if prev else 0.0)
+        unet = count * req.unet_weight + (prev.unet_weight if prev else 0.0)
+        totals[info.adapter_id] = LoraUse(prev.info if prev else info, te, unet)
+    return list(totals.values())
+
+
+def lora_hashes(pairs: Sequence[tuple[LoraInfo, LoraRequest]]) -> str | None:
+    """webui's "Lora hashes" infotext value: `name: hash, ...`, None when there is none.
+
+    Keyed by the name as written in the prompt with ":" and "," removed (webui's
+    remove_symbols), first mention order, one entry per name.
+    """
+    table = str.maketrans("", "", ":,")
+    hashes = {
+        req.name.translate(table): info.addnet_hash for info, req in pairs if info.addnet_hash
+    }
+    return ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None
+
+
+# --------------------------------------------------------------------------- peft plumbing
+
+
+def _tuner_layer_class() -> type:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return BaseTunerLayer
+
+
+def _set_active(layer: Any, names: list[str]) -> None:
+    """Make `names` the active adapters of one peft layer.
+
+    This is peft's `BaseTunerLayer.set_adapter(names, inference_mode=True)` without its
+    requires_grad sweep over every adapter the layer holds: that sweep is O(cached adapters)
+    per layer (tens of ms for a full SDXL LoRA with a few cached), and inference needs no
+    gradients (they are switched off once, at load). The attribute is the one peft's own
+    `active_adapter` property reads; tests/test_networks.py checks that through the property.
+    """
+    if layer.disable_adapters:  # someone called disable_lora(); we switch per layer instead
+        layer.enable_adapters(True)
+    layer._active_adapter = names
+
+
+def _brief(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Capture(logging.Filter):
+    """Keeps the records of one logger instead of letting them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage())
+        return False
+
+
+@contextmanager
+def _quiet_adapter_loading() -> Iterator[list[str]]:
+    """Hold back two misleading messages that every second adapter load prints.
+
+    transformers logs a "LOAD REPORT" calling the *other* adapters' text-encoder weights
+    MISSING and "newly initialized"; they are untouched (tests check outputs). peft warns that
+    the model already has a peft_config, which is what keeping a cache of adapters means. The
+    report is yielded, so that a failed load can still explain itself.
+    """
+    tf_logger = logging.getLogger("transformers.integrations.peft")
+    capture = _Capture()
+    tf_logger.addFilter(capture)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Already found a `peft_config`")
+            yield capture.messages
+    finally:
+        tf_logger.removeFilter(capture)
+
+
+def _load_failure(exc: BaseException, report: Sequence[str]) -> str:
+    """Why a load failed, in words a user can act on (transformers points at its report)."""
+    if any("MISMATCH" in message for message in report):
+        return "its tensor shapes do not fit this checkpoint's layers; is it for another model?"
+    return _brief(exc)
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class LoraManager:
+    """The LoRA adapters of one loaded checkpoint, applied for one generation at a time.
+
+    Holds at most `max_cached` adapters (least recently used first out). Not re-entrant and
+    not shared between concurrent generations: a second `applied()` while one is open raises.
+    Do not pass `cross_attention_kwargs={"scale": ...}` to the pipeline: weights are set here.
+    """
+
+    def __init__(
+        self, loaded: LoadedCheckpoint, catalog: LoraCatalog, *, max_cached: int = 8
+    ) -> None:
+        if max_cached < 1:
+            raise ValueError(f"max_cached: got {max_cached!r}; must be at least 1")
+        self.loaded = loaded
+        self.catalog = catalog  # swap in a rescanned catalog for /refresh-loras
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, LoraInfo] = OrderedDict()  # adapter id -> file, LRU first
+        self._layers: dict[str, tuple[Any, ...]] = {}  # component -> its peft LoRA layers
+        self._present: dict[str, frozenset[str]] = {}  # component -> adapter ids it holds
+        self._busy = threading.Lock()
+        self._reindex()
+
+    # ---- public
+
+    @contextmanager
+    def applied(
+        self, requests: Sequence[LoraRequest], *, field: str = "prompt"
+    ) -> Iterator[list[tuple[LoraInfo, LoraRequest]]]:
+        """Run the body with exactly `requests` active; afterwards no adapter is active.
+
+        Yields the (file, request) pairs in request order (for the infotext). Raises
+        `RequestError` (all problems at once) before touching the pipeline for unknown names,
+        non-finite weights and LoRAs of another model family; a file that fails to load
+        raises `RequestError` and leaves only the adapters that were there before.
+        """
+        # 1. Resolve and check everything first: a bad request never touches the pipeline.
+        pairs = self._resolve(requests, field)
+        # A LoRA at weight 0 everywhere changes nothing: not even loaded (webui loads it).
+        uses = [u for u in combine_requests(pairs) if u.te_weight or u.unet_weight]
+        if not uses:
+            yield pairs
+            return
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                f"LoRAs of {self.loaded.info.title} are already applied to another generation"
+            )
+        try:
+            # 2. Load what is not cached (the only step that reads files).
+            self._ensure_loaded(uses, field)
+            # 3. Activate exactly these adapters at these weights.
+            started = time.perf_counter()
+            self._activate(uses)
+            log.debug(
+                "LoRA activate %s in %.2f ms",
+                ", ".join(f"{u.info.name}(te={u.te_weight}, unet={u.unet_weight})" for u in uses),
+                (time.perf_counter() - started) * 1e3,
+            )
+            # 4. Generate.
+            yield pairs
+        finally:
+            # 5. Always (errors, cancellation: BaseException too): back to the base model.
+            self._deactivate()
+            self._trim()
+            self._busy.release()
+
+    def cached(self) -> list[str]:
+        """Names of the LoRAs held as adapters, least recently used first."""
+        return [info.name for info in self._cache.values()]
+
+    def clear(self) -> None:
+        """Drop every adapter and the peft wrappers: the pipeline is as loaded from disk.
+
+        For /refresh-loras or memory pressure; never while a generation is running.
+        """
+        with self._busy:
+            self._reindex()
+            self._deactivate()
+            if self._layers and any(self._layers.values()):
+                self.loaded.pipe.unload_lora_weights()
+            self._cache.clear()
+            self._reindex()
+
+    # ---- steps
+
+    def _resolve(
+        self, requests: Sequence[LoraRequest], field: str
+    ) -> list[tuple[LoraInfo, LoraRequest]]:
+        problems: list[Problem] = []
+        unknown: list[UnknownName] = []
+        pairs: list[tuple[LoraInfo, LoraRequest]] = []
+        family = self.loaded.family
+        for req in requests:
+            try:
+                info = self.catalog.resolve(req.name, field=field)
+            except UnknownName as exc:
+                unknown.append(exc)
+                problems.extend(exc.problems)
+                continue
+            weights = (req.te_weight, req.unet_weight)
+            if not all(isinstance(w, int | float) and math.isfinite(w) for w in weights):
+                problems.append(
+                    Problem(
+                        field,
+                        f"<lora:{req.name}:{req.te_weight}:{req.unet_weight}>",
+                        "LoRA weights must be finite numbers",
+                    )
+                )
+                continue
+            if info.family is not None and info.family != family:
+                problems.append(
+                    Problem(
+                        field,
+                        req.name,
+                        f"this LoRA is for {info.family} models but checkpoint "
+                        f"{self.loaded.info.title!r} is {family}; use a LoRA made for {family}",
+                    )
+                )
+                continue
+            pairs.append((info, req))
+        if len(unknown) == 1 and len(problems) == 1:
+            raise unknown[0]
+        if problems:
+            raise RequestError(problems)
+        return pairs
+
+    def _ensure_loaded(self, uses: Sequence[LoraUse], field: str) -> None:
+        needed = {u.info.adapter_id for u in uses}
+        for use in uses:
+            aid = use.info.adapter_id
+            if aid in self._cache:
+                self._cache.move_to_end(aid)
+                continue
+            self._make_room(keep=needed, incoming=1)
+            self._load(use.info, field)
+
+    def _load(self, info: LoraInfo, field: str) -> None:
+        """Load one file as adapter `info.adapter_id`; on any failure leave no trace of it."""
+        aid = info.adapter_id
+        started = time.perf_counter()
+        if any(aid in held for held in self._present_now().values()):
+            # Already in the pipeline (ids name file content, so it is this very file): adopt.
+            self._reindex()
+            self._freeze_and_rest()
+            self._cache[aid] = info
+            return
+        try:
+            state = read_lora_state_dict(info.path)
+        except Exception as exc:  # any read failure is this file's problem
+            raise RequestError.single(
+                field, info.name, f"the LoRA file cannot be read ({_brief(exc)})"
+            ) from exc
+        loaded = False
+        report: list[str] = []
+        try:
+            # The cost of a first use: peft walks every module to inject the LoRA layers.
+            with _quiet_adapter_loading() as report:
+                self.loaded.pipe.load_lora_weights(state, adapter_name=aid)
+            self._reindex()
+            if not any(aid in held for held in self._present.values()):
+                raise RequestError.single(
+                    field,
+                    info.name,
+                    f"no layer of checkpoint {self.loaded.info.title!r} matches this LoRA's "
+                    "weights; use a LoRA made for this model",
+                )
+            loaded = True
+        except RequestError:
+            raise
+        except Exception as exc:  # diffusers/peft raise many types for bad files
+            for message in report:
+                log.warning("LoRA %s: %s", info.name, message)
+            raise RequestError.single(
+                field,
+                info.name,
+                f"this LoRA cannot be applied to checkpoint {self.loaded.info.title!r} "
+                f"({_load_failure(exc, report)})",
+            ) from exc
+        finally:
+            if loaded:
+                self._freeze_and_rest()
+                self._cache[aid] = info
+            else:
+                self._discard(aid)
+        log.info(
+            "LoRA %s loaded on %s in %.2f s (%d cached)",
+            info.name,
+            self.loaded.info.title,
+            time.perf_counter() - started,
+            len(self._cache),
+        )
+
+    def _activate(self, uses: Sequence[LoraUse]) -> None:
+        # The whole cost of a switch: one pass over the LoRA layers (a few hundred to about a
+        # thousand for SDXL), each getting a new active list and one set_scale per active
+        # adapter. No module walk, no file, and independent of how many adapters are cached.
+        for component, layers in self._layers.items():
+            kind = COMPONENT_WEIGHTS[component]
+            held = self._present.get(component, frozenset())
+            active = [
+                (u.info.adapter_id, u.te_weight if kind == "te" else u.unet_weight)
+                for u in uses
+                if u.info.adapter_id in held
+            ]
+            # A zero weight leaves the adapter off in this component: exactly the base path.
+            active = [(aid, w) for aid, w in active if w != 0]
+            names = [aid for aid, _ in active]
+            for layer in layers:
+                _set_active(layer, names)
+                for aid, weight in active:
+                    layer.set_scale(aid, weight)  # alpha/rank * weight; ignores absent adapters
+
+    def _deactivate(self) -> None:
+        # O(LoRA layers), attribute writes only: cannot fail halfway through.
+        for layers in self._layers.values():
+            for layer in layers:
+                _set_active(layer, [])
+
+    def _make_room(self, keep: set[str], incoming: int) -> None:
+        while len(self._cache) + incoming > self.max_cached:
+            victim = next((aid for aid in self._cache if aid not in keep), None)
+            if victim is None:
+                return  # one request needs more than max_cached; trimmed after it
+            self._evict(victim)
+
+    def _trim(self) -> None:
+        try:
+            self._make_room(keep=set(), incoming=0)
+        except Exception:  # must not hide the generation's own outcome
+            log.exception("LoRA cache trim on %s failed", self.loaded.info.title)
+
+    def _evict(self, aid: str) -> None:
+        info = self._cache.pop(aid)
+        self._deactivate()
+        self.loaded.pipe.delete_adapters([aid])
+        self._reindex()
+        log.info("LoRA %s evicted from %s", info.name, self.loaded.info.title)
+
+    def _discard(self, aid: str) -> None:
+        """Remove a half-loaded adapter (diffusers loads the UNet part before the text encoders)."""
+        self._reindex()
+        self._deactivate()
+        try:
+            self.loaded.pipe.delete_adapters([aid])
+            if not self._cache:
+                # Nothing else cached: drop the empty peft wrappers too (pristine modules).
+                self.loaded.pipe.unload_lora_weights()
+        except Exception:  # report the load failure, not the cleanup's
+            log.exception("cleaning up failed LoRA adapter %s failed", aid)
+        self._reindex()
+
+    def _freeze_and_rest(self) -> None:
+        # peft leaves a new adapter active (and trainable) on the layers it wraps; switch
+        # every adapter off and freeze its weights once, here, where time is spent anyway.
+        for layers in self._layers.values():
+            for layer in layers:
+                layer.set_adapter(layer.active_adapters, inference_mode=True)
+        self._deactivate()
+
+    def _present_now(self) -> dict[str, frozenset[str]]:
+        # peft_config lives on each model: a dict lookup, no module walk.
+        return {
+            component: frozenset(getattr(model, "peft_config", None) or ())
+            for component in COMPONENT_WEIGHTS
+            if (model := getattr(self.loaded.pipe, component, None)) is not None
+        }
+
+    def _reindex(self) -> None:
+        """Find the peft LoRA layers of each component (after loads and deletes only)."""
+        tuner = _tuner_layer_class()
+        self._layers, self._present = {}, {}
+        for component in COMPONENT_WEIGHTS:
+            model = getattr(self.loaded.pipe, component, None)
+            if model is None:
+                continue
+            self._layers[component] = tuple(m for m in model.modules() if isinstance(m, tuner))
+        self._present = self._present_now()
