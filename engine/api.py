@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog, HashCache
+from .embeddings import EmbeddingCatalog
 from .errors import RequestError
 from .generate import Models, Progress, Result, generate, log_progress
+from .geometry import available_hr_upscalers
 from .images import EncodedImage
 from .loading import Placement, default_placement
+from .networks import LoraCatalog
 from .payload import choose_mode, decode_api_json, parse_request
 from .pipelines import PipelineCache
 from .samplers import list_samplers, list_schedulers
@@ -58,6 +61,9 @@ LISTINGS: dict[str, Listing] = {
     "sd-models": lambda engine: engine.models.catalog.sd_models_listing(),
     "samplers": lambda engine: list_samplers(),
     "schedulers": lambda engine: list_schedulers(),
+    "loras": lambda engine: engine.models.loras.listing(),
+    "embeddings": lambda engine: engine.models.embeddings.listing(),
+    "upscalers": lambda engine: [{"name": n} for n in available_hr_upscalers()],
 }
 GENERATION_ENDPOINTS = ("auto", "txt2img", "img2img")
 ENDPOINTS = GENERATION_ENDPOINTS + tuple(LISTINGS)
@@ -83,7 +89,10 @@ class Engine:
         # 3. Load every checkpoint into the cache.
         cache = PipelineCache(catalog, placement or default_placement(), config.cache_dir)
         cache.load_all()
-        return cls(Models(catalog, cache, default))
+        # 4. LoRAs and embeddings: listed and hashed once; LoRA weights load on first use.
+        loras = LoraCatalog.scan(catalog.files("loras"))
+        embeddings = EmbeddingCatalog.scan(catalog.files("embeddings"))
+        return cls(Models(catalog, cache, default, loras=loras, embeddings=embeddings))
 
     def handle(self, endpoint: str, api_json: str, progress: Progress = log_progress) -> Response:
         """Serve one request: a listing endpoint, or txt2img/img2img from a webui payload."""

@@ -8,7 +8,8 @@ batches then run on the cached models, which are read, never changed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,8 @@ import torch
 
 from . import __version__
 from .catalog import Catalog, CheckpointInfo
-from .conditioning import constant_schedule
+from .conditioning import PromptSchedules, TextConditioner, check_clip_skip, step_conditioning
+from .embeddings import EmbeddingCatalog
 from .errors import GenerationError, Problem, RequestError
 from .geometry import (
     HiresTarget,
@@ -43,6 +45,7 @@ from .images import EncodedImage, encode_image
 from .infotext import ImageParams, InfoRecord, create_infotext, info_json, job_timestamp
 from .inputs import decode_image_list, decode_mask
 from .loading import Family, LoadedCheckpoint
+from .networks import LoraCatalog, LoraManager, LoraRequest, lora_hashes
 from .payload import (
     Img2ImgRequest,
     ParsedRequest,
@@ -54,7 +57,7 @@ from .payload import (
     effective_mask_blur,
 )
 from .pipelines import PipelineCache
-from .prompts import check_clip_skip, truncation_warnings
+from .prompt_parser import extract_extra_networks, lora_weights
 from .samplers import (
     SamplerChoice,
     build_scheduler,
@@ -67,7 +70,6 @@ from .samplers import (
 from .sampling import (
     DenoiseJob,
     MaskBlend,
-    StepConditioning,
     decode_latents,
     denoise,
     encode_images,
@@ -90,6 +92,16 @@ class Models:
     catalog: Catalog
     cache: PipelineCache
     default: CheckpointInfo
+    loras: LoraCatalog = field(default_factory=lambda: LoraCatalog(()))
+    embeddings: EmbeddingCatalog = field(default_factory=EmbeddingCatalog)
+    lora_managers: dict[str, LoraManager] = field(default_factory=dict)
+
+    def lora_manager(self, loaded: LoadedCheckpoint) -> LoraManager:
+        """One adapter cache per checkpoint, made on first use."""
+        title = loaded.info.title
+        if title not in self.lora_managers:
+            self.lora_managers[title] = LoraManager(loaded, self.loras)
+        return self.lora_managers[title]
 
 
 @dataclass
@@ -153,6 +165,11 @@ class Plan:
     subseeds: list[int]
     prompts: list[str]
     negative_prompts: list[str]
+    cond_prompts: list[str]  # the prompts without their extra-network tags
+    loras: list[list[LoraRequest]]  # per batch (webui reads the tags of each batch's first prompt)
+    lora_manager: LoraManager | None
+    embeddings: EmbeddingCatalog
+    used_embeddings: dict[str, str]  # filled while encoding: name -> hash (TI hashes)
     width: int
     height: int
     rng_device: str
@@ -247,15 +264,16 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     count = batch_size * req.n_iter
     prompts = all_prompts(req, req.batch_size * req.n_iter)[:count]
     negatives = all_negative_prompts(req, req.batch_size * req.n_iter)[:count]
-    tokenizer = checkpoint.pipe.tokenizer
-    warnings += truncation_warnings(tokenizer, "prompt", prompts)
-    warnings += truncation_warnings(tokenizer, "negative_prompt", negatives)
     seeds, subseeds = request_seeds(
         fix_seed(req.seed), fix_seed(req.subseed), req.subseed_strength, count
     )
     extras: dict[str, Any] = {}
     comments: list[str] = []
-    # 5. Mode specifics: hires fix for txt2img, init images and mask for img2img.
+    # 5. Extra-network tags: stripped from every prompt, LoRAs resolved before any model work.
+    cond_prompts, loras, manager = _plan_networks(
+        models, req, checkpoint, prompts, batch_size, extras, warnings
+    )
+    # 6. Mode specifics: hires fix for txt2img, init images and mask for img2img.
     width, height = req.width, req.height
     hires = img2img = None
     if isinstance(req, Txt2ImgRequest):
@@ -278,6 +296,11 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         subseeds=subseeds,
         prompts=prompts,
         negative_prompts=negatives,
+        cond_prompts=cond_prompts,
+        loras=loras,
+        lora_manager=manager,
+        embeddings=models.embeddings,
+        used_embeddings={},
         width=width,
         height=height,
         rng_device=_rng_device(checkpoint, settings.randn_source),
@@ -382,6 +405,36 @@ def _plan_hires(
         negative_prompts=hr_negatives,
     )
     return width, height, hires
+
+
+def _plan_networks(
+    models: Models,
+    req: Txt2ImgRequest | Img2ImgRequest,
+    checkpoint: LoadedCheckpoint,
+    prompts: list[str],
+    batch_size: int,
+    extras: dict[str, Any],
+    warnings: list[str],
+) -> tuple[list[str], list[list[LoraRequest]], LoraManager | None]:
+    """Strip `<kind:...>` tags; LoRA requests per batch from its first prompt (webui)."""
+    stripped, tags = zip(*(extract_extra_networks(p) for p in prompts), strict=True)
+    per_batch: list[list[LoraRequest]] = []
+    for first in range(0, len(prompts), batch_size):
+        requests = []
+        for tag in tags[first]:
+            if tag.kind != "lora":
+                warnings.append(f"prompt: <{tag.kind}:...> networks are not supported; tag ignored")
+                continue
+            te, unet = lora_weights(tag, field="prompt")
+            requests.append(LoraRequest(tag.name, te, unet))
+        per_batch.append([] if req.disable_extra_networks else requests)
+    if not any(per_batch):
+        return list(stripped), per_batch, None
+    manager = models.lora_manager(checkpoint)
+    pairs = [pair for requests in per_batch for pair in manager.resolve(requests, "prompt")]
+    if hashes := lora_hashes(pairs):
+        extras["Lora hashes"] = hashes
+    return list(stripped), per_batch, manager
 
 
 def _decode_img2img(req: Img2ImgRequest) -> tuple[list[Any], Any]:
@@ -516,12 +569,17 @@ def _same_family(base: LoadedCheckpoint, other: LoadedCheckpoint, field: str) ->
 def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
     """One UNet batch: noise, first pass (txt2img or img2img), hires pass, decode, overlay."""
     loaded = plan.checkpoint
-    seeds, prompts, negatives = plan.seeds[lo:hi], plan.prompts[lo:hi], plan.negative_prompts[lo:hi]
+    seeds, prompts, negatives = (
+        plan.seeds[lo:hi],
+        plan.cond_prompts[lo:hi],
+        plan.negative_prompts[lo:hi],
+    )
     # 1. Per-image noise from per-image generators (webui ImageRNG).
     spec = _noise_spec(plan, lo, hi)
     noise, generators = first_noise(spec, LATENT_CHANNELS, plan.height, plan.width)
     noise = noise.to(device=loaded.pipe.device, dtype=loaded.pipe.unet.dtype)
-    with torch.inference_mode():
+    batch_loras = plan.loras[lo // plan.batch_size] if plan.loras else []
+    with torch.inference_mode(), _loras_applied(plan, batch_loras):
         # 2. The first pass.
         if plan.img2img is None:
             latents = txt2img_pass(plan, noise, generators, prompts, negatives, progress)
@@ -544,6 +602,16 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
         inits = _batch_inits(plan.img2img, hi - lo)
         images = [finish_image(img, init) for img, init in zip(images, inits, strict=True)]
     return images
+
+
+@contextmanager
+def _loras_applied(plan: Plan, requests: list[LoraRequest]) -> Iterator[None]:
+    """The batch's LoRAs active on the shared models for the body only (networks.py)."""
+    if plan.lora_manager is None or not requests:
+        yield
+        return
+    with plan.lora_manager.applied(requests):
+        yield
 
 
 def _noise_spec(plan: Plan, lo: int, hi: int) -> NoiseSpec:
@@ -584,21 +652,6 @@ def _window(scheduler: Any, schedule_steps: int, steps_run: int, device: Any) ->
     return list(scheduler.timesteps[start:])
 
 
-def constant(conditioning: StepConditioning) -> Callable[[int], StepConditioning]:
-    """A step schedule that gives the same conditioning at every step."""
-
-    def at(_step: int) -> StepConditioning:
-        return conditioning
-
-    return at
-
-
-def _conditioning(
-    loaded: LoadedCheckpoint, prompts: list[str], negatives: list[str], clip_skip: int
-) -> StepConditioning:
-    return constant_schedule(loaded.pipe, loaded.family, prompts, negatives, clip_skip)
-
-
 def _run(
     plan: Plan,
     loaded: LoadedCheckpoint,
@@ -614,9 +667,12 @@ def _run(
     inpaint_inputs: torch.Tensor | None = None,
     blend: MaskBlend | None = None,
     refiner: Refiner | None = None,
+    steps_run: int | None = None,
+    hires_steps: int | None = None,
 ) -> torch.Tensor:
     """Denoise over `timesteps`, switching to the refiner at its fraction of the steps."""
     width, height = size
+    steps_run = steps_run or plan.request.steps
     stops = [len(timesteps)]
     models = [loaded]
     if refiner is not None:
@@ -624,15 +680,24 @@ def _run(
         stops = [switch, len(timesteps)]
         models = [loaded, refiner.checkpoint]
     first = 0
+    settings = plan.settings
+    schedules = PromptSchedules.build(prompts, negatives, plan.request.steps, hires_steps)
     for model, stop in zip(models, stops, strict=True):
-        conditioning = _conditioning(model, prompts, negatives, plan.clip_skip)
+        conditioner = TextConditioner(
+            model,
+            plan.clip_skip,
+            emphasis=settings.emphasis,
+            comma_backtrack=settings.comma_padding_backtrack,
+            embeddings=plan.embeddings,
+            used_embeddings=plan.used_embeddings,
+        )
         job = DenoiseJob(
             unet=model.pipe.unet,
             scheduler=scheduler,
             timesteps=timesteps,
             latents=latents,
             cfg_scale=plan.request.cfg_scale,
-            schedule=constant(conditioning),
+            schedule=step_conditioning(conditioner, schedules, steps_run, len(timesteps)),
             generators=generators,
             time_ids=sdxl_time_ids(model, width, height),
             inpaint_inputs=inpaint_inputs,
@@ -758,6 +823,7 @@ def img2img_pass(
         inpaint_inputs=inpaint_inputs,
         blend=blend,
         refiner=plan.refiner,
+        steps_run=job.steps_run,
     )
 
 
@@ -839,12 +905,14 @@ def hires_pass(
         scheduler,
         timesteps,
         start,
-        hires.prompts[lo:hi],
+        [extract_extra_networks(p)[0] for p in hires.prompts[lo:hi]],
         hires.negative_prompts[lo:hi],
         generators,
         (target.width, target.height),
         progress,
         inpaint_inputs=inpaint_inputs,
+        steps_run=hires.steps_run,
+        hires_steps=hires.steps_run,
     )
 
 

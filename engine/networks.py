@@ -481,7 +481,7 @@ class LoraManager:
         raises `RequestError` and leaves only the adapters that were there before.
         """
         # 1. Resolve and check everything first: a bad request never touches the pipeline.
-        pairs = self._resolve(requests, field)
+        pairs = self.resolve(requests, field)
         # A LoRA at weight 0 everywhere changes nothing: not even loaded (webui loads it).
         uses = [u for u in combine_requests(pairs) if u.te_weight or u.unet_weight]
         if not uses:
@@ -529,7 +529,7 @@ class LoraManager:
 
     # ---- steps
 
-    def _resolve(
+    def resolve(
         self, requests: Sequence[LoraRequest], field: str
     ) -> list[tuple[LoraInfo, LoraRequest]]:
         problems: list[Problem] = []

@@ -389,7 +389,7 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     _opt("eta_noise_seed_delta", _check_int, 0, True),
     _opt("randn_source", _check_str, "GPU", True, choices=("GPU", "CPU", "NV")),
     _opt(
-        "emphasis", _check_str, "Original", False, choices=("Original", "No norm", "Ignore", "None")
+        "emphasis", _check_str, "Original", True, choices=("Original", "No norm", "Ignore", "None")
     ),
     _opt("s_min_uncond", _check_float, 0.0, False),
     _opt("s_churn", _check_float, 0.0, False),
@@ -404,7 +404,7 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     _opt("token_merging_ratio", _check_float, 0.0, False, range=Range(0, 0.9)),
     _opt("sd_lora", _check_str, "None", False),
     _opt("use_old_scheduling", _check_bool, False, False),
-    _opt("comma_padding_backtrack", _check_int, 20, False, range=Range(0, 74)),
+    _opt("comma_padding_backtrack", _check_int, 20, True, range=Range(0, 74)),
     _opt("img2img_color_correction", _check_bool, False, False),
     _opt("upscaler_for_img2img", _check_str, None, True),
 )
@@ -505,7 +505,6 @@ _IGNORED_ROWS: Final[tuple[Ignored, ...]] = (
     Ignored("s_tmax", _one_of(None, 0.0)),
     Ignored("s_tmin", _one_of(None, 0.0)),
     Ignored("s_noise", _one_of(None, 1.0)),
-    Ignored("disable_extra_networks", _falsy),
     Ignored("firstpass_image", _falsy),
     Ignored("script_name", _falsy),
     Ignored("script_args", _falsy),

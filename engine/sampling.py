@@ -22,7 +22,7 @@ class CondPart:
     """One text conditioning and its weight in the CFG sum (webui's composable prompts)."""
 
     embeds: torch.Tensor  # (B, L, D)
-    weight: float = 1.0
+    weight: float | torch.Tensor = 1.0  # a number, or one weight per image (B, 1, 1, 1)
     pooled: torch.Tensor | None = None  # SDXL pooled text embedding (B, P)
 
 

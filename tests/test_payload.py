@@ -306,7 +306,6 @@ IGNORED_CASES = [
     ("tiling", [False], True),
     ("s_churn", [0.0], 0.5),
     ("s_noise", [1.0], 1.003),
-    ("disable_extra_networks", [False], True),
     ("script_name", [""], "x/y/z plot"),
     ("script_args", [[]], [1, 2]),
     ("alwayson_scripts", [{}], {"controlnet": {"args": []}}),
@@ -398,7 +397,6 @@ def test_unknown_option_is_a_warning():
     ("option", "default", "other"),
     [
         ("sd_vae", "Automatic", "vae-ft-mse.safetensors"),
-        ("emphasis", "Original", "No norm"),
     ],
 )
 def test_known_but_not_honoured_option_warns_only_when_not_default(option, default, other):
