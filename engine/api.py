@@ -20,6 +20,7 @@ from .networks import LoraCatalog
 from .payload import choose_mode, decode_api_json, parse_request
 from .pipelines import PipelineCache
 from .samplers import list_samplers, list_schedulers
+from .vae import VaeCatalog
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ LISTINGS: dict[str, Listing] = {
     "schedulers": lambda engine: list_schedulers(),
     "loras": lambda engine: engine.models.loras.listing(),
     "embeddings": lambda engine: engine.models.embeddings.listing(),
+    "sd-vae": lambda engine: engine.models.vaes.listing() if engine.models.vaes else [],
     "upscalers": lambda engine: [{"name": n} for n in available_hr_upscalers()],
 }
 GENERATION_ENDPOINTS = ("auto", "txt2img", "img2img")
@@ -81,9 +83,8 @@ class Engine:
     def setup(cls, config: EngineConfig, placement: Placement | None = None) -> Engine:
         """Scan the model folders and load every checkpoint once."""
         # 1. What is on disk (hashes cached by path, size and mtime).
-        catalog = Catalog.scan(
-            config.models_dir, hash_cache=HashCache(config.cache_dir / "hashes.json")
-        )
+        hashes = HashCache(config.cache_dir / "hashes.json")
+        catalog = Catalog.scan(config.models_dir, hash_cache=hashes)
         # 2. The default checkpoint must exist before anything loads.
         default = catalog.default_checkpoint(config.default_checkpoint)
         # 3. Load every checkpoint into the cache.
@@ -92,7 +93,10 @@ class Engine:
         # 4. LoRAs and embeddings: listed and hashed once; LoRA weights load on first use.
         loras = LoraCatalog.scan(catalog.files("loras"))
         embeddings = EmbeddingCatalog.scan(catalog.files("embeddings"))
-        return cls(Models(catalog, cache, default, loras=loras, embeddings=embeddings))
+        # 5. VAE files: listed and hashed (cached); each loads on first use.
+        vaes = VaeCatalog.scan(catalog.files("vae"), cache.placement, config.cache_dir, hashes)
+        models = Models(catalog, cache, default, loras=loras, embeddings=embeddings, vaes=vaes)
+        return cls(models)
 
     def handle(self, endpoint: str, api_json: str, progress: Progress = log_progress) -> Response:
         """Serve one request: a listing endpoint, or txt2img/img2img from a webui payload."""

@@ -76,6 +76,7 @@ from .sampling import (
     has_non_finite,
 )
 from .seeds import NoiseSpec, first_noise, fix_seed, request_seeds
+from .vae import VaeCatalog, VaeChoice
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Models:
     default: CheckpointInfo
     loras: LoraCatalog = field(default_factory=lambda: LoraCatalog(()))
     embeddings: EmbeddingCatalog = field(default_factory=EmbeddingCatalog)
+    vaes: VaeCatalog | None = None
     lora_managers: dict[str, LoraManager] = field(default_factory=dict)
 
     def lora_manager(self, loaded: LoadedCheckpoint) -> LoraManager:
@@ -170,6 +172,7 @@ class Plan:
     lora_manager: LoraManager | None
     embeddings: EmbeddingCatalog
     used_embeddings: dict[str, str]  # filled while encoding: name -> hash (TI hashes)
+    vae: VaeChoice
     width: int
     height: int
     rng_device: str
@@ -273,7 +276,13 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     cond_prompts, loras, manager = _plan_networks(
         models, req, checkpoint, prompts, batch_size, extras, warnings
     )
-    # 6. Mode specifics: hires fix for txt2img, init images and mask for img2img.
+    # 6. The VAE (override_settings.sd_vae), loaded on first use, never swapped into the model.
+    vae = (
+        models.vaes.choose(settings.sd_vae, checkpoint)
+        if models.vaes is not None
+        else VaeChoice(None, checkpoint.pipe.vae)
+    )
+    # 7. Mode specifics: hires fix for txt2img, init images and mask for img2img.
     width, height = req.width, req.height
     hires = img2img = None
     if isinstance(req, Txt2ImgRequest):
@@ -301,6 +310,7 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         lora_manager=manager,
         embeddings=models.embeddings,
         used_embeddings={},
+        vae=vae,
         width=width,
         height=height,
         rng_device=_rng_device(checkpoint, settings.randn_source),
@@ -595,8 +605,7 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
             raise GenerationError(
                 f"the model produced NaN or Inf values for seeds {seeds}; no image is returned"
             )
-        vae = (plan.hires.checkpoint if plan.hires else loaded).pipe.vae
-        images = decode_latents(vae, latents)
+        images = decode_latents(plan.vae.vae, latents)
     # 5. img2img with a mask: paste "only masked" crops back and lay the original over.
     if plan.img2img is not None and plan.img2img.mask is not None:
         inits = _batch_inits(plan.img2img, hi - lo)
@@ -726,7 +735,9 @@ def txt2img_pass(
     latents = noise * scheduler.init_noise_sigma
     inpaint_inputs = None
     if loaded.is_inpainting:
-        inpaint_inputs = txt2img_inpaint_inputs(loaded, noise.shape[0], plan.width, plan.height)
+        inpaint_inputs = txt2img_inpaint_inputs(
+            plan.vae.vae, loaded, noise.shape[0], plan.width, plan.height
+        )
     return _run(
         plan,
         loaded,
@@ -744,14 +755,14 @@ def txt2img_pass(
 
 
 def txt2img_inpaint_inputs(
-    loaded: LoadedCheckpoint, batch: int, width: int, height: int
+    vae: Any, loaded: LoadedCheckpoint, batch: int, width: int, height: int
 ) -> torch.Tensor:
     """webui txt2img_image_conditioning for 9-channel models: the whole image is "masked",
     so the mask is all ones and the masked image is mid-grey (0 in the VAE's -1..1 range)."""
     from PIL import Image
 
     grey = Image.new("RGB", (width, height), (127, 127, 127))
-    latent = encode_images(loaded.pipe.vae, [grey]).to(loaded.pipe.unet.dtype)
+    latent = encode_images(vae, [grey]).to(loaded.pipe.unet.dtype)
     ones = torch.ones_like(latent[:, :1])
     return torch.cat([ones, latent], dim=1).repeat(batch, 1, 1, 1)
 
@@ -779,7 +790,7 @@ def img2img_pass(
     inits = _batch_inits(job, hi - lo)
     noise = noise[: len(inits)]
     # 1. Init latents (resize_mode 3: encoded at the original size, then the latent resized).
-    init = encode_images(pipe.vae, [i.image for i in inits]).to(pipe.unet.dtype)
+    init = encode_images(plan.vae.vae, [i.image for i in inits]).to(pipe.unet.dtype)
     if init.shape[-2:] != noise.shape[-2:]:
         init = resize_latent(init, plan.width, plan.height)
     # 2. The mask at latent size (1 = repaint) and webui's masked-content fill.
@@ -807,7 +818,7 @@ def img2img_pass(
     # 4. Inpainting conditioning (9-channel) and the per-step blend with the original.
     inpaint_inputs = None
     if loaded.is_inpainting:
-        inpaint_inputs = img2img_inpaint_inputs(loaded, inits, job)
+        inpaint_inputs = img2img_inpaint_inputs(plan.vae.vae, loaded, inits, job)
     blend = MaskBlend(init, start_noise, 1 - repaint) if repaint is not None else None
     return _run(
         plan,
@@ -828,7 +839,7 @@ def img2img_pass(
 
 
 def img2img_inpaint_inputs(
-    loaded: LoadedCheckpoint, inits: list[InitImage], job: Img2Img
+    vae: Any, loaded: LoadedCheckpoint, inits: list[InitImage], job: Img2Img
 ) -> torch.Tensor:
     """webui img2img_image_conditioning for 9-channel models: [rounded mask, VAE(masked image)],
     the masked image lerped with the original by opts.inpainting_mask_weight."""
@@ -853,7 +864,7 @@ def img2img_inpaint_inputs(
         Image.fromarray((m[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
         for m in masked
     ]
-    latents = encode_images(pipe.vae, masked_images).to(pipe.unet.dtype)
+    latents = encode_images(vae, masked_images).to(pipe.unet.dtype)
     small = torch.nn.functional.interpolate(cond_mask, size=latents.shape[-2:]).to(
         latents.device, latents.dtype
     )
@@ -871,7 +882,7 @@ def hires_pass(
         upscaled = upscale_latent(latents, target.resize_x, target.resize_y, hires.upscaler.name)
         upscaled = crop_latent(upscaled, target)
     else:
-        images = decode_latents(plan.checkpoint.pipe.vae, latents)
+        images = decode_latents(plan.vae.vae, latents)
         resized = [
             resize_image(
                 1 if target.crop else 0,
@@ -881,7 +892,7 @@ def hires_pass(
             )
             for img in images
         ]
-        upscaled = encode_images(pipe.vae, resized).to(pipe.unet.dtype)
+        upscaled = encode_images(plan.vae.vae, resized).to(pipe.unet.dtype)
     if hires.steps_run <= 0:
         return upscaled  # webui decodes the upscaled latent as it is when denoising is 0
     # 2. Fresh noise from the same seeds at the new size (webui makes a new ImageRNG).
@@ -897,7 +908,7 @@ def hires_pass(
     inpaint_inputs = None
     if loaded.is_inpainting:
         inpaint_inputs = txt2img_inpaint_inputs(
-            loaded, upscaled.shape[0], target.width, target.height
+            plan.vae.vae, loaded, upscaled.shape[0], target.width, target.height
         )
     return _run(
         plan,
@@ -944,6 +955,8 @@ def image_params(plan: Plan, index: int) -> ImageParams:
         height=plan.height,
         model_hash=info.shorthash if settings.add_model_hash_to_info else None,
         model_name=info.name_for_extra if settings.add_model_name_to_info else None,
+        vae_hash=plan.vae.file.shorthash if plan.vae.file else None,
+        vae_name=plan.vae.file.name_for_infotext if plan.vae.file else None,
         subseed=plan.subseeds[index] if req.subseed_strength else None,
         subseed_strength=req.subseed_strength,
         seed_resize_from=resize if min(resize) > 0 else None,
@@ -956,9 +969,20 @@ def image_params(plan: Plan, index: int) -> ImageParams:
             if plan.img2img is not None and plan.checkpoint.is_inpainting
             else None
         ),
-        extra={**plan.extras, **eta_infotext_params(plan.sampler, plan.eta)},
+        extra={
+            **plan.extras,
+            **network_extras(plan),
+            **eta_infotext_params(plan.sampler, plan.eta),
+        },
         version=VERSION if settings.add_version_to_infotext else None,
     )
+
+
+def network_extras(plan: Plan) -> dict[str, Any]:
+    """webui's "TI hashes" entry, for the embeddings the prompts actually used."""
+    if not plan.used_embeddings:
+        return {}
+    return {"TI hashes": ", ".join(f"{n}: {h}" for n, h in plan.used_embeddings.items())}
 
 
 def image_infotext(plan: Plan, index: int) -> str:
@@ -971,7 +995,7 @@ def image_infotext(plan: Plan, index: int) -> str:
 def build_info(plan: Plan, infotexts: list[str]) -> InfoRecord:
     req = plan.request
     ckpt = plan.checkpoint.info
-    extra = {"Schedule type": plan.sampler.schedule_label, **plan.extras}
+    extra = {"Schedule type": plan.sampler.schedule_label, **plan.extras, **network_extras(plan)}
     extra.update(eta_infotext_params(plan.sampler, plan.eta))
     return InfoRecord(
         prompt=plan.prompts[0],
@@ -993,8 +1017,8 @@ def build_info(plan: Plan, infotexts: list[str]) -> InfoRecord:
         face_restoration_model=None,
         sd_model_name=ckpt.name_for_extra,
         sd_model_hash=ckpt.shorthash,
-        sd_vae_name=None,
-        sd_vae_hash=None,
+        sd_vae_name=plan.vae.file.name_for_infotext if plan.vae.file else None,
+        sd_vae_hash=plan.vae.file.shorthash if plan.vae.file else None,
         seed_resize_from_w=req.seed_resize_from_w,
         seed_resize_from_h=req.seed_resize_from_h,
         denoising_strength=plan.denoising_strength,

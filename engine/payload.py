@@ -385,7 +385,7 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     _opt("eta_ddim", _check_float, 0.0, True, range=Range(0, 10)),
     _opt("jpeg_quality", _check_int, 80, True, range=Range(1, 100)),
     # Known, validated, not honoured yet: a value other than the default gets a warning.
-    _opt("sd_vae", _check_str, "Automatic", False),
+    _opt("sd_vae", _check_str, "Automatic", True),
     _opt("eta_noise_seed_delta", _check_int, 0, True),
     _opt("randn_source", _check_str, "GPU", True, choices=("GPU", "CPU", "NV")),
     _opt(

@@ -46,8 +46,23 @@ class UNetExtras:
     mid_block_additional_residual: torch.Tensor | None = None
 
 
-# (latent batch already scaled, timestep, conditioning batch, step index) -> extras
-UNetHook = Callable[[torch.Tensor, Any, torch.Tensor, int], UNetExtras]
+@dataclass(frozen=True)
+class StepInfo:
+    """Where the loop is, for hooks: the model call index, the number of calls, the batch
+    layout (the UNet batch is `copies` blocks of `batch` images: the negative block first,
+    then one block per positive AND-part)."""
+
+    index: int
+    total: int
+    batch: int
+    copies: int
+
+
+# (UNet input batch, timestep, the UNet kwargs: encoder_hidden_states / added_cond_kwargs,
+#  step) -> extra UNet inputs. Hooks must not change the tensors they are given.
+UNetHook = Callable[[torch.Tensor, Any, dict[str, Any], StepInfo], UNetExtras]
+# (combined CFG prediction, the raw UNet outputs, conditioning, step) -> new prediction
+CFGHook = Callable[[torch.Tensor, torch.Tensor, "StepConditioning", StepInfo], torch.Tensor]
 
 
 @dataclass
@@ -75,6 +90,7 @@ class DenoiseJob:
     blend: MaskBlend | None = None
     eta: float | None = None
     hooks: list[UNetHook] = field(default_factory=list)
+    cfg_hooks: list[CFGHook] = field(default_factory=list)
     progress: Progress | None = None
     # The slice of `timesteps` this job runs (a refiner switch splits one schedule in two jobs
     # that share the scheduler); step indices stay absolute for schedules and progress.
@@ -135,19 +151,47 @@ def denoise(job: DenoiseJob) -> torch.Tensor:
                 "text_embeds": pooled,
                 "time_ids": job.time_ids.repeat(pooled.shape[0], 1),
             }
-        for hook in job.hooks:
-            extras = hook(model_in, t, embeds, index)
-            if extras.down_block_additional_residuals is not None:
-                kwargs["down_block_additional_residuals"] = extras.down_block_additional_residuals
-                kwargs["mid_block_additional_residual"] = extras.mid_block_additional_residual
+        info = StepInfo(index, total, latents.shape[0], copies)
+        _apply_unet_hooks(job.hooks, model_in, t, kwargs, info)
         outputs = job.unet(model_in, t, **kwargs).sample
         eps = combine_cfg(outputs, cond, job.cfg_scale)
+        for cfg_hook in job.cfg_hooks:
+            eps = cfg_hook(eps, outputs, cond, info)
         latents = job.scheduler.step(eps, t, latents, **extra).prev_sample
         if job.blend is not None:
             latents = _apply_blend(job, latents, index)
         if job.progress is not None:
             job.progress(index + 1, total)
     return latents
+
+
+def _apply_unet_hooks(
+    hooks: list[UNetHook], model_in: torch.Tensor, t: Any, kwargs: dict[str, Any], info: StepInfo
+) -> None:
+    """Sum the residuals of every hook (several ControlNet units add up, as in diffusers'
+    MultiControlNet and webui)."""
+    down: list[torch.Tensor] | None = None
+    mid: torch.Tensor | None = None
+    for hook in hooks:
+        extras = hook(model_in, t, dict(kwargs), info)
+        if extras.down_block_additional_residuals is None:
+            continue
+        if down is None:
+            down = list(extras.down_block_additional_residuals)
+            mid = extras.mid_block_additional_residual
+        else:
+            down = [
+                a + b for a, b in zip(down, extras.down_block_additional_residuals, strict=True)
+            ]
+            if extras.mid_block_additional_residual is not None:
+                mid = (
+                    extras.mid_block_additional_residual
+                    if mid is None
+                    else mid + extras.mid_block_additional_residual
+                )
+    if down is not None:
+        kwargs["down_block_additional_residuals"] = tuple(down)
+        kwargs["mid_block_additional_residual"] = mid
 
 
 def _apply_blend(job: DenoiseJob, latents: torch.Tensor, index: int) -> torch.Tensor:

@@ -396,7 +396,8 @@ def test_unknown_option_is_a_warning():
 @pytest.mark.parametrize(
     ("option", "default", "other"),
     [
-        ("sd_vae", "Automatic", "vae-ft-mse.safetensors"),
+        ("token_merging_ratio", 0.0, 0.5),
+        ("sgm_noise_multiplier", False, True),
     ],
 )
 def test_known_but_not_honoured_option_warns_only_when_not_default(option, default, other):

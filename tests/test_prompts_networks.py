@@ -1,0 +1,248 @@
+"""The webui prompt language, LoRA, embeddings and VAE end to end on the tiny models."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from engine.api import Engine
+from engine.conditioning import TextConditioner, apply_emphasis, run_encoder
+from engine.errors import RequestError, UnknownName
+
+from .helpers import SD1, SDXL, payload, pixels, with_model
+
+
+def run(engine: Engine, body: str) -> tuple[list[bytes], dict[str, Any]]:
+    response = engine.handle("txt2img", body, lambda s, t: None)
+    return [image.data for image in response.images], json.loads(response.info)
+
+
+def image(engine: Engine, **changes: Any) -> bytes:
+    return pixels(run(engine, payload(**changes))[0][0]).tobytes()
+
+
+def loaded(engine: Engine, name: str) -> Any:
+    return next(c for c in engine.models.cache.loaded.values() if c.info.name == name)
+
+
+# -- the text encoder path -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [SD1, SDXL])
+def test_layer_by_layer_encoder_matches_the_model_forward(engine: Engine, name: str) -> None:
+    pipe = loaded(engine, name).pipe
+    ids = pipe.tokenizer(
+        ["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        reference = pipe.text_encoder(ids, output_hidden_states=True)
+        model = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
+        states, last = run_encoder(pipe.text_encoder, ids, model.embeddings.token_embedding(ids))
+    assert torch.equal(last, reference.last_hidden_state)
+    assert torch.equal(states[-2], reference.hidden_states[-2])
+
+
+def test_plain_prompt_encoding_is_weight_neutral(engine: Engine) -> None:
+    cond = TextConditioner(loaded(engine, SD1), clip_skip=1)
+    plain = cond.encode("a red house")
+    same = cond.encode("a (red:1.0) house")
+    assert torch.equal(plain.embeds, same.embeds)
+
+
+# -- the grammar changes the picture where it should -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["a (lighthouse:1.5) on a cliff", "a [lighthouse] on a cliff", "a ((lighthouse)) on a cliff"],
+)
+def test_emphasis_changes_the_image(engine: Engine, prompt: str) -> None:
+    assert image(engine, prompt=prompt) != image(engine)
+
+
+def test_emphasis_modes(engine: Engine) -> None:
+    weighted = "a (lighthouse:1.5) on a cliff"
+    plain = image(engine)
+    assert image(engine, prompt=weighted, override_settings={"emphasis": "No norm"}) != plain
+    ignore = image(engine, prompt=weighted, override_settings={"emphasis": "Ignore"})
+    assert ignore == plain
+
+
+def test_original_emphasis_restores_the_chunk_mean() -> None:
+    z = torch.rand(1, 77, 8) + 0.5  # a real encoder's output has a mean far from 0
+    weights = torch.ones(77)
+    weights[3:6] = 1.5
+    original = apply_emphasis(z, weights, "Original")
+    no_norm = apply_emphasis(z, weights, "No norm")
+    assert torch.allclose(original.mean(), z.mean())
+    assert torch.allclose(no_norm[0, 3], z[0, 3] * 1.5)
+    assert not torch.allclose(no_norm.mean(), z.mean())
+    assert torch.equal(apply_emphasis(z, weights, "Ignore"), z)
+
+
+def test_prompt_editing_switches_mid_way(engine: Engine) -> None:
+    a = image(engine, prompt="a lighthouse", steps=6)
+    b = image(engine, prompt="a castle", steps=6)
+    edited = image(engine, prompt="a [lighthouse:castle:3]", steps=6)
+    assert edited not in (a, b)
+    assert image(engine, prompt="a [lighthouse:castle:100]", steps=6) == a
+
+
+def test_alternation_and_composable_prompts(engine: Engine) -> None:
+    a = image(engine, prompt="a lighthouse")
+    assert image(engine, prompt="a [lighthouse|castle]") != a
+    assert image(engine, prompt="a lighthouse AND a castle :0.5") != a
+    # AND with one part at weight 1 is the plain prompt.
+    assert image(engine, prompt="a lighthouse :1") == a
+
+
+def test_long_prompts_and_break_use_more_chunks(engine: Engine) -> None:
+    cond = TextConditioner(loaded(engine, SD1), clip_skip=1)
+    long_prompt = ", ".join(f"word{i}" for i in range(60))
+    tokens = len(
+        loaded(engine, SD1).pipe.tokenizer(long_prompt, add_special_tokens=False).input_ids
+    )
+    assert tokens > 150
+    assert cond.encode(long_prompt).embeds.shape[1] == 77 * (1 + (tokens - 1) // 75) or (
+        cond.encode(long_prompt).embeds.shape[1] > 77 * 2  # comma back-off may add a chunk
+    )
+    assert cond.encode("a lighthouse BREAK a castle").embeds.shape[1] == 77 * 2
+    images, info = run(engine, payload(prompt=long_prompt, negative_prompt="short"))
+    assert len(images) == 1 and info["prompt"] == long_prompt
+
+
+def test_hostile_prompts_stay_finite(engine: Engine) -> None:
+    cond = TextConditioner(loaded(engine, SD1), clip_skip=1)
+    for prompt in [
+        "(" * 5000 + "x",
+        "(x:1e309)",
+        "(x:99999)",
+        "[[[a:b:0.5]",
+        "a ) ] ( [",
+        "(x:nan)",
+    ]:
+        assert torch.isfinite(cond.encode(prompt).embeds).all(), prompt
+
+
+def test_sdxl_prompt_language(engine: Engine) -> None:
+    plain = pixels(run(engine, with_model(SDXL))[0][0]).tobytes()
+    weighted = pixels(run(engine, with_model(SDXL, prompt="a (lighthouse:1.4)"))[0][0]).tobytes()
+    assert plain != weighted
+
+
+# -- LoRA ------------------------------------------------------------------------------------
+
+
+def test_lora_changes_the_image_and_nothing_is_left_behind(engine: Engine) -> None:
+    plain = image(engine)
+    with_lora, info = run(engine, payload(prompt="a lighthouse on a cliff <lora:tiny-lora-sd15:1>"))
+    assert pixels(with_lora[0]).tobytes() != plain
+    text = info["infotexts"][0]
+    assert "<lora:tiny-lora-sd15:1>" in text.split("\n")[0]  # webui keeps the tag in the infotext
+    assert 'Lora hashes: "tiny-lora-sd15: ' in text
+    assert image(engine) == plain  # the next plain request is byte-identical
+
+
+def test_lora_weights_and_split_weights(engine: Engine) -> None:
+    base = "a lighthouse on a cliff "
+    full = image(engine, prompt=base + "<lora:tiny-lora-sd15:1>")
+    half = image(engine, prompt=base + "<lora:tiny-lora-sd15:0.5>")
+    te_only = image(engine, prompt=base + "<lora:tiny-lora-sd15:1:0>")
+    unet_only = image(engine, prompt=base + "<lora:tiny-lora-sd15:0:1>")
+    assert len({full, half, te_only, unet_only}) == 4
+    assert image(engine, prompt=base + "<lora:tiny-lora-sd15:1>") == full  # weight change back
+
+
+def test_lora_alias_and_sdxl_lora(engine: Engine) -> None:
+    plain = pixels(run(engine, with_model(SDXL))[0][0]).tobytes()
+    lora = run(engine, with_model(SDXL, prompt="a lighthouse on a cliff <lora:tiny-lora-sdxl:0.8>"))
+    assert pixels(lora[0][0]).tobytes() != plain
+    assert pixels(run(engine, with_model(SDXL))[0][0]).tobytes() == plain
+
+
+def test_lora_errors_name_the_problem(engine: Engine) -> None:
+    with pytest.raises(UnknownName) as err:
+        run(engine, payload(prompt="x <lora:tiny-lora-sd1:1>"))
+    assert "tiny-lora-sd15" in str(err.value)  # close matches listed
+    with pytest.raises(RequestError, match="sdxl"):
+        run(engine, payload(prompt="x <lora:tiny-lora-sdxl:1>"))
+    for hostile in ("../loras/tiny-lora-sd15", "/etc/passwd", "tiny\x00lora"):
+        with pytest.raises(UnknownName):
+            run(engine, payload(prompt=f"x <lora:{hostile}:1>"))
+
+
+def test_lora_tag_in_the_negative_prompt_is_literal_text(engine: Engine) -> None:
+    images, _ = run(engine, payload(negative_prompt="<lora:tiny-lora-sd15:1>"))
+    assert len(images) == 1
+
+
+def test_disable_extra_networks(engine: Engine) -> None:
+    plain = image(engine, prompt="a lighthouse on a cliff")
+    disabled = image(
+        engine,
+        prompt="a lighthouse on a cliff <lora:tiny-lora-sd15:1>",
+        disable_extra_networks=True,
+    )
+    assert disabled == plain
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+
+def test_embedding_changes_the_image_only_when_named(engine: Engine) -> None:
+    plain = image(engine, prompt="a lighthouse")
+    named, info = run(engine, payload(prompt="a lighthouse, tiny-embedding"))
+    other = image(engine, prompt="a lighthouse, tiny-embedded")
+    assert pixels(named[0]).tobytes() != plain
+    assert (
+        'TI hashes: "tiny-embedding: ' in info["infotexts"][0]
+        or "TI hashes: tiny-embedding: " in info["infotexts"][0]
+    )
+    assert other != pixels(named[0]).tobytes()
+    assert image(engine, prompt="a lighthouse") == plain
+
+
+def test_sdxl_embedding_and_negative_embedding(engine: Engine) -> None:
+    plain = pixels(run(engine, with_model(SDXL))[0][0]).tobytes()
+    named = pixels(
+        run(engine, with_model(SDXL, negative_prompt="tiny-embedding-sdxl"))[0][0]
+    ).tobytes()
+    assert named != plain
+
+
+# -- VAE -------------------------------------------------------------------------------------
+
+
+def test_vae_switch_and_back_restores_the_bytes(engine: Engine) -> None:
+    plain, _ = run(engine, payload())
+    other, other_info = run(engine, payload(override_settings={"sd_vae": "tiny-vae.safetensors"}))
+    assert pixels(other[0]).tobytes() != pixels(plain[0]).tobytes()
+    assert other_info["sd_vae_name"] == "tiny-vae" and len(other_info["sd_vae_hash"]) == 10
+    assert (
+        "VAE hash: " in other_info["infotexts"][0] and "VAE: tiny-vae" in other_info["infotexts"][0]
+    )
+    again, again_info = run(engine, payload())
+    assert again == plain and again_info["sd_vae_name"] is None
+    none, _ = run(engine, payload(override_settings={"sd_vae": "None"}))
+    assert none == plain
+
+
+def test_unknown_vae_lists_the_choices(engine: Engine) -> None:
+    with pytest.raises(UnknownName) as err:
+        run(engine, payload(override_settings={"sd_vae": "../vae/tiny-vae.safetensors"}))
+    assert "override_settings.sd_vae" in str(err.value) and "tiny-vae.safetensors" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "check"),
+    [
+        ("loras", lambda d: {e["name"] for e in d} == {"tiny-lora-sd15", "tiny-lora-sdxl"}),
+        ("embeddings", lambda d: "tiny-embedding" in d["loaded"]),
+        ("sd-vae", lambda d: d[0]["model_name"] == "tiny-vae.safetensors"),
+    ],
+)
+def test_network_listings(engine: Engine, endpoint: str, check: Any) -> None:
+    assert check(engine.handle(endpoint, "{}").listing)
