@@ -199,6 +199,9 @@ class LoraInfo:
     # The peft adapter name: derived from the file content, never from a user's string, so it
     # is always a safe module key and two copies of one file share one adapter.
     adapter_id: str
+    # "lora" for LoRA/LoCon files; LyCORIS "loha"/"lokr"/"ia3"/"full"/... are listed but
+    # refused with a clear error: diffusers' LoRA loader (which we use) only applies LoRA.
+    network_type: str = "lora"
 
     def listing(self) -> dict[str, Any]:
         """This LoRA as an entry of `GET /sdapi/v1/loras`."""
@@ -223,7 +226,28 @@ def lora_info(path: Path) -> LoraInfo:
         addnet_hash=(sshs or facts.data_sha256)[:ADDNET_HASH_CHARS],
         family=guess_family(facts.metadata, facts.shapes),
         adapter_id="lora_" + facts.content_id[:24],
+        network_type=network_type(facts.shapes),
     )
+
+
+# Key endings that tell LyCORIS network types apart (LyCORIS's own module names).
+_NETWORK_KEYS: tuple[tuple[str, str], ...] = (
+    (".hada_w1_a", "loha"),
+    (".lokr_w1", "lokr"),
+    (".lokr_w1_a", "lokr"),
+    (".on_input", "ia3"),
+    (".diff", "full"),
+    (".oft_blocks", "oft"),
+)
+
+
+def network_type(shapes: Mapping[str, Sequence[int]]) -> str:
+    """ "lora" unless the keys are those of another LyCORIS network type."""
+    for key in shapes:
+        for ending, kind in _NETWORK_KEYS:
+            if key.endswith(ending):
+                return kind
+    return "lora"
 
 
 def _is_path_like(name: str) -> bool:
@@ -542,6 +566,16 @@ class LoraManager:
             except UnknownName as exc:
                 unknown.append(exc)
                 problems.extend(exc.problems)
+                continue
+            if info.network_type != "lora":
+                problems.append(
+                    Problem(
+                        field,
+                        req.name,
+                        f"is a LyCORIS {info.network_type.upper()} file; this server applies LoRA "
+                        "and LoCon files only (diffusers/peft cannot load this type as a LoRA)",
+                    )
+                )
                 continue
             weights = (req.te_weight, req.unet_weight)
             if not all(isinstance(w, int | float) and math.isfinite(w) for w in weights):

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import payload
+from .helpers import b64_png, box_mask, card_image, payload
 
 pytestmark = pytest.mark.http
 
@@ -242,3 +242,27 @@ def test_cancelled_async_prediction_then_next_gives_expected_bytes(server: CogSe
     assert "step 150/150" not in (final.get("logs") or "")
     assert server.settled_health(timeout=30) == "READY"
     assert image_bytes(server.predict(payload())) == golden
+
+
+def test_webui_prompt_syntax_payload(server: CogServer) -> None:
+    """webui's own API test prompt (test/test_txt2img.py) through the real server."""
+    prompt = "((emphasis)), (emphasis1:1.1), [to:1], [from::2], [from:to:0.3], [alt|alt1]"
+    prediction = server.predict(payload(prompt=prompt, steps=3))
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    assert json.loads(prediction["output"]["info"])["prompt"] == prompt
+
+
+@pytest.mark.parametrize("variant", ["plain", "mask", "inverted"])
+def test_webui_img2img_payloads(server: CogServer, variant: str) -> None:
+    """The shapes of webui's img2img API tests: plain, with a mask, with the mask inverted."""
+    changes: dict[str, Any] = {
+        "init_images": [b64_png(card_image(64, 64))],
+        "denoising_strength": 0.6,
+    }
+    if variant != "plain":
+        changes["mask"] = b64_png(box_mask(64, 64, (16, 16, 48, 48)))
+    if variant == "inverted":
+        changes["inpainting_mask_invert"] = 1
+    prediction = server.predict(payload(**changes))
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    assert len(image_bytes(prediction)) == 1

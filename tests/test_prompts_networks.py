@@ -246,3 +246,26 @@ def test_unknown_vae_lists_the_choices(engine: Engine) -> None:
 )
 def test_network_listings(engine: Engine, endpoint: str, check: Any) -> None:
     assert check(engine.handle(endpoint, "{}").listing)
+
+
+def test_lycoris_loha_is_refused_clearly_and_the_pipeline_untouched(
+    engine: Engine, tmp_path: Any
+) -> None:
+    from safetensors.torch import save_file
+
+    from engine.networks import LoraCatalog, LoraManager, LoraRequest
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {f"{key}.hada_w{i}_{ab}": torch.randn(8, 8) for i in (1, 2) for ab in "ab"}
+    tensors[f"{key}.alpha"] = torch.tensor(4.0)
+    path = tmp_path / "my-loha.safetensors"
+    save_file(tensors, str(path))
+    manager = LoraManager(loaded(engine, SD1), LoraCatalog.scan([path]))
+    before = image(engine)
+    with (
+        pytest.raises(RequestError, match="LyCORIS LOHA"),
+        manager.applied([LoraRequest("my-loha", 1, 1)]),
+    ):
+        pass
+    assert manager.cached() == []
+    assert image(engine) == before
