@@ -70,6 +70,7 @@ from .samplers import (
 from .sampling import (
     DenoiseJob,
     MaskBlend,
+    circular_padding,
     decode_latents,
     denoise,
     encode_images,
@@ -589,7 +590,12 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
     noise, generators = first_noise(spec, LATENT_CHANNELS, plan.height, plan.width)
     noise = noise.to(device=loaded.pipe.device, dtype=loaded.pipe.unet.dtype)
     batch_loras = plan.loras[lo // plan.batch_size] if plan.loras else []
-    with torch.inference_mode(), _loras_applied(plan, batch_loras):
+    tiled = [m.pipe.unet for m in _models_used(plan)] + [plan.vae.vae]
+    with (
+        torch.inference_mode(),
+        _loras_applied(plan, batch_loras),
+        circular_padding(tiled, bool(plan.request.tiling)),
+    ):
         # 2. The first pass.
         if plan.img2img is None:
             latents = txt2img_pass(plan, noise, generators, prompts, negatives, progress)
@@ -611,6 +617,17 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
         inits = _batch_inits(plan.img2img, hi - lo)
         images = [finish_image(img, init) for img, init in zip(images, inits, strict=True)]
     return images
+
+
+def _models_used(plan: Plan) -> list[LoadedCheckpoint]:
+    used = [plan.checkpoint]
+    for other in (
+        plan.hires.checkpoint if plan.hires else None,
+        plan.refiner.checkpoint if plan.refiner else None,
+    ):
+        if other is not None and other not in used:
+            used.append(other)
+    return used
 
 
 @contextmanager
@@ -963,6 +980,7 @@ def image_params(plan: Plan, index: int) -> ImageParams:
         denoising_strength=plan.denoising_strength,
         clip_skip=plan.clip_skip,
         ensd=_ensd(plan),
+        tiling=bool(req.tiling),
         rng=None if settings.randn_source == "GPU" else settings.randn_source,
         conditional_mask_weight=(
             plan.img2img.mask_weight

@@ -498,7 +498,6 @@ _IGNORED_ROWS: Final[tuple[Ignored, ...]] = (
     # Common fields.
     Ignored("styles", _falsy, note=f"{_NOT_YET} (this server has no styles.csv)"),
     Ignored("restore_faces", _falsy),
-    Ignored("tiling", _falsy),
     # webui >= 1.10 reads these from opts, whose defaults are 0, 0, 0 (inf), 0, 1.0.
     Ignored("s_min_uncond", _one_of(None, 0.0)),
     Ignored("s_churn", _one_of(None, 0.0)),

@@ -10,7 +10,8 @@ Everything here works on values passed in; nothing is stored on the shared model
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,3 +243,25 @@ def encode_images(vae: Any, images: Sequence[Any]) -> torch.Tensor:
     tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(device=vae.device, dtype=vae.dtype)
     latents = vae.encode(tensor).latent_dist.mode()
     return latents * vae.config.scaling_factor
+
+
+@contextmanager
+def circular_padding(modules: Sequence[Any], enabled: bool) -> Iterator[None]:
+    """webui's tiling: every Conv2d pads circularly for the duration of one request.
+
+    This is the one place a request changes shared modules, so it restores every layer's own
+    padding mode afterwards, also on errors and on Cog's cancel (a BaseException)."""
+    if not enabled:
+        yield
+        return
+    convs = {
+        id(m): m for module in modules for m in module.modules() if isinstance(m, torch.nn.Conv2d)
+    }
+    saved = {key: conv.padding_mode for key, conv in convs.items()}
+    try:
+        for conv in convs.values():
+            conv.padding_mode = "circular"
+        yield
+    finally:
+        for key, conv in convs.items():
+            conv.padding_mode = saved[key]

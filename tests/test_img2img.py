@@ -362,3 +362,21 @@ def test_ensd_changes_ancestral_samplers_only(engine: Engine) -> None:
     )
     assert pixels(euler[0]).tobytes() == pixels(euler_ensd[0]).tobytes()
     assert "ENSD" not in info["infotexts"][0]
+
+
+# -- tiling ----------------------------------------------------------------------------------
+
+
+def test_tiling_makes_seamless_images_and_leaves_nothing_behind(engine: Engine) -> None:
+    plain, _ = run(engine, payload())
+    tiled, info = run(engine, payload(tiling=True))
+    assert tiled != plain and "Tiling: True" in info["infotexts"][0]
+    # Seamless: the jump across the wrap-around edge is like the jumps inside the image.
+    arr = np.asarray(pixels(tiled[0]), dtype=np.float32)
+    wrap = np.abs(arr[:, 0] - arr[:, -1]).mean()
+    inside = np.abs(arr[:, 1:] - arr[:, :-1]).mean()
+    assert wrap < 2 * inside
+    again, _ = run(engine, payload())
+    assert again == plain
+    convs = [m for m in engine.models.cache.loaded.values() for m in m.pipe.unet.modules()]
+    assert all(getattr(m, "padding_mode", "zeros") == "zeros" for m in convs)

@@ -303,7 +303,6 @@ IGNORED_CASES = [
     # field, values that change nothing (no warning), a value that would (warning)
     ("styles", [None, []], ["Anime"]),
     ("restore_faces", [False], True),
-    ("tiling", [False], True),
     ("s_churn", [0.0], 0.5),
     ("s_noise", [1.0], 1.003),
     ("script_name", [""], "x/y/z plot"),
@@ -325,7 +324,7 @@ def test_ignored_field_warns_only_when_it_would_change_something(field, quiet, l
 
 
 def test_not_yet_fields_use_the_agreed_wording():
-    assert "tiling: not supported yet; ignored" in txt(tiling=True).warnings
+    assert "restore_faces: not supported yet; ignored" in txt(restore_faces=True).warnings
     assert any("never saved" in w for w in txt(save_images=True).warnings)
     restore = txt(override_settings_restore_afterwards=False).warnings
     assert any("never keeps settings between requests" in w for w in restore)

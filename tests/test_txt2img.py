@@ -156,10 +156,10 @@ def test_several_bad_fields_are_reported_together(engine: Engine) -> None:
 
 
 def test_unknown_fields_and_unsupported_ones_become_warnings(engine: Engine) -> None:
-    _, info = run(engine, payload(not_a_field=1, tiling=True))
+    _, info = run(engine, payload(not_a_field=1, restore_faces=True))
     warnings = " | ".join(info["warnings"])
     assert "not_a_field" in warnings
-    assert "tiling" in warnings and "not supported yet" in warnings
+    assert "restore_faces" in warnings and "not supported yet" in warnings
 
 
 def test_send_images_false_returns_no_images_but_info(engine: Engine) -> None:
