@@ -1,0 +1,1 @@
+"""Always-on script extensions; each subpackage exposes EXTENSION (see engine/extensions.py)."""

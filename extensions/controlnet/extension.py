@@ -1,0 +1,193 @@
+"""The ControlNet extension: units in, one UNet hook per enabled unit out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from engine.catalog import Catalog
+from engine.errors import Problem, RequestError
+from engine.extensions import Effects, GenerationContext, Listing, script_args
+from engine.loading import Placement
+
+from .hook import ControlNetHook, image_tensor
+from .models import ControlNetFile, ModelCache, scan
+from .preprocessors import DEFAULT_RES, PREPROCESSORS, run_preprocessor
+from .units import CONTROL_MODES, RESIZE_MODES, Unit, parse_units
+
+JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = 0, 1, 2
+# img2img resize_mode -> ControlNet resize mode (3, latent upscale, is a plain resize there).
+_FROM_IMG2IMG = {0: JUST_RESIZE, 1: CROP_AND_RESIZE, 2: RESIZE_AND_FILL, 3: JUST_RESIZE}
+
+
+def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, mode: int) -> int:
+    """Mikubill `pixel_perfect_resolution`: the preprocessor resolution at which the map
+    lands 1:1 on the target after the unit's resize (min scale for Resize and Fill)."""
+    raw_w, raw_h = size
+    k_h, k_w = height / raw_h, width / raw_w
+    k = min(k_h, k_w) if mode == RESIZE_AND_FILL else max(k_h, k_w)
+    return int(np.round(k * min(raw_h, raw_w)))
+
+
+def _resize_map(image: Image.Image, width: int, height: int) -> Image.Image:
+    # Mikubill high_quality_resize, simplified: area when shrinking, cubic when enlarging; a
+    # binary map (edges, thresholds) stays binary.
+    if image.size == (width, height):
+        return image
+    shrink = width * height < image.width * image.height
+    resample = Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC
+    resized = image.resize((width, height), resample)
+    values = np.unique(np.asarray(image))
+    if len(values) <= 2 and set(values.tolist()) <= {0, 255}:
+        resized = resized.point(lambda v: 255 if v > 127 else 0)
+    return resized
+
+
+def fit_map(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
+    """Mikubill `detectmap_proc`: the detected map at the generation size."""
+    if mode == JUST_RESIZE:
+        return _resize_map(image, width, height)
+    k_h, k_w = height / image.height, width / image.width
+    if mode == CROP_AND_RESIZE:
+        k = max(k_h, k_w)
+        resized = _resize_map(image, round(image.width * k), round(image.height * k))
+        left = max(0, (resized.width - width) // 2)
+        top = max(0, (resized.height - height) // 2)
+        return resized.crop((left, top, left + width, top + height))
+    # Resize and Fill: fit inside, on a background of the median border colour.
+    k = min(k_h, k_w)
+    array = np.asarray(image.convert("RGB"))
+    borders = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]], axis=0)
+    colour = tuple(int(c) for c in np.median(borders, axis=0).astype(np.uint8))
+    resized = _resize_map(image.convert("RGB"), round(image.width * k), round(image.height * k))
+    canvas = Image.new("RGB", (width, height), colour)
+    canvas.paste(
+        resized, (max(0, (width - resized.width) // 2), max(0, (height - resized.height) // 2))
+    )
+    return canvas
+
+
+def _slider_value(value: float, default: float | None) -> float:
+    return float(default) if value == -1 and default is not None else float(value)
+
+
+class ControlNetExtension:
+    """`alwayson_scripts.controlnet` (title "ControlNet", matched case-insensitively)."""
+
+    title = "ControlNet"
+
+    def __init__(self) -> None:
+        self.models: tuple[ControlNetFile, ...] = ()
+        self.cache: ModelCache | None = None
+
+    def setup(self, catalog: Catalog, placement: Placement) -> None:
+        """List controlnet/ files with webui's names; models load on first use, then stay."""
+        self.models = scan(catalog.files("controlnet"))
+        self.cache = ModelCache(placement)
+
+    def parse_args(self, value: Any, *, field: str) -> list[Unit]:
+        """The enabled units (see units.py for every accepted form)."""
+        return parse_units(script_args(value, field=field), field, self.models)
+
+    def prepare(self, ctx: GenerationContext, args: Any) -> Effects:
+        """Preprocess every unit's image, load its model and make its hook."""
+        assert self.cache is not None, "setup() was not called"
+        effects = Effects()
+        problems: list[Problem] = []
+        for unit in args:
+            try:
+                effects = effects.merge(self._prepare_unit(ctx, unit))
+            except RequestError as err:
+                problems.extend(err.problems)
+        if problems:
+            raise RequestError(problems)
+        return effects
+
+    def _prepare_unit(self, ctx: GenerationContext, unit: Unit) -> Effects:
+        assert self.cache is not None
+        image, resize_mode = unit.image, unit.resize_mode
+        if image is None:
+            if ctx.mode != "img2img" or not ctx.init_images:
+                raise RequestError.single(
+                    f"{unit.field}.image",
+                    None,
+                    "controlnet is enabled but no input image is given (send `image`, or use "
+                    "img2img, where init_images[0] is used)",
+                )
+            image = ctx.init_images[0]
+            resize_mode = _FROM_IMG2IMG.get(ctx.resize_mode, JUST_RESIZE)
+        loaded = self.cache.get(unit.model)
+        family = ctx.loaded.family
+        unet_cross = int(ctx.loaded.pipe.unet.config.cross_attention_dim)
+        if loaded.family is not family or loaded.cross_attention_dim != unet_cross:
+            raise RequestError.single(
+                f"{unit.field}.model",
+                unit.model.title,
+                f"this is a {loaded.family.value} ControlNet; the checkpoint "
+                f"{ctx.loaded.info.title!r} is {family.value}; pick a matching ControlNet",
+            )
+        pre = unit.module
+        res = self._resolution(unit, image, ctx, resize_mode)
+        a = _slider_value(unit.threshold_a, pre.slider_a.value if pre.slider_a else None)
+        b = _slider_value(unit.threshold_b, pre.slider_b.value if pre.slider_b else None)
+        detected = run_preprocessor(pre, image, res, a, b)
+        control = fit_map(detected, ctx.width, ctx.height, resize_mode)
+        hook = ControlNetHook(
+            model=loaded.model,
+            control=image_tensor(control),
+            weight=unit.weight,
+            guidance_start=unit.guidance_start,
+            guidance_end=unit.guidance_end,
+            control_mode=unit.control_mode,
+        )
+        info = (
+            f"Module: {pre.name}, Model: {unit.model.title}, Weight: {unit.weight}, "
+            f"Resize Mode: {RESIZE_MODES[resize_mode]}, Processor Res: {res}, "
+            f"Threshold A: {a}, Threshold B: {b}, Guidance Start: {unit.guidance_start}, "
+            f"Guidance End: {unit.guidance_end}, Pixel Perfect: {unit.pixel_perfect}, "
+            f"Control Mode: {CONTROL_MODES[unit.control_mode]}"
+        )
+        save = unit.save_detected_map and pre.name != "none"
+        return Effects(
+            unet_hooks=[hook] if unit.hr_option != "High res only" else [],
+            hires_unet_hooks=[hook] if unit.hr_option != "Low res only" else [],
+            infotext={f"ControlNet {unit.index}": info},
+            extra_images=[detected] if save else [],
+        )
+
+    @staticmethod
+    def _resolution(unit: Unit, image: Image.Image, ctx: GenerationContext, mode: int) -> int:
+        slider = unit.module.resolution
+        if slider is None:
+            return unit.processor_res if unit.processor_res > 0 else DEFAULT_RES
+        if unit.pixel_perfect:
+            return pixel_perfect_resolution(image.size, ctx.width, ctx.height, mode)
+        if slider.min <= unit.processor_res <= slider.max:
+            return unit.processor_res
+        return int(slider.value)
+
+    def model_list(self) -> dict[str, list[str]]:
+        """GET /controlnet/model_list."""
+        return {"model_list": [m.title for m in self.models]}
+
+    @staticmethod
+    def module_list() -> dict[str, Any]:
+        """GET /controlnet/module_list (alias_names=false)."""
+        return {
+            "module_list": list(PREPROCESSORS),
+            "module_detail": {
+                name: {"model_free": name == "none", "sliders": pre.sliders()}
+                for name, pre in PREPROCESSORS.items()
+            },
+        }
+
+    def listings(self) -> Mapping[str, Listing]:
+        return {
+            "controlnet/model_list": self.model_list,
+            "controlnet/module_list": self.module_list,
+            "controlnet/version": lambda: {"version": 3},
+            "controlnet/settings": lambda: {"control_net_unit_count": 3},
+        }
