@@ -49,9 +49,10 @@ class Predictor(BasePredictor):
         ),
         endpoint: str = Input(
             description="auto (img2img when init_images is present, else txt2img), txt2img, "
-            "img2img, or a listing endpoint named like webui's (sd-models, samplers, schedulers).",
+            "img2img, or a listing endpoint named like webui's: "
+            + ", ".join(ENDPOINTS[3:])
+            + ", and the extensions' (controlnet/model_list, controlnet/module_list, ...).",
             default="auto",
-            choices=list(ENDPOINTS),
         ),
     ) -> Output:
         response = self.engine.handle(endpoint, api_json, print_progress)

@@ -12,6 +12,7 @@ from typing import Any
 from .catalog import Catalog, HashCache
 from .embeddings import EmbeddingCatalog
 from .errors import RequestError
+from .extensions import ExtensionRegistry
 from .generate import Models, Progress, Result, generate, log_progress
 from .geometry import available_hr_upscalers
 from .images import EncodedImage
@@ -95,7 +96,18 @@ class Engine:
         embeddings = EmbeddingCatalog.scan(catalog.files("embeddings"))
         # 5. VAE files: listed and hashed (cached); each loads on first use.
         vaes = VaeCatalog.scan(catalog.files("vae"), cache.placement, config.cache_dir, hashes)
-        models = Models(catalog, cache, default, loras=loras, embeddings=embeddings, vaes=vaes)
+        # 6. Extensions (alwayson_scripts): an extension that fails to import fails setup.
+        extensions = ExtensionRegistry.discover()
+        extensions.setup(catalog, cache.placement)
+        models = Models(
+            catalog,
+            cache,
+            default,
+            loras=loras,
+            embeddings=embeddings,
+            vaes=vaes,
+            extensions=extensions,
+        )
         return cls(models)
 
     def handle(self, endpoint: str, api_json: str, progress: Progress = log_progress) -> Response:
@@ -103,9 +115,13 @@ class Engine:
         name = str(endpoint).strip().lower()
         if name in LISTINGS:
             return Response(listing=LISTINGS[name](self))
+        extension_listings = self.models.extensions.listings() if self.models.extensions else {}
+        if name in extension_listings:
+            return Response(listing=extension_listings[name]())
         if name not in GENERATION_ENDPOINTS:
+            choices = [*ENDPOINTS, *extension_listings]
             raise RequestError.single(
-                "endpoint", endpoint, f"must be one of {', '.join(map(repr, ENDPOINTS))}"
+                "endpoint", endpoint, f"must be one of {', '.join(map(repr, choices))}"
             )
         payload = decode_api_json(api_json)
         parsed = parse_request(payload, choose_mode(name, payload))

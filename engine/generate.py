@@ -22,6 +22,7 @@ from .catalog import Catalog, CheckpointInfo
 from .conditioning import PromptSchedules, TextConditioner, check_clip_skip, step_conditioning
 from .embeddings import EmbeddingCatalog
 from .errors import GenerationError, Problem, RequestError
+from .extensions import Effects, ExtensionRegistry, GenerationContext
 from .geometry import (
     HiresTarget,
     HiresUpscaler,
@@ -97,6 +98,7 @@ class Models:
     loras: LoraCatalog = field(default_factory=lambda: LoraCatalog(()))
     embeddings: EmbeddingCatalog = field(default_factory=EmbeddingCatalog)
     vaes: VaeCatalog | None = None
+    extensions: ExtensionRegistry | None = None
     lora_managers: dict[str, LoraManager] = field(default_factory=dict)
 
     def lora_manager(self, loaded: LoadedCheckpoint) -> LoraManager:
@@ -174,6 +176,7 @@ class Plan:
     embeddings: EmbeddingCatalog
     used_embeddings: dict[str, str]  # filled while encoding: name -> hash (TI hashes)
     vae: VaeChoice
+    effects: Effects  # what the request's alwayson_scripts extensions add
     width: int
     height: int
     rng_device: str
@@ -220,6 +223,11 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
             jpeg_quality=settings.jpeg_quality,
         )
         for img, text in zip(pil_images, infotexts, strict=True)
+    ]
+    # Extension images (ControlNet detected maps) follow the generated ones, without infotext.
+    images += [
+        encode_image(img, settings.samples_format, None, jpeg_quality=settings.jpeg_quality)
+        for img in plan.effects.extra_images
     ]
     if not req.send_images:
         images = []
@@ -294,6 +302,9 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         assert decoded is not None
         img2img = _plan_img2img(req, decoded, settings, sampler, extras, comments)
     refiner = _plan_refiner(models, req, checkpoint, extras)
+    # 8. alwayson_scripts extensions: parsed and prepared now, so their errors come first too.
+    effects = _plan_extensions(models, req, checkpoint, width, height, batch_size, decoded)
+    extras.update(effects.infotext)
     return Plan(
         request=req,
         settings=settings,
@@ -312,6 +323,7 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         embeddings=models.embeddings,
         used_embeddings={},
         vae=vae,
+        effects=effects,
         width=width,
         height=height,
         rng_device=_rng_device(checkpoint, settings.randn_source),
@@ -416,6 +428,38 @@ def _plan_hires(
         negative_prompts=hr_negatives,
     )
     return width, height, hires
+
+
+def _plan_extensions(
+    models: Models,
+    req: Txt2ImgRequest | Img2ImgRequest,
+    checkpoint: LoadedCheckpoint,
+    width: int,
+    height: int,
+    batch_size: int,
+    decoded: tuple[list[Any], Any] | None,
+) -> Effects:
+    effects = Effects()
+    if not req.alwayson_scripts:
+        return effects
+    if models.extensions is None:
+        raise RequestError.single(
+            "alwayson_scripts", list(req.alwayson_scripts), "no extensions are installed"
+        )
+    parsed = models.extensions.parse(req.alwayson_scripts)
+    context = GenerationContext(
+        mode="img2img" if isinstance(req, Img2ImgRequest) else "txt2img",
+        loaded=checkpoint,
+        width=width,
+        height=height,
+        batch_size=batch_size,
+        steps=req.steps,
+        init_images=tuple(decoded[0]) if decoded is not None else (),
+        resize_mode=req.resize_mode if isinstance(req, Img2ImgRequest) else 0,
+    )
+    for extension, args in parsed:
+        effects = effects.merge(extension.prepare(context, args))
+    return effects
 
 
 def _plan_networks(
@@ -695,6 +739,7 @@ def _run(
     refiner: Refiner | None = None,
     steps_run: int | None = None,
     hires_steps: int | None = None,
+    hooks: Sequence[Any] = (),
 ) -> torch.Tensor:
     """Denoise over `timesteps`, switching to the refiner at its fraction of the steps."""
     width, height = size
@@ -730,6 +775,9 @@ def _run(
             blend=blend,
             eta=sampler_call_kwargs(plan.sampler, plan.eta).get("eta"),
             progress=progress,
+            # Extension hooks run with the request's model only (a refiner is another model).
+            hooks=list(hooks) if model is loaded else [],
+            cfg_hooks=list(plan.effects.cfg_hooks),
             first=first,
             stop=stop,
         )
@@ -768,6 +816,7 @@ def txt2img_pass(
         progress,
         inpaint_inputs=inpaint_inputs,
         refiner=plan.refiner,
+        hooks=plan.effects.unet_hooks,
     )
 
 
@@ -851,6 +900,7 @@ def img2img_pass(
         inpaint_inputs=inpaint_inputs,
         blend=blend,
         refiner=plan.refiner,
+        hooks=plan.effects.unet_hooks,
         steps_run=job.steps_run,
     )
 
@@ -940,6 +990,7 @@ def hires_pass(
         progress,
         inpaint_inputs=inpaint_inputs,
         steps_run=hires.steps_run,
+        hooks=plan.effects.hires_unet_hooks,
         hires_steps=hires.steps_run,
     )
 

@@ -507,7 +507,6 @@ _IGNORED_ROWS: Final[tuple[Ignored, ...]] = (
     Ignored("firstpass_image", _falsy),
     Ignored("script_name", _falsy),
     Ignored("script_args", _falsy),
-    Ignored("alwayson_scripts", _falsy),
     Ignored("infotext", _falsy),
     Ignored(
         "save_images",

@@ -266,3 +266,29 @@ def test_webui_img2img_payloads(server: CogServer, variant: str) -> None:
     prediction = server.predict(payload(**changes))
     assert prediction["status"] == "succeeded", prediction.get("error")
     assert len(image_bytes(prediction)) == 1
+
+
+def test_controlnet_payload_as_clients_send_it(server: CogServer) -> None:
+    _, listing = server.call(
+        "POST", "/predictions", {"input": {"endpoint": "controlnet/model_list"}}
+    )
+    model = json.loads(listing["output"]["listing"])["model_list"][0]  # "name [hash]"
+    unit = {
+        "enabled": True,
+        "input_image": b64_png(card_image(64, 64)),
+        "module": "canny",
+        "model": model,
+        "weight": 1,
+        "resize_mode": 1,
+        "lowvram": False,
+        "processor_res": 64,
+        "threshold_a": 100,
+        "threshold_b": 200,
+        "guidance_start": 0.0,
+        "guidance_end": 1.0,
+        "control_mode": 0,
+        "pixel_perfect": False,
+    }
+    prediction = server.predict(payload(alwayson_scripts={"ControlNet": {"args": [unit]}}))
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    assert len(image_bytes(prediction)) == 2  # the image and the detected map

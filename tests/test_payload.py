@@ -307,7 +307,6 @@ IGNORED_CASES = [
     ("s_noise", [1.0], 1.003),
     ("script_name", [""], "x/y/z plot"),
     ("script_args", [[]], [1, 2]),
-    ("alwayson_scripts", [{}], {"controlnet": {"args": []}}),
     ("infotext", [""], "a cat\nSteps: 20"),
     ("firstpass_image", [""], "aGVsbG8="),
     ("save_images", [False], True),

@@ -1,0 +1,131 @@
+"""ControlNet and CFG Rescale through the engine, as webui clients send them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from engine.api import Engine
+from engine.errors import RequestError
+
+from .helpers import b64_png, card_image, payload, pixels
+
+CARD = b64_png(card_image(64, 64))
+
+
+def unit(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"module": "canny", "model": "tiny-controlnet-sd15", "image": CARD}
+    base.update(changes)
+    return base
+
+
+def controlnet(*units: dict[str, Any], **changes: Any) -> str:
+    return payload(alwayson_scripts={"controlnet": {"args": list(units)}}, **changes)
+
+
+def run(engine: Engine, body: str) -> tuple[list[bytes], dict[str, Any], int]:
+    steps: list[int] = []
+    response = engine.handle("auto", body, lambda s, t: steps.append(s))
+    return [i.data for i in response.images], json.loads(response.info), len(steps)
+
+
+def test_controlnet_changes_the_image_and_leaves_nothing_attached(engine: Engine) -> None:
+    plain, _, _ = run(engine, payload())
+    images, info, _ = run(engine, controlnet(unit()))
+    assert len(images) == 2  # the picture and the detected map, as webui returns them
+    assert pixels(images[0]).tobytes() != pixels(plain[0]).tobytes()
+    assert 'ControlNet 0: "Module: canny, Model: tiny-controlnet-sd15 [' in info["infotexts"][0]
+    again, _, _ = run(engine, payload())
+    assert again == plain
+
+
+def test_zero_length_guidance_window_equals_no_controlnet(engine: Engine) -> None:
+    plain, _, _ = run(engine, payload())
+    images, _, _ = run(engine, controlnet(unit(guidance_start=0.5, guidance_end=0.5)))
+    assert pixels(images[0]).tobytes() == pixels(plain[0]).tobytes()
+
+
+def test_detected_map_only_when_asked(engine: Engine) -> None:
+    images, info, _ = run(engine, controlnet(unit(save_detected_map=False)))
+    assert len(images) == 1 and len(info["infotexts"]) == 1
+
+
+def test_two_units_and_value_forms(engine: Engine) -> None:
+    one, _, _ = run(engine, controlnet(unit(save_detected_map=False)))
+    two, info, _ = run(
+        engine,
+        controlnet(
+            unit(save_detected_map=False),
+            unit(
+                module="invert", weight=0.5, resize_mode=0, control_mode=2, save_detected_map=False
+            ),
+        ),
+    )
+    assert pixels(two[0]).tobytes() != pixels(one[0]).tobytes()
+    assert "ControlNet 1: " in info["infotexts"][0]
+    as_strings, _, _ = run(
+        engine,
+        controlnet(
+            unit(save_detected_map=False),
+            unit(
+                module="invert",
+                weight=0.5,
+                resize_mode="Just Resize",
+                control_mode="ControlNet is more important",
+                save_detected_map=False,
+            ),
+        ),
+    )
+    assert as_strings == two
+
+
+def test_img2img_falls_back_to_the_init_image(engine: Engine) -> None:
+    body = controlnet(
+        unit(image=None, save_detected_map=False), init_images=[CARD], denoising_strength=0.6
+    )
+    images, info, _ = run(engine, body)
+    assert len(images) == 1 and "ControlNet 0" in info["infotexts"][0]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (
+            payload(alwayson_scripts={"NoSuchExtension": {"args": []}}),
+            ["alwayson_scripts", "ControlNet"],
+        ),
+        (controlnet(unit(model="no-such-model")), ["no-such-model", "tiny-controlnet-sd15"]),
+        (controlnet(unit(module="depth_midas")), ["depth_midas", "canny"]),
+        (controlnet(unit(module="no_such_module")), ["no_such_module", "canny"]),
+        (controlnet(unit(image=None)), ["no input image"]),
+    ],
+)
+def test_extension_errors_come_before_any_generation(
+    engine: Engine, body: str, words: list[str]
+) -> None:
+    steps: list[int] = []
+    with pytest.raises(RequestError) as err:
+        engine.handle("auto", body, lambda s, t: steps.append(s))
+    for word in words:
+        assert word in str(err.value)
+    assert steps == []
+
+
+def test_cfg_rescale_changes_the_image_only_when_enabled(engine: Engine) -> None:
+    plain, _, _ = run(engine, payload())
+    off, _, _ = run(engine, payload(alwayson_scripts={"CFG Rescale Extension": {"args": [0]}}))
+    on, info, _ = run(engine, payload(alwayson_scripts={"cfg rescale extension": {"args": [0.7]}}))
+    assert off == plain
+    assert pixels(on[0]).tobytes() != pixels(plain[0]).tobytes()
+    assert "CFG Rescale: 0.7" in info["infotexts"][0]
+
+
+@pytest.mark.parametrize("endpoint", ["controlnet/model_list", "controlnet/module_list"])
+def test_controlnet_listings(engine: Engine, endpoint: str) -> None:
+    listing = engine.handle(endpoint, "{}").listing
+    if endpoint.endswith("model_list"):
+        assert listing["model_list"][0].startswith("tiny-controlnet-sd15 [")
+    else:
+        assert "canny" in listing["module_list"]
