@@ -237,10 +237,6 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     )
 
 
-# Kept for callers of the first version.
-txt2img = generate
-
-
 def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     """Resolve names and values; raise RequestError listing what is wrong."""
     req = parsed.request
