@@ -10,7 +10,7 @@ import pytest
 from engine.api import Engine
 from engine.errors import RequestError
 
-from .helpers import b64_png, card_image, payload, pixels
+from .helpers import b64_png, box_mask, card_image, payload, pixels
 
 CARD = b64_png(card_image(64, 64))
 
@@ -129,3 +129,21 @@ def test_controlnet_listings(engine: Engine, endpoint: str) -> None:
         assert listing["model_list"][0].startswith("tiny-controlnet-sd15 [")
     else:
         assert "canny" in listing["module_list"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5},
+        {
+            "init_images": [CARD],
+            "mask": b64_png(box_mask(64, 64, (8, 8, 40, 40))),
+            "denoising_strength": 0.8,
+        },
+    ],
+)
+def test_controlnet_with_hires_and_inpainting(engine: Engine, changes: dict[str, Any]) -> None:
+    plain, _, _ = run(engine, payload(**changes))
+    images, info, _ = run(engine, controlnet(unit(save_detected_map=False), **changes))
+    assert len(images) == 1 and "ControlNet 0" in info["infotexts"][0]
+    assert pixels(images[0]).tobytes() != pixels(plain[0]).tobytes()

@@ -380,3 +380,24 @@ def test_tiling_makes_seamless_images_and_leaves_nothing_behind(engine: Engine) 
     assert again == plain
     convs = [m for m in engine.models.cache.loaded.values() for m in m.pipe.unet.modules()]
     assert all(getattr(m, "padding_mode", "zeros") == "zeros" for m in convs)
+
+
+def test_initial_noise_multiplier(engine: Engine) -> None:
+    plain, _ = run(engine, i2i())
+    scaled, info = run(engine, i2i(initial_noise_multiplier=0.5))
+    assert scaled != plain and "Noise multiplier: 0.5" in info["infotexts"][0]
+
+
+def test_legacy_firstphase_size_is_the_first_pass(engine: Engine) -> None:
+    images, info = run(
+        engine,
+        payload(enable_hr=True, firstphase_width=64, firstphase_height=64, width=128, height=128),
+    )
+    assert info["width"] == 64 and pixels(images[0]).size == (128, 128)
+
+
+def test_hires_checkpoint_must_share_the_latent_space(engine: Engine) -> None:
+    with pytest.raises(RequestError, match="hr_checkpoint_name"):
+        run(engine, payload(enable_hr=True, hr_checkpoint_name=SDXL))
+    _, info = run(engine, payload(enable_hr=True, hr_checkpoint_name="tiny-sd15"))
+    assert "Hires checkpoint: tiny-sd15 [" in info["infotexts"][0]
