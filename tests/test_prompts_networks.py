@@ -269,3 +269,44 @@ def test_lycoris_loha_is_refused_clearly_and_the_pipeline_untouched(
         pass
     assert manager.cached() == []
     assert image(engine) == before
+
+
+def test_diffusers_format_lora_matches_the_kohya_file(
+    engine: Engine, tiny_models_dir: Any, tmp_path: Any
+) -> None:
+    """The same LoRA saved in diffusers/peft format gives the same pixels as the kohya file."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from engine.catalog import Catalog
+    from engine.loading import default_placement, load_checkpoint
+    from engine.networks import LoraCatalog, LoraManager, LoraRequest
+
+    kohya = tiny_models_dir / "loras" / "tiny-lora-sd15.safetensors"
+    scratch = load_checkpoint(
+        Catalog.scan(tiny_models_dir).resolve_checkpoint(SD1),
+        default_placement(),
+        tmp_path / "cache",
+    ).pipe
+    scratch.load_lora_weights(str(kohya), adapter_name="x")
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "out"),
+        unet_lora_layers=get_peft_model_state_dict(scratch.unet, adapter_name="x"),
+        text_encoder_lora_layers=get_peft_model_state_dict(scratch.text_encoder, adapter_name="x"),
+    )
+    diffusers_file = tmp_path / "tiny-lora-diffusers.safetensors"
+    (tmp_path / "out" / "pytorch_lora_weights.safetensors").rename(diffusers_file)
+    manager = LoraManager(loaded(engine, SD1), LoraCatalog.scan([diffusers_file]))
+    plain = image(engine)
+    # The kohya file scales by alpha / rank = 0.5; the diffusers file was saved without that
+    # metadata (scale 1), so weight 0.5 there is weight 1 here.
+    with manager.applied([LoraRequest("tiny-lora-diffusers", 0.5, 0.5)]):
+        converted = image(engine)
+    kohya_image = image(engine, prompt="a lighthouse on a cliff <lora:tiny-lora-sd15:1>")
+    assert converted != plain
+    diff = torch.tensor(list(converted), dtype=torch.int16) - torch.tensor(
+        list(kohya_image), dtype=torch.int16
+    )
+    assert diff.abs().max() <= 1  # same weights, another file format
+    manager.clear()
+    assert image(engine) == plain
