@@ -61,6 +61,12 @@ def encoder_slots(loaded: LoadedCheckpoint, clip_skip: int) -> list[EncoderSlot]
                 pipe.tokenizer_2, pipe.text_encoder_2, 0, PENULTIMATE, False, "clip_g", pooled=True
             ),
         ]
+    if loaded.family is Family.SDXL_REFINER:  # OpenCLIP-G only
+        return [
+            EncoderSlot(
+                pipe.tokenizer_2, pipe.text_encoder_2, 0, PENULTIMATE, False, "clip_g", pooled=True
+            )
+        ]
     if loaded.family is Family.SD2:
         return [EncoderSlot(pipe.tokenizer, pipe.text_encoder, 0, -1, True, "clip_h")]
     # SD1, webui: N = 1 the last layer; N >= 2 hidden state -N through the final layer norm.

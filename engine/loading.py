@@ -42,6 +42,12 @@ class Family(StrEnum):
     SD1 = "sd1"
     SD2 = "sd2"
     SDXL = "sdxl"
+    SDXL_REFINER = "sdxl_refiner"
+
+    @property
+    def latent_space(self) -> str:
+        """Families whose latents can be handed from one model to another (refiner, hires)."""
+        return "sdxl" if self in (Family.SDXL, Family.SDXL_REFINER) else "sd"
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,14 @@ FAMILIES: tuple[FamilySpec, ...] = (
         ),
         fixed_unet_heads=None,
         pad_tokens=(("tokenizer", EOS), ("tokenizer_2", "!")),
+    ),
+    FamilySpec(
+        Family.SDXL_REFINER,
+        marker="conditioner.embedders.0.model.token_embedding.weight",
+        pipeline="StableDiffusionXLImg2ImgPipeline",
+        text_encoders=(("text_encoder_2", "conditioner.embedders.0.model.", "openclip"),),
+        fixed_unet_heads=None,
+        pad_tokens=(("tokenizer_2", "!"),),
     ),
     FamilySpec(
         Family.SD2,
@@ -144,11 +158,9 @@ def detect_family(shapes: Shapes, name: str) -> FamilySpec:
             if not any(k.startswith(UNET) for k in shapes):
                 break
             return spec
-    if "conditioner.embedders.0.model.token_embedding.weight" in shapes:
-        raise ModelLoadError(f"{name}: SDXL refiner checkpoints are not supported yet")
     raise ModelLoadError(
         f"{name}: not a Stable Diffusion checkpoint this server can load "
-        "(supported: SD 1.x, SD 2.x and SDXL base, single file in the original layout, "
+        "(supported: SD 1.x, SD 2.x, SDXL base and refiner, single file in the original layout, "
         "or a diffusers folder)"
     )
 
@@ -198,9 +210,15 @@ def infer_unet(base: dict[str, Any], shapes: Shapes, spec: FamilySpec, name: str
     cfg["out_channels"] = _shape(shapes, f"{UNET}out.2.weight", name)[0]
     cfg["down_block_types"] = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths]
     cfg["up_block_types"] = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)]
-    if any(d != 1 for d in depths if d):
-        # A level without attention keeps 1: diffusers ignores it (as SDXL's real config does).
-        cfg["transformer_layers_per_block"] = [max(d, 1) for d in depths]
+    middle = _count(shapes, re.escape(f"{UNET}middle_block.1.transformer_blocks.") + r"(\d+)\.")
+    attention = {d for d in depths if d} | {middle}
+    reference = base.get("transformer_layers_per_block", 1)
+    if not (isinstance(reference, int) and attention == {reference}):
+        # diffusers reads the mid block's depth from the last entry; levels without attention
+        # ignore theirs (SDXL's real config: [1, 2, 10], the refiner's: 4 everywhere).
+        per_level = [max(d, 1) for d in depths]
+        per_level[-1] = middle
+        cfg["transformer_layers_per_block"] = per_level
     cross = next(
         (v for k, v in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")),
         None,

@@ -86,7 +86,8 @@ class DenoiseJob:
     cfg_scale: float
     schedule: Schedule
     generators: list[torch.Generator]
-    time_ids: torch.Tensor | None = None  # SDXL size conditioning, (1, 6)
+    time_ids: torch.Tensor | None = None  # SDXL size conditioning, (1, 6); refiner (1, 5)
+    uncond_time_ids: torch.Tensor | None = None  # the negative block's, when it differs (refiner)
     inpaint_inputs: torch.Tensor | None = None  # 9-channel UNets: [mask, masked-image latents]
     blend: MaskBlend | None = None
     eta: float | None = None
@@ -148,10 +149,12 @@ def denoise(job: DenoiseJob) -> torch.Tensor:
         embeds, pooled = _batched(cond)
         kwargs: dict[str, Any] = {"encoder_hidden_states": embeds}
         if pooled is not None and job.time_ids is not None:
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": pooled,
-                "time_ids": job.time_ids.repeat(pooled.shape[0], 1),
-            }
+            batch = latents.shape[0]
+            first = job.time_ids if job.uncond_time_ids is None else job.uncond_time_ids
+            time_ids = torch.cat(
+                [first.repeat(batch, 1), job.time_ids.repeat(batch * (copies - 1), 1)]
+            )
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
         info = StepInfo(index, total, latents.shape[0], copies)
         _apply_unet_hooks(job.hooks, model_in, t, kwargs, info)
         outputs = job.unet(model_in, t, **kwargs).sample

@@ -193,6 +193,34 @@ SDXL = SDXLDims(
     text_g=_SDXL_TEXT_G,
 )
 
+
+@dataclass(frozen=True)
+class SDXLRefinerDims:
+    unet: UNetDims
+    vae: VAEDims
+    text_g: TextDims  # conditioner.embedders.0 (OpenCLIP bigG layout; the refiner has no CLIP-L)
+
+
+# The refiner's real layout: 4 levels (384, 768, 1536, 1536), depth (0, 4, 4, 0), mid 4,
+# context 1280 (bigG only), adm 1280 + 5 * 256 (size, crop and an aesthetic score). Its one
+# text encoder can be narrow (no second encoder to tell apart by width).
+_REFINER_TEXT_G = TextDims(hidden=64, intermediate=256, layers=3, projection_dim=64)
+SDXL_REFINER = SDXLRefinerDims(
+    unet=UNetDims(
+        model_channels=32,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        transformer_depth=(0, 2, 2, 0),
+        transformer_depth_middle=2,
+        context_dim=_REFINER_TEXT_G.hidden,
+        use_linear_in_transformer=True,
+        num_head_channels=64,
+        adm_in_channels=(_REFINER_TEXT_G.projection_dim or 0) + 5 * 256,
+    ),
+    vae=VAE,
+    text_g=_REFINER_TEXT_G,
+)
+
 SD2 = SD2Dims(
     unet=UNetDims(
         model_channels=64,
@@ -219,6 +247,7 @@ FILES: dict[str, str] = {
     # default a request gets) while the name still says what it is.
     "sd15-inpainting": "checkpoints/tiny-sd15_inpainting.safetensors",
     "sdxl": "checkpoints/tiny-sdxl.safetensors",
+    "sdxl-refiner": "checkpoints/tiny-sdxl_refiner.safetensors",
     "sd21-v": "checkpoints/tiny-sd21-v.safetensors",
     "sd21-v-yaml": "checkpoints/tiny-sd21-v.yaml",
     "lora-sd15": "loras/tiny-lora-sd15.safetensors",
@@ -534,6 +563,12 @@ def sd2_checkpoint(d: SD2Dims) -> Params:
     yield from prefixed("cond_stage_model.model.", open_clip_text(d.text))
 
 
+def sdxl_refiner_checkpoint(d: SDXLRefinerDims) -> Params:
+    yield from prefixed("model.diffusion_model.", ldm_unet(d.unet))
+    yield from prefixed("first_stage_model.", ldm_vae(d.vae))
+    yield from prefixed("conditioner.embedders.0.model.", open_clip_text(d.text_g))
+
+
 def sdxl_checkpoint(d: SDXLDims) -> Params:
     yield from prefixed("model.diffusion_model.", ldm_unet(d.unet))
     yield from prefixed("first_stage_model.", ldm_vae(d.vae))
@@ -846,6 +881,9 @@ def make_all(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     write_safetensors(paths["sd15"], sd1_checkpoint(SD1), seed)
     write_safetensors(paths["sd15-inpainting"], sd1_checkpoint(SD1_INPAINTING), seed, dtype=fp16)
     write_safetensors(paths["sdxl"], sdxl_checkpoint(SDXL), seed, dtype=fp16)
+    write_safetensors(
+        paths["sdxl-refiner"], sdxl_refiner_checkpoint(SDXL_REFINER), seed, dtype=fp16
+    )
     write_safetensors(paths["sd21-v"], sd2_checkpoint(SD2), seed, dtype=fp16)
     paths["sd21-v-yaml"].write_text(sd2_v_yaml(SD2), encoding="utf-8")
     # kohya saves LoRAs in fp16 by default (save_precision); alpha included.

@@ -401,3 +401,25 @@ def test_hires_checkpoint_must_share_the_latent_space(engine: Engine) -> None:
         run(engine, payload(enable_hr=True, hr_checkpoint_name=SDXL))
     _, info = run(engine, payload(enable_hr=True, hr_checkpoint_name="tiny-sd15"))
     assert "Hires checkpoint: tiny-sd15 [" in info["infotexts"][0]
+
+
+def test_sdxl_base_with_the_sdxl_refiner(engine: Engine) -> None:
+    model = {"sd_model_checkpoint": SDXL}
+    plain, _ = run(engine, payload(steps=6, override_settings=model))
+    refined, info = run(
+        engine,
+        payload(
+            steps=6,
+            override_settings=model,
+            refiner_checkpoint="tiny-sdxl_refiner",
+            refiner_switch_at=0.5,
+        ),
+    )
+    assert refined != plain
+    assert "Refiner: tiny-sdxl_refiner [" in info["infotexts"][0]
+    alone, _ = run(
+        engine, payload(steps=6, override_settings={"sd_model_checkpoint": "tiny-sdxl_refiner"})
+    )
+    assert len(alone) == 1
+    with pytest.raises(RequestError, match="refiner_checkpoint"):
+        run(engine, payload(refiner_checkpoint="tiny-sdxl_refiner", refiner_switch_at=0.5))

@@ -78,7 +78,23 @@ REAL_SDXL = tiny.SDXLDims(
     text_l=TEXT_L,
     text_g=tiny.TextDims(hidden=1280, intermediate=5120, layers=32, projection_dim=1280),
 )
+REAL_REFINER = tiny.SDXLRefinerDims(
+    unet=tiny.UNetDims(
+        model_channels=384,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        transformer_depth=(0, 4, 4, 0),
+        transformer_depth_middle=4,
+        context_dim=1280,
+        use_linear_in_transformer=True,
+        num_head_channels=64,
+        adm_in_channels=2560,
+    ),
+    vae=REAL_VAE,
+    text_g=tiny.TextDims(hidden=1280, intermediate=5120, layers=32, projection_dim=1280),
+)
 REAL = {
+    Family.SDXL_REFINER: tiny.sdxl_refiner_checkpoint(REAL_REFINER),
     Family.SD1: tiny.sd1_checkpoint(REAL_SD15),
     Family.SD2: tiny.sd2_checkpoint(REAL_SD21),
     Family.SDXL: tiny.sdxl_checkpoint(REAL_SDXL),

@@ -202,7 +202,8 @@ def test_listing_endpoints(engine: Engine, endpoint: str, check: Any) -> None:
 def test_sd_models_listing_names_every_tiny_checkpoint(engine: Engine) -> None:
     titles = [m["title"] for m in engine.handle("sd-models", "").listing]
     assert [t.split(" [")[0] for t in titles] == sorted(
-        [SD1, SD2, SDXL, "tiny-sd15_inpainting.safetensors"], key=str.lower
+        [SD1, SD2, SDXL, "tiny-sd15_inpainting.safetensors", "tiny-sdxl_refiner.safetensors"],
+        key=str.lower,
     )
 
 
