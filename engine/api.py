@@ -18,7 +18,7 @@ from .geometry import available_hr_upscalers
 from .images import EncodedImage
 from .loading import Placement, default_placement
 from .networks import LoraCatalog
-from .payload import choose_mode, decode_api_json, parse_request
+from .payload import LIMITS, Limits, choose_mode, decode_api_json, parse_request
 from .pipelines import PipelineCache
 from .samplers import list_samplers, list_schedulers
 from .vae import VaeCatalog
@@ -76,13 +76,24 @@ class Engine:
     """Loaded models plus request handling. Holds no per-request state."""
 
     models: Models
+    limits: Limits
 
-    def __init__(self, models: Models):
+    def __init__(self, models: Models, limits: Limits = LIMITS):
         self.models = models
+        self.limits = limits
 
     @classmethod
-    def setup(cls, config: EngineConfig, placement: Placement | None = None) -> Engine:
-        """Scan the model folders and load every checkpoint once."""
+    def setup(
+        cls,
+        config: EngineConfig,
+        placement: Placement | None = None,
+        limits: Limits | None = None,
+    ) -> Engine:
+        """Scan the model folders and load every checkpoint once.
+
+        Request limits default to `Limits.from_env()`: SD_LIMIT_* read here, once.
+        """
+        limits = Limits.from_env() if limits is None else limits
         # 1. What is on disk (hashes cached by path, size and mtime).
         hashes = HashCache(config.cache_dir / "hashes.json")
         catalog = Catalog.scan(config.models_dir, hash_cache=hashes)
@@ -108,7 +119,7 @@ class Engine:
             vaes=vaes,
             extensions=extensions,
         )
-        return cls(models)
+        return cls(models, limits)
 
     def handle(self, endpoint: str, api_json: str, progress: Progress = log_progress) -> Response:
         """Serve one request: a listing endpoint, or txt2img/img2img from a webui payload."""
@@ -123,7 +134,7 @@ class Engine:
             raise RequestError.single(
                 "endpoint", endpoint, f"must be one of {', '.join(map(repr, choices))}"
             )
-        payload = decode_api_json(api_json)
-        parsed = parse_request(payload, choose_mode(name, payload))
+        payload = decode_api_json(api_json, self.limits)
+        parsed = parse_request(payload, choose_mode(name, payload), self.limits)
         result: Result = generate(self.models, parsed, progress)
         return Response(images=result.images, info=result.info, parameters=result.parameters)

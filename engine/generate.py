@@ -7,6 +7,7 @@ batches then run on the cached models, which are read, never changed.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -209,9 +210,10 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     req = plan.request
     # 2. Generate batch by batch (n_iter batches of batch_size).
     pil_images: list[Any] = []
-    for batch in range(req.n_iter):
-        lo, hi = batch * plan.batch_size, (batch + 1) * plan.batch_size
-        pil_images += run_batch(plan, lo, hi, progress)
+    with _out_of_memory_reported(plan):
+        for batch in range(req.n_iter):
+            lo, hi = batch * plan.batch_size, (batch + 1) * plan.batch_size
+            pil_images += run_batch(plan, lo, hi, progress)
     # 3. Infotext per image, encoded files, the info JSON.
     infotexts = [image_infotext(plan, i) for i in range(len(pil_images))]
     settings = parsed.settings
@@ -234,6 +236,26 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     info = info_json(build_info(plan, infotexts))
     return Result(
         images=images, info=info, parameters=echo_parameters(parsed), warnings=plan.warnings
+    )
+
+
+@contextmanager
+def _out_of_memory_reported(plan: Plan) -> Iterator[None]:
+    """Out of memory: free the allocator's cache and say what to shrink (the next request runs)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        # Drop the traceback (it holds the failed activations) before freeing the cache.
+        pass
+    else:
+        return
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    req = plan.request
+    raise GenerationError(
+        f"out of memory generating {req.batch_size} image(s) of {plan.width}x{plan.height}; "
+        "try a smaller width/height, batch_size, or hires scale"
     )
 
 
@@ -604,12 +626,18 @@ def _plan_refiner(
 
 
 def _same_family(base: LoadedCheckpoint, other: LoadedCheckpoint, field: str) -> None:
-    if other.family is not base.family or other.is_inpainting != base.is_inpainting:
+    if (
+        other.family.latent_space != base.family.latent_space
+        or other.is_inpainting != base.is_inpainting
+    ):
+        kind = (
+            "an SDXL (base or refiner)" if base.family.latent_space == "sdxl" else "an SD 1.x/2.x"
+        )
         raise RequestError.single(
             field,
             other.info.title,
-            f"must be a {base.family.value.upper()} checkpoint like {base.info.title} (the latent "
-            "spaces must match)",
+            f"must be {kind} checkpoint like {base.info.title}, with the same UNet inputs (the "
+            "latent spaces must match)",
         )
 
 
@@ -766,7 +794,8 @@ def _run(
             cfg_scale=plan.request.cfg_scale,
             schedule=step_conditioning(conditioner, schedules, steps_run, len(timesteps)),
             generators=generators,
-            time_ids=sdxl_time_ids(model, width, height),
+            time_ids=sdxl_time_ids(model, width, height)[0],
+            uncond_time_ids=sdxl_time_ids(model, width, height)[1],
             inpaint_inputs=inpaint_inputs,
             blend=blend,
             eta=sampler_call_kwargs(plan.sampler, plan.eta).get("eta"),
@@ -991,13 +1020,29 @@ def hires_pass(
     )
 
 
-def sdxl_time_ids(loaded: LoadedCheckpoint, width: int, height: int) -> torch.Tensor | None:
-    """SDXL size conditioning as webui: original = target = (h, w), crop (0, 0)."""
-    if loaded.family is not Family.SDXL:
-        return None
+# webui's sdxl_refiner_high_aesthetic_score / low_aesthetic_score defaults.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+def sdxl_time_ids(
+    loaded: LoadedCheckpoint, width: int, height: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """SDXL size conditioning as webui: original = target = (h, w), crop (0, 0). The refiner
+    takes an aesthetic score instead of the target size (6.0, and 2.5 for the negative)."""
     pipe = loaded.pipe
-    values = [[height, width, 0, 0, height, width]]
-    return torch.tensor(values, device=pipe.device, dtype=pipe.unet.dtype)
+    if loaded.family is Family.SDXL:
+        values = [[height, width, 0, 0, height, width]]
+        return torch.tensor(values, device=pipe.device, dtype=pipe.unet.dtype), None
+    if loaded.family is Family.SDXL_REFINER:
+
+        def ids(score: float) -> torch.Tensor:
+            return torch.tensor(
+                [[height, width, 0, 0, score]], device=pipe.device, dtype=pipe.unet.dtype
+            )
+
+        return ids(AESTHETIC_SCORE), ids(NEGATIVE_AESTHETIC_SCORE)
+    return None, None
 
 
 # --------------------------------------------------------------------------------------------

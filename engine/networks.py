@@ -604,7 +604,20 @@ class LoraManager:
             raise RequestError(problems)
         return pairs
 
+    def _resync(self) -> None:
+        """Other code (another manager on the same pipeline, diffusers' own calls) may have
+        added or removed adapters: forget cached ones that are gone, find the layers again.
+        The check is a dict comparison (no module walk) unless something changed."""
+        present = self._present_now()
+        if present == self._present:
+            return
+        alive: set[str] = set().union(*present.values()) if present else set()
+        for aid in [a for a in self._cache if a not in alive]:
+            del self._cache[aid]
+        self._reindex()
+
     def _ensure_loaded(self, uses: Sequence[LoraUse], field: str) -> None:
+        self._resync()
         needed = {u.info.adapter_id for u in uses}
         for use in uses:
             aid = use.info.adapter_id

@@ -17,6 +17,8 @@ import binascii
 import codecs
 import json
 import math
+import os
+import re
 import types
 import typing
 import urllib.parse
@@ -27,6 +29,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import Problem, RequestError
+from engine.prompt_parser import extract_extra_networks
 
 Mode = Literal["txt2img", "img2img"]
 MODES: Final[tuple[Mode, ...]] = ("txt2img", "img2img")
@@ -73,6 +76,54 @@ class Limits:
     # image i uses seed + i, so stay well below that.
     seed: Range = Range(-1, 2**63 - 1)
     prompt_chars: int = 20000
+    # batch_size * n_iter: images one request may ask for.
+    images: int = 64
+    # width * height of one image (each side is capped above too).
+    pixels: int = 2048 * 2048
+    # UTF-8 bytes of the api_json text (base64 init images count: a 20 MB image is ~27 MB).
+    payload_bytes: int = 64 * 1024 * 1024
+    # Nesting of [ and { in api_json; deeper JSON would exhaust Python's recursion limit.
+    json_depth: int = 32
+    # <lora:...>/<lyco:...> tags in one prompt.
+    lora_tags: int = 16
+    # Enabled ControlNet units (webui's control_net_unit_count defaults to 3).
+    controlnet_units: int = 3
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
+        """Limits with SD_LIMIT_* environment overrides (table: LIMIT_ENV); bad values fail."""
+        env = os.environ if environ is None else environ
+        changes: dict[str, Any] = {}
+        for var, (name, kind) in LIMIT_ENV.items():
+            text = env.get(var)
+            if text is None or not text.strip():
+                continue
+            try:
+                number = int(text.strip())
+            except ValueError:
+                raise ValueError(f"{var}={text!r}: must be a positive integer") from None
+            if number < 1:
+                raise ValueError(f"{var}={text!r}: must be a positive integer")
+            current = getattr(cls(), name)
+            changes[name] = Range(current.lo, number) if kind == "range" else number
+        return cls(**changes)
+
+
+# Environment variable -> (Limits field, "range" (sets the upper bound) or "int").
+LIMIT_ENV: Final[dict[str, tuple[str, Literal["range", "int"]]]] = {
+    "SD_LIMIT_MAX_WIDTH": ("width", "range"),
+    "SD_LIMIT_MAX_HEIGHT": ("height", "range"),
+    "SD_LIMIT_MAX_PIXELS": ("pixels", "int"),
+    "SD_LIMIT_MAX_STEPS": ("steps", "range"),
+    "SD_LIMIT_MAX_BATCH_SIZE": ("batch_size", "range"),
+    "SD_LIMIT_MAX_N_ITER": ("n_iter", "range"),
+    "SD_LIMIT_MAX_IMAGES": ("images", "int"),
+    "SD_LIMIT_MAX_PROMPT_CHARS": ("prompt_chars", "int"),
+    "SD_LIMIT_MAX_PAYLOAD_BYTES": ("payload_bytes", "int"),
+    "SD_LIMIT_MAX_JSON_DEPTH": ("json_depth", "int"),
+    "SD_LIMIT_MAX_LORA_TAGS": ("lora_tags", "int"),
+    "SD_LIMIT_MAX_CONTROLNET_UNITS": ("controlnet_units", "int"),
+}
 
 
 LIMITS: Final = Limits()
@@ -543,16 +594,17 @@ class ParsedRequest:
     warnings: tuple[str, ...]
 
 
-def decode_api_json(text: str) -> dict[str, Any]:
+def decode_api_json(text: str, limits: Limits = LIMITS) -> dict[str, Any]:
     """Decode the Cog input `api_json`: JSON text, or a `data:` URL of it.
 
     `cog predict -i api_json=@payload.json` sends `data:application/json;base64,...`; a
     `;charset=...` parameter and percent-encoded (non-base64) data URLs are accepted too.
-    NaN/Infinity literals are rejected (they are not JSON). Errors are a RequestError on
-    field "api_json" that says what was wrong.
+    NaN/Infinity literals are rejected (they are not JSON). Size and nesting depth are
+    capped by `limits`. Errors are a RequestError on field "api_json" that says what was wrong.
     """
     if not isinstance(text, str):
         raise RequestError.single("api_json", text, "must be JSON text or a data: URL of it")
+    _check_payload_size(text, limits)
     stripped = text.strip()
     if stripped[:5].lower() == "data:":
         stripped = _decode_data_url(stripped)
@@ -561,6 +613,7 @@ def decode_api_json(text: str) -> dict[str, Any]:
         raise RequestError.single(
             "api_json", text, 'is empty; send a JSON object such as {"prompt": "a cat"}'
         )
+    _check_json_depth(stripped, limits.json_depth)
     try:
         data = json.loads(stripped, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
@@ -613,6 +666,7 @@ def parse_request(payload: Mapping[str, Any], mode: Mode, limits: Limits = LIMIT
     # 3. Cross-field rules and webui's silent normalisations (made loud).
     warnings += _snap_sizes(values)
     problems += _check_prompt_lists(values)
+    problems += _check_totals(values, payload, limits)
     if mode == "img2img" and "init_images" in values and not values["init_images"]:
         problems.append(
             Problem(
@@ -691,6 +745,107 @@ class _NonFinite(ValueError):
 
 def _reject_constant(literal: str) -> Any:
     raise _NonFinite(literal)
+
+
+def _check_payload_size(text: str, limits: Limits) -> None:
+    # Characters first (cheap); only text near the limit is measured in UTF-8 bytes.
+    if len(text) * 4 <= limits.payload_bytes:
+        return
+    size = len(text) if len(text) > limits.payload_bytes else len(text.encode("utf-8", "replace"))
+    if size > limits.payload_bytes:
+        raise RequestError.single(
+            "api_json",
+            f"{size} bytes",
+            f"must be at most {limits.payload_bytes} bytes (SD_LIMIT_MAX_PAYLOAD_BYTES)",
+        )
+
+
+# A JSON string (escapes included) or one bracket: strings are skipped, brackets counted.
+_JSON_TOKEN: Final = re.compile(r'"(?:[^"\\]+|\\.)*"?|[\[\]{}]')
+
+
+def _check_json_depth(text: str, limit: int) -> None:
+    """Refuse nesting deeper than `limit` before json.loads recurses into it."""
+    if text.count("[") + text.count("{") <= limit:
+        return
+    depth = 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > limit:
+                raise RequestError.single(
+                    "api_json",
+                    _excerpt(text, match.start()),
+                    f"JSON nested more than {limit} levels deep (SD_LIMIT_MAX_JSON_DEPTH)",
+                )
+        elif token in "]}":
+            depth -= 1
+
+
+def _check_totals(
+    values: Mapping[str, Any], payload: Mapping[str, Any], limits: Limits
+) -> list[Problem]:
+    """Limits over several fields: images per request, pixels, LoRA tags, ControlNet units."""
+    problems: list[Problem] = []
+    if {"batch_size", "n_iter"} <= values.keys():
+        count = values["batch_size"] * values["n_iter"]
+        if count > limits.images:
+            problems.append(
+                Problem(
+                    "batch_size*n_iter",
+                    count,
+                    f"at most {limits.images} images per request (SD_LIMIT_MAX_IMAGES)",
+                )
+            )
+    if {"width", "height"} <= values.keys():
+        area = values["width"] * values["height"]
+        if area > limits.pixels:
+            problems.append(
+                Problem(
+                    "width*height",
+                    area,
+                    f"at most {limits.pixels} pixels per image (SD_LIMIT_MAX_PIXELS)",
+                )
+            )
+    for name in _PROMPT_FIELDS:
+        value = values.get(name)
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for text in texts:
+            tags = [t for t in extract_extra_networks(text)[1] if t.kind == "lora"]
+            if len(tags) > limits.lora_tags:
+                problems.append(
+                    Problem(
+                        name,
+                        f"{len(tags)} LoRA tags",
+                        f"at most {limits.lora_tags} <lora:...> tags per prompt "
+                        "(SD_LIMIT_MAX_LORA_TAGS)",
+                    )
+                )
+                break
+    units = _controlnet_units(payload)
+    if units > limits.controlnet_units:
+        problems.append(
+            Problem(
+                "alwayson_scripts.controlnet.args",
+                f"{units} enabled units",
+                f"at most {limits.controlnet_units} enabled ControlNet units "
+                "(SD_LIMIT_MAX_CONTROLNET_UNITS)",
+            )
+        )
+    return problems
+
+
+def _controlnet_units(payload: Mapping[str, Any]) -> int:
+    """Enabled unit objects in alwayson_scripts.controlnet.args (any key case, as webui)."""
+    scripts = payload.get("alwayson_scripts")
+    if not isinstance(scripts, Mapping):
+        return 0
+    entry = next((v for k, v in scripts.items() if str(k).lower() == "controlnet"), None)
+    args = entry.get("args") if isinstance(entry, Mapping) else None
+    if not isinstance(args, list):
+        return 0
+    return sum(1 for unit in args if isinstance(unit, Mapping) and unit.get("enabled", True))
 
 
 def _json_kind(value: Any) -> str:
@@ -915,6 +1070,7 @@ def _per_image(prompt: str | list[str], n: int) -> list[str]:
 __all__ = [
     "IGNORED_FIELDS",
     "LIMITS",
+    "LIMIT_ENV",
     "MODES",
     "OPTIONS",
     "Ignored",

@@ -197,7 +197,9 @@ def test_diffusers_folder_and_ckpt_give_the_single_file_picture(
 ) -> None:
     """The same weights as a diffusers folder and as a pickle .ckpt produce the same pixels."""
     expected = pixels(engine.handle("txt2img", payload()).images[0].data)
-    loaded = next(c for c in engine.models.cache.loaded.values() if c.info.name == SD1)
+    shared = next(c for c in engine.models.cache.loaded.values() if c.info.name == SD1)
+    # A fresh copy to save: the shared one may carry (inactive) LoRA layers from other tests.
+    loaded = load_checkpoint(shared.info, default_placement(), tmp_path / "cache")
     for_folder = tmp_path / "folder"
     loaded.pipe.save_pretrained(for_folder / "checkpoints" / "tiny-sd15-diffusers")
     for_ckpt = tmp_path / "ckpt"

@@ -310,3 +310,16 @@ def test_diffusers_format_lora_matches_the_kohya_file(
     assert diff.abs().max() <= 1  # same weights, another file format
     manager.clear()
     assert image(engine) == plain
+
+
+def test_lora_manager_survives_other_code_removing_its_adapters(engine: Engine) -> None:
+    """If something else clears the shared pipeline's adapters, the next LoRA request still
+    applies its LoRA (the manager notices and reloads) and plain requests stay plain."""
+    from engine.networks import LoraManager
+
+    plain = image(engine)
+    tagged = "a lighthouse on a cliff <lora:tiny-lora-sd15:1>"
+    first = image(engine, prompt=tagged)
+    LoraManager(loaded(engine, SD1), engine.models.loras).clear()  # another manager's clear()
+    assert image(engine, prompt=tagged) == first
+    assert image(engine) == plain
