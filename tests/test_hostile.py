@@ -384,6 +384,57 @@ def test_cancelled_controlnet_and_hires_leave_nothing_behind(
     assert_unharmed(engine, baseline)
 
 
+def test_cancelled_while_loading_a_lora_leaves_nothing_behind(
+    engine: Engine, baseline: Baseline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancel lands while peft is injecting a LoRA that is not cached yet."""
+    import shutil
+
+    from engine import networks
+
+    fresh = tmp_path / "fresh-lora.safetensors"
+    source = engine.models.loras.resolve("tiny-lora-sd15").path
+    shutil.copy(source, fresh)
+    data = bytearray(fresh.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x3f"  # another last value: another content id, not cached
+    fresh.write_bytes(bytes(data))
+    monkeypatch.setattr(
+        engine.models,
+        "loras",
+        networks.LoraCatalog.scan([*(i.path for i in engine.models.loras.loras), fresh]),
+    )
+    for manager in engine.models.lora_managers.values():
+        monkeypatch.setattr(manager, "catalog", engine.models.loras)
+    real = networks.read_lora_state_dict
+
+    def cancelled_read(path: Path) -> Any:
+        real(path)
+        raise Cancelled
+
+    monkeypatch.setattr(networks, "read_lora_state_dict", cancelled_read)
+    with pytest.raises(Cancelled):
+        engine.handle("auto", payload(prompt="a cat <lora:fresh-lora:1>"), lambda s, t: None)
+    monkeypatch.undo()
+    assert_unharmed(engine, baseline)
+
+
+def test_cancelled_while_decoding_leaves_nothing_behind(
+    engine: Engine, baseline: Baseline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine.generate as generate_module
+
+    def cancelled_decode(vae: Any, latents: Any) -> Any:
+        raise Cancelled
+
+    monkeypatch.setattr(generate_module, "decode_latents", cancelled_decode)
+    with pytest.raises(Cancelled):
+        engine.handle(
+            "auto", payload(prompt="<lora:tiny-lora-sd15:1> a cat", tiling=True), lambda s, t: None
+        )
+    monkeypatch.undo()
+    assert_unharmed(engine, baseline)
+
+
 @pytest.mark.parametrize("checkpoint", [SD1, SD2, SDXL])
 def test_other_checkpoints_and_vae_leave_nothing_behind(
     engine: Engine, baseline: Baseline, checkpoint: str

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+@contextmanager
+def running_server(models_dir: Path, log: Path) -> Iterator[tuple[CogServer, str]]:
+    """Start the Cog server over `models_dir`; yield it with its status once setup ended."""
     port = free_port()
-    log = tmp_path_factory.mktemp("cog") / "server.log"
     env = dict(os.environ)
     env.update(
         PORT=str(port),
         COG_PREDICT_TYPE_STUB="predict.py:Predictor",
-        SD_MODELS_DIR=str(tiny_models_dir),
+        SD_MODELS_DIR=str(models_dir),
         HF_HUB_OFFLINE="1",
         # The worker is started as plain `python`: our interpreter must come first on PATH.
         PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
@@ -119,9 +120,7 @@ def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             if status in ("READY", "SETUP_FAILED", "DEFUNCT"):
                 break
             time.sleep(0.5)
-        if status != "READY":
-            pytest.fail(f"Cog server did not become READY ({status}):\n{log.read_text()[-4000:]}")
-        yield server
+        yield server, status
     finally:
         process.terminate()
         try:
@@ -129,6 +128,30 @@ def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    log = tmp_path_factory.mktemp("cog") / "server.log"
+    with running_server(tiny_models_dir, log) as (server, status):
+        if status != "READY":
+            pytest.fail(f"Cog server did not become READY ({status}):\n{log.read_text()[-4000:]}")
+        yield server
+
+
+def test_corrupt_checkpoint_fails_setup_instead_of_serving(
+    tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    data = (tiny_models_dir / "checkpoints" / "tiny-sd15.safetensors").read_bytes()
+    (models / "checkpoints" / "broken.safetensors").write_bytes(data[: len(data) // 3])
+    with running_server(models, tmp_path / "server.log") as (server, status):
+        assert status == "SETUP_FAILED"
+        _, health = server.call("GET", "/health-check")
+        assert "broken.safetensors" in json.dumps(health)
+        status_code, reply = server.call("POST", "/predictions", {"input": {"api_json": payload()}})
+        assert status_code == 503, reply
 
 
 def image_bytes(prediction: dict[str, Any]) -> list[bytes]:
