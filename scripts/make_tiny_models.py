@@ -237,6 +237,7 @@ SD2 = SD2Dims(
 )
 
 CONTROLNET_SD1 = ControlNetDims(unet=SD1.unet)
+CONTROLNET_SDXL = ControlNetDims(unet=SDXL.unet)
 LORA = LoraDims()
 EMBEDDING = EmbeddingDims()
 
@@ -253,6 +254,7 @@ FILES: dict[str, str] = {
     "lora-sd15": "loras/tiny-lora-sd15.safetensors",
     "lora-sdxl": "loras/tiny-lora-sdxl.safetensors",
     "controlnet-sd15": "controlnet/tiny-controlnet-sd15.safetensors",
+    "controlnet-sdxl": "controlnet/tiny-controlnet-sdxl.safetensors",
     "embedding": "embeddings/tiny-embedding.safetensors",
     "embedding-sdxl": "embeddings/tiny-embedding-sdxl.safetensors",
     "vae": "vae/tiny-vae.safetensors",
@@ -440,6 +442,9 @@ def ldm_controlnet(d: ControlNetDims) -> Params:
     """cldm ControlNet, keys as under ``control_model.``."""
     u = d.unet
     yield from unet_time_embed(u)
+    if u.adm_in_channels:  # SDXL: the size / pooled-text embedding, as in the UNet
+        yield from linear("label_emb.0.0", u.adm_in_channels, u.time_embed_dim)
+        yield from linear("label_emb.0.2", u.time_embed_dim, u.time_embed_dim)
     hint = d.hint_block_channels
     # input_hint_block: conv, SiLU, conv, SiLU, ...: the convs sit at the even indices 0..14.
     yield from conv("input_hint_block.0", d.hint_channels, hint[0], 3)
@@ -904,6 +909,8 @@ def make_all(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     # Like the *_fp16.safetensors ControlNet 1.1 files webui users download.
     controlnet = prefixed("control_model.", ldm_controlnet(CONTROLNET_SD1))
     write_safetensors(paths["controlnet-sd15"], controlnet, seed, dtype=fp16)
+    controlnet_xl = prefixed("control_model.", ldm_controlnet(CONTROLNET_SDXL))
+    write_safetensors(paths["controlnet-sdxl"], controlnet_xl, seed, dtype=fp16)
     write_safetensors(paths["embedding"], sd1_embedding(SD1, EMBEDDING), seed)
     write_safetensors(paths["embedding-sdxl"], sdxl_embedding(SDXL, EMBEDDING), seed)
     write_safetensors(paths["vae"], ldm_vae(VAE), seed)

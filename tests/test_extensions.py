@@ -219,8 +219,9 @@ def test_model_without_hash(controlnet: ControlNetExtension, name: str) -> None:
 
 
 def test_model_with_hash_and_the_listing(controlnet: ControlNetExtension) -> None:
-    (title,) = controlnet.model_list()["model_list"]
+    title, xl_title = controlnet.model_list()["model_list"]
     assert title.startswith("tiny-controlnet-sd15 [") and len(title.split("[")[1]) == 9
+    assert xl_title.startswith("tiny-controlnet-sdxl [")
     (parsed,) = controlnet.parse_args({"args": [unit(model=title)]}, field=FIELD)
     assert parsed.model.title == title
     modules = controlnet.module_list()

@@ -147,3 +147,18 @@ def test_controlnet_with_hires_and_inpainting(engine: Engine, changes: dict[str,
     images, info, _ = run(engine, controlnet(unit(save_detected_map=False), **changes))
     assert len(images) == 1 and "ControlNet 0" in info["infotexts"][0]
     assert pixels(images[0]).tobytes() != pixels(plain[0]).tobytes()
+
+
+def test_sdxl_controlnet(engine: Engine) -> None:
+    model = {"sd_model_checkpoint": "tiny-sdxl"}
+    plain, _, _ = run(engine, payload(override_settings=model))
+    images, info, _ = run(
+        engine,
+        controlnet(
+            unit(model="tiny-controlnet-sdxl", save_detected_map=False), override_settings=model
+        ),
+    )
+    assert pixels(images[0]).tobytes() != pixels(plain[0]).tobytes()
+    assert "Model: tiny-controlnet-sdxl [" in info["infotexts"][0]
+    with pytest.raises(RequestError, match="tiny-controlnet-sdxl"):
+        run(engine, controlnet(unit(model="tiny-controlnet-sdxl")))  # an SDXL ControlNet on SD1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +81,29 @@ def find_model(models: tuple[ControlNetFile, ...], value: Any, *, field: str) ->
 
 # --------------------------------------------------------------------------------------------
 # Config inference
+
+
+# diffusers name -> original name, for the SDXL ControlNet's label embedding.
+_LABEL_EMBEDDING = (
+    ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+    ("add_embedding.linear_1.bias", "label_emb.0.0.bias"),
+    ("add_embedding.linear_2.weight", "label_emb.0.2.weight"),
+    ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
+)
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """Tensors of a ControlNet file (pickles only through torch's weights-only loader)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return dict(state)
 
 
 def _family(shapes: Shapes) -> Family:
@@ -159,23 +181,32 @@ class ModelCache:
             return self._loaded[file.path]
 
     def _load(self, file: ControlNetFile) -> LoadedControlNet:
+        """diffusers' own converter for the original layout, then a strict load into a model
+        built without initialising its weights. diffusers' converter does not map SDXL's
+        label_emb (the size / pooled-text embedding) for ControlNets, so that is added here;
+        from_single_file would leave those weights on the meta device."""
+        from accelerate import init_empty_weights
         from diffusers import ControlNetModel
+        from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
         shapes = read_shapes(file.path)
         family, config = infer_config(shapes, file.title)
-        with tempfile.TemporaryDirectory(prefix="controlnet-config-") as folder:
-            (Path(folder) / "config.json").write_text(json.dumps(config), encoding="utf-8")
-            try:
-                model = ControlNetModel.from_single_file(
-                    str(file.path),
-                    config=folder,
-                    local_files_only=True,
-                    torch_dtype=self.placement.dtype,
+        try:
+            state = read_state_dict(file.path)
+            converted = convert_controlnet_checkpoint(state, config)
+            for ours, theirs in _LABEL_EMBEDDING:
+                if CONTROL + theirs in state:
+                    converted[ours] = state[CONTROL + theirs]
+            with init_empty_weights():
+                model = ControlNetModel.from_config(
+                    {k: v for k, v in config.items() if not k.startswith("_")}
                 )
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"{file.title}: loading failed ({type(exc).__name__}: {exc})"
-                ) from exc
+            model.load_state_dict(converted, strict=True, assign=True)
+            model.to(dtype=self.placement.dtype)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{file.title}: loading failed ({type(exc).__name__}: {exc})"
+            ) from exc
         for pname, param in model.named_parameters():
             if param.device.type == "meta":
                 raise ModelLoadError(f"{file.title}: weight {pname} is missing from the file")
