@@ -323,3 +323,46 @@ def test_lora_manager_survives_other_code_removing_its_adapters(engine: Engine) 
     LoraManager(loaded(engine, SD1), engine.models.loras).clear()  # another manager's clear()
     assert image(engine, prompt=tagged) == first
     assert image(engine) == plain
+
+
+class _Trap:
+    def __init__(self, marker: Any):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from pathlib import Path
+
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_pt_embeddings_load_weights_only_and_traps_never_run(tmp_path: Any) -> None:
+    from engine.embeddings import EmbeddingCatalog
+
+    good = tmp_path / "webui-style.pt"
+    torch.save(
+        {"string_to_param": {"*": torch.randn(3, 64)}, "name": "webui-style", "step": 10}, good
+    )
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    torch.save({"string_to_param": {"*": _Trap(marker)}}, evil)
+    catalog = EmbeddingCatalog.scan([good, evil])
+    assert catalog.get("webui-style").vectors_for("clip_l", 64).shape == (3, 64)
+    assert "evil" in catalog.skipped and not marker.exists()
+
+
+def test_automatic_vae_is_the_same_name_file(engine: Engine, tmp_path: Any) -> None:
+    import shutil
+
+    from engine.vae import VaeCatalog
+
+    vaes = engine.models.vaes
+    assert vaes is not None
+    source = next(iter(vaes.files.values())).path
+    near = tmp_path / "tiny-sd15.vae.safetensors"
+    shutil.copy(source, near)
+    catalog = VaeCatalog.scan([near], vaes.placement, tmp_path)
+    sd1 = loaded(engine, SD1)
+    chosen = catalog.choose("Automatic", sd1)
+    assert chosen.file is not None and chosen.file.name == "tiny-sd15.vae.safetensors"
+    assert catalog.choose("Automatic", loaded(engine, SDXL)).file is None  # no file for it: own VAE
+    assert catalog.choose("None", sd1).vae is sd1.pipe.vae
