@@ -666,7 +666,7 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
     ):
         # 2. The first pass.
         if plan.img2img is None:
-            latents = txt2img_pass(plan, noise, generators, prompts, negatives, progress)
+            latents = txt2img_pass(plan, seeds, noise, generators, prompts, negatives, progress)
         else:
             latents = img2img_pass(
                 plan, plan.img2img, lo, hi, noise, generators, prompts, negatives, progress
@@ -813,6 +813,7 @@ def _run(
 
 def txt2img_pass(
     plan: Plan,
+    seeds: list[int],
     noise: torch.Tensor,
     generators: list[torch.Generator],
     prompts: list[str],
@@ -820,7 +821,8 @@ def txt2img_pass(
     progress: Progress,
 ) -> torch.Tensor:
     loaded = plan.checkpoint
-    scheduler = _scheduler(plan, plan.sampler, loaded, plan.seeds)
+    # The batch's own seeds: SDE samplers seed their Brownian noise with them.
+    scheduler = _scheduler(plan, plan.sampler, loaded, seeds)
     scheduler.set_timesteps(plan.request.steps, device=loaded.pipe.device)
     latents = noise * scheduler.init_noise_sigma
     inpaint_inputs = None

@@ -423,3 +423,12 @@ def test_sdxl_base_with_the_sdxl_refiner(engine: Engine) -> None:
     assert len(alone) == 1
     with pytest.raises(RequestError, match="refiner_checkpoint"):
         run(engine, payload(refiner_checkpoint="tiny-sdxl_refiner", refiner_switch_at=0.5))
+
+
+def test_sde_sampler_noise_follows_the_seed_across_n_iter(engine: Engine) -> None:
+    """DPM++ SDE seeds its Brownian noise with the batch's seeds, not the first batch's."""
+    body = payload(seed=100, n_iter=2, sampler_name="DPM++ SDE")
+    both, info = run(engine, body)
+    alone, _ = run(engine, payload(seed=101, sampler_name="DPM++ SDE"))
+    assert info["all_seeds"] == [100, 101]
+    assert both[1] == alone[0]
