@@ -103,7 +103,7 @@ class Engine:
         cache = PipelineCache(catalog, placement or default_placement(), config.cache_dir)
         cache.load_all()
         # 4. LoRAs and embeddings: listed and hashed once; LoRA weights load on first use.
-        loras = LoraCatalog.scan(catalog.files("loras"))
+        loras = LoraCatalog.scan(catalog.files("loras"), hashes)
         embeddings = EmbeddingCatalog.scan(catalog.files("embeddings"))
         # 5. VAE files: listed and hashed (cached); each loads on first use.
         vaes = VaeCatalog.scan(catalog.files("vae"), cache.placement, config.cache_dir, hashes)

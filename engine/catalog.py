@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,25 @@ class HashCache:
         }
         self._save()
         return result
+
+    def cached(self, file: Path, kind: str, compute: Callable[[Path], str]) -> str:
+        """Another digest of `file` (e.g. a LoRA's addnet hash), cached the same way: kept
+        while size and mtime are unchanged, recomputed (and persisted) otherwise."""
+        path = os.path.abspath(file)
+        key = f"{path}#{kind}"
+        st = os.stat(path)
+        entry = self._entries.get(key)
+        if (
+            isinstance(entry, dict)
+            and entry.get("size") == st.st_size
+            and entry.get("mtime") == st.st_mtime_ns
+            and isinstance(entry.get("value"), str)
+        ):
+            return str(entry["value"])
+        value = compute(Path(path))
+        self._entries[key] = {"size": st.st_size, "mtime": st.st_mtime_ns, "value": value}
+        self._save()
+        return value
 
     @staticmethod
     def _load(path: Path) -> dict[str, dict[str, Any]]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .catalog import HashCache
 from .errors import Problem, RequestError, UnknownName
 from .loading import Family, LoadedCheckpoint
 
@@ -118,12 +119,7 @@ class SafetensorsFacts:
     content_id: str  # sha256 over header and data digest: names the exact file content
 
 
-def read_safetensors_facts(path: Path) -> SafetensorsFacts:
-    """Parse the header and hash the tensor data of `path` in one streaming read.
-
-    Raises ValueError for a file that is not a well-formed safetensors file, OSError when it
-    cannot be read.
-    """
+def _read_header(path: Path) -> bytes:
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) != 8:
@@ -134,9 +130,28 @@ def read_safetensors_facts(path: Path) -> SafetensorsFacts:
         header_bytes = fh.read(size)
         if len(header_bytes) != size:
             raise ValueError("the header is cut short")
+    return header_bytes
+
+
+def data_sha256(path: Path) -> str:
+    """sha256 of everything after the safetensors header (webui's addnet hash, in full)."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        fh.seek(8 + size)
         data = hashlib.sha256()
         while block := fh.read(HASH_BLOCK):
             data.update(block)
+    return data.hexdigest()
+
+
+def read_safetensors_facts(path: Path, hash_cache: HashCache | None = None) -> SafetensorsFacts:
+    """Parse the header of `path` and hash its tensor data (a full read, unless `hash_cache`
+    still holds the digest for this size and mtime).
+
+    Raises ValueError for a file that is not a well-formed safetensors file, OSError when it
+    cannot be read.
+    """
+    header_bytes = _read_header(path)
     header = json.loads(header_bytes)
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
@@ -151,7 +166,11 @@ def read_safetensors_facts(path: Path) -> SafetensorsFacts:
         for k, v in header.items()
         if isinstance(v, dict) and isinstance(v.get("shape"), list)
     }
-    data_sha = data.hexdigest()
+    data_sha = (
+        hash_cache.cached(path, "addnet-data-sha256", data_sha256)
+        if hash_cache
+        else data_sha256(path)
+    )
     content_id = hashlib.sha256(header_bytes + bytes.fromhex(data_sha)).hexdigest()
     return SafetensorsFacts(metadata, shapes, data_sha, content_id)
 
@@ -213,9 +232,9 @@ class LoraInfo:
         }
 
 
-def lora_info(path: Path) -> LoraInfo:
-    """Read `path` once (header and hash) and describe it as webui does."""
-    facts = read_safetensors_facts(path)
+def lora_info(path: Path, hash_cache: HashCache | None = None) -> LoraInfo:
+    """Read `path`'s header and data hash and describe it as webui does."""
+    facts = read_safetensors_facts(path, hash_cache)
     name = path.name[: -len(path.suffix)] if path.suffix else path.name
     sshs = facts.metadata.get("sshs_model_hash", "")
     return LoraInfo(
@@ -291,13 +310,14 @@ class LoraCatalog:
         object.__setattr__(self, "_aliases", aliases)
 
     @classmethod
-    def scan(cls, files: Iterable[Path]) -> LoraCatalog:
+    def scan(cls, files: Iterable[Path], hash_cache: HashCache | None = None) -> LoraCatalog:
         """Describe the LoRA files among `files` (e.g. `Catalog.files("loras")`), in that order.
 
         Only .safetensors files are loaded. A .pt/.ckpt/.bin LoRA is skipped with a warning:
         pickles are only ever read through torch's weights-only loader, and diffusers' LoRA
         loader refuses pickles anyway. A file that is not valid safetensors is skipped with a
-        warning, so one bad download does not fail setup.
+        warning, so one bad download does not fail setup. With `hash_cache`, a restart reads
+        only the headers of unchanged files.
         """
         infos: list[LoraInfo] = []
         for path in files:
@@ -305,7 +325,7 @@ class LoraCatalog:
                 log.warning("LoRA %s skipped: only %s LoRAs are supported", path, LORA_SUFFIX)
                 continue
             try:
-                infos.append(lora_info(Path(path)))
+                infos.append(lora_info(Path(path), hash_cache))
             except (OSError, ValueError) as exc:
                 log.warning("LoRA %s skipped: not a readable safetensors file (%s)", path, exc)
         log.info("LoRA catalog: %d file(s)", len(infos))

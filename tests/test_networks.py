@@ -600,3 +600,30 @@ def test_zero_weight_loads_nothing(engine: Engine, manager: Callable[..., LoraMa
         assert [i.name for i, _ in pairs] == [LORA_SD1]  # still reported, like webui's infotext
         assert _tuner_layers(mgr.loaded) == []
     assert mgr.cached() == []
+
+
+def test_lora_data_hashes_are_cached_across_restarts(
+    lora_files: tuple[Path, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart reads only headers of unchanged LoRA files; a changed file is hashed again."""
+    from engine import networks
+    from engine.catalog import HashCache
+
+    cache_file = tmp_path / "hashes.json"
+    first = LoraCatalog.scan(lora_files, HashCache(cache_file))
+    calls: list[Path] = []
+    real = networks.data_sha256
+
+    def counting(path: Path) -> str:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(networks, "data_sha256", counting)
+    again = LoraCatalog.scan(lora_files, HashCache(cache_file))
+    assert calls == []
+    assert [i.addnet_hash for i in again.loras] == [i.addnet_hash for i in first.loras]
+    assert [i.adapter_id for i in again.loras] == [i.adapter_id for i in first.loras]
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(lora_files[0].read_bytes())
+    LoraCatalog.scan([copy], HashCache(cache_file))
+    assert calls == [copy]
