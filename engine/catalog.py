@@ -98,14 +98,8 @@ class HashCache:
         """Both hashes of `file`; hashes (and persists) only on a miss or a stale entry."""
         key = os.path.abspath(file)
         st = os.stat(key)
-        entry = self._entries.get(key)
-        if (
-            isinstance(entry, dict)
-            and entry.get("size") == st.st_size
-            and entry.get("mtime") == st.st_mtime_ns
-            and isinstance(entry.get("sha256"), str)
-            and isinstance(entry.get("oldhash"), str)
-        ):
+        entry = self._fresh(key, st, ("sha256", "oldhash"))
+        if entry is not None:
             return FileHashes(sha256=entry["sha256"], oldhash=entry["oldhash"])
         logger.info("hashing %s (%.1f MiB)", key, st.st_size / HASH_BLOCK)
         result = hash_file(Path(key))
@@ -124,18 +118,27 @@ class HashCache:
         path = os.path.abspath(file)
         key = f"{path}#{kind}"
         st = os.stat(path)
-        entry = self._entries.get(key)
-        if (
-            isinstance(entry, dict)
-            and entry.get("size") == st.st_size
-            and entry.get("mtime") == st.st_mtime_ns
-            and isinstance(entry.get("value"), str)
-        ):
+        entry = self._fresh(key, st, ("value",))
+        if entry is not None:
             return str(entry["value"])
         value = compute(Path(path))
         self._entries[key] = {"size": st.st_size, "mtime": st.st_mtime_ns, "value": value}
         self._save()
         return value
+
+    def _fresh(
+        self, key: str, st: os.stat_result, fields: tuple[str, ...]
+    ) -> dict[str, Any] | None:
+        """The entry for `key` if it matches the file's size and mtime and holds `fields`."""
+        entry = self._entries.get(key)
+        if (
+            isinstance(entry, dict)
+            and entry.get("size") == st.st_size
+            and entry.get("mtime") == st.st_mtime_ns
+            and all(isinstance(entry.get(f), str) for f in fields)
+        ):
+            return entry
+        return None
 
     @staticmethod
     def _load(path: Path) -> dict[str, dict[str, Any]]:
