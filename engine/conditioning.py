@@ -269,25 +269,34 @@ class PromptSchedules:
 def step_conditioning(
     conditioner: TextConditioner, schedules: PromptSchedules, steps: int, timesteps: int
 ) -> Callable[[int], StepConditioning]:
-    """index of the sampler's model call -> the batch's conditioning at that step."""
-    memo: dict[int, StepConditioning] = {}
+    """index of the sampler's model call -> the batch's conditioning at that step.
+
+    The batch tensors are rebuilt only when a schedule picks another text (prompt editing,
+    alternation); a plain prompt is assembled once for the whole run."""
+    current: dict[tuple[tuple[str, ...], ...], StepConditioning] = {}
 
     def at(index: int) -> StepConditioning:
         # Second-order samplers call the model twice per step: map calls onto webui's steps.
         step = min(steps - 1, index * steps // max(timesteps, 1))
-        if step in memo:
-            return memo[step]
-        negative = [conditioner.encode(pick(s, step), negative=True) for s in schedules.negatives]
-        part_count = len(schedules.parts[0])
-        positives = []
-        for j in range(part_count):
-            encoded = [conditioner.encode(pick(image[j][0], step)) for image in schedules.parts]
-            weights = [image[j][1] for image in schedules.parts]
-            positives.append((encoded, weights))
-        result = _assemble(negative, positives, conditioner.encode("").embeds)
-        memo.clear()  # the schedules move forward; keep only the current step
-        memo[step] = result
-        return result
+        negatives = tuple(pick(s, step) for s in schedules.negatives)
+        parts = tuple(
+            tuple(pick(image[j][0], step) for image in schedules.parts)
+            for j in range(len(schedules.parts[0]))
+        )
+        key = (negatives, *parts)
+        if key in current:
+            return current[key]
+        negative = [conditioner.encode(text, negative=True) for text in negatives]
+        positives = [
+            (
+                [conditioner.encode(text) for text in texts],
+                [image[j][1] for image in schedules.parts],
+            )
+            for j, texts in enumerate(parts)
+        ]
+        current.clear()  # keep only the texts in use now
+        current[key] = _assemble(negative, positives, conditioner.encode("").embeds)
+        return current[key]
 
     return at
 
