@@ -424,6 +424,9 @@ HOSTILE = {
 }
 
 
+HANG_GUARD_S = 15.0
+
+
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_prompts_are_fast_and_finite(tokenizer: Any, name: str) -> None:
     prompt = HOSTILE[name]
@@ -434,7 +437,10 @@ def test_hostile_prompts_are_fast_and_finite(tokenizer: Any, name: str) -> None:
     weights = parse_prompt_attention(schedule[-1][1])
     chunks = tokenize_chunks(tokenizer, schedule[-1][1])
     elapsed = time.perf_counter() - started
-    assert elapsed < 1.0, f"{name}: {elapsed:.2f} s"
+    # A hang guard, not a speed target (those are benchmarks): each input here takes well
+    # under a second in linear time, while a quadratic pass over 100k characters takes minutes.
+    # The bound is generous because CI machines may be busy.
+    assert elapsed < HANG_GUARD_S, f"{name}: {elapsed:.2f} s"
     assert all(math.isfinite(w) and abs(w) <= MAX_WEIGHT for _, w in weights)
     assert all(math.isfinite(w) and abs(w) <= MAX_WEIGHT for _, w in parts)
     assert all(math.isfinite(m) and abs(m) <= MAX_WEIGHT for c in chunks for m in c.multipliers)
