@@ -656,7 +656,9 @@ def test_configured_limits_are_enforced_before_model_work() -> None:
 # Fuzz: nothing but RequestError escapes, and each call is fast
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-_FAST_S = 1.0
+# Hang guards, not speed targets: each call is milliseconds in linear time; a pathological
+# (quadratic or exponential) path takes minutes. Generous because CI machines may be busy.
+_FAST_S = 15.0
 
 json_values = st.recursive(
     st.none()
@@ -761,7 +763,7 @@ def test_adversarial_prompts_are_fast(text: str) -> None:
     start = time.perf_counter()
     with contextlib.suppress(RequestError):
         call()
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < _FAST_S
 
 
 # --------------------------------------------------------------------------------------------
