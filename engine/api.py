@@ -17,6 +17,7 @@ from .generate import Models, Progress, Result, generate, log_progress
 from .geometry import available_hr_upscalers
 from .images import EncodedImage
 from .loading import Placement, default_placement
+from .memory_release import release_host_memory
 from .networks import LoraCatalog
 from .payload import LIMITS, Limits, choose_mode, decode_api_json, parse_request
 from .pipelines import PipelineCache
@@ -136,5 +137,8 @@ class Engine:
             )
         payload = decode_api_json(api_json, self.limits)
         parsed = parse_request(payload, choose_mode(name, payload), self.limits)
-        result: Result = generate(self.models, parsed, progress)
+        try:
+            result: Result = generate(self.models, parsed, progress)
+        finally:
+            release_host_memory()
         return Response(images=result.images, info=result.info, parameters=result.parameters)

@@ -101,6 +101,11 @@ class EmbeddingCatalog:
         catalog = cls()
         for path in files:
             name = path.stem
+            if not name.strip():
+                # A name of only whitespace tokenizes to nothing and would match before every
+                # token of every prompt; webui fails to register such a file and skips it.
+                catalog.skipped[name] = "the file name has no text to write in a prompt"
+                continue
             try:
                 vectors = {
                     k: v.detach().float().reshape(-1, v.shape[-1])
@@ -130,7 +135,8 @@ class EmbeddingCatalog:
             for item in self.items.values():
                 if item.fits(key, dim):
                     ids = tuple(tokenizer(item.name, add_special_tokens=False).input_ids)
-                    candidates.append((ids, item))
+                    if ids:  # a name with no tokens would match everywhere (see scan)
+                        candidates.append((ids, item))
             candidates.sort(key=lambda c: -len(c[0]))
             self._token_cache[cache_key] = candidates
         candidates = self._token_cache[cache_key]

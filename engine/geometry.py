@@ -259,7 +259,6 @@ def img2img_steps(
 
     d = 0 with fix_steps gives a 0-step schedule: webui then returns the (noise-free) init
     latent unchanged; `(0, 0)` tells the caller to skip sampling.
-    Feed the result to `diffusers_img2img` for the pipeline's arguments.
     """
     d = min(denoising_strength, _MAX_DENOISE)
     if fix_steps:
@@ -272,47 +271,6 @@ def img2img_steps(
         return 0, 0
     run = t_enc if timestep_sampler else t_enc + 1
     return schedule, max(run, 0)
-
-
-def diffusers_img2img(schedule_steps: int, steps_run: int) -> tuple[int, float]:
-    """`(num_inference_steps, strength)` that make a diffusers img2img/inpaint pipeline run the
-    last `steps_run` steps of a `schedule_steps` schedule, as webui does.
-
-    diffusers (`get_timesteps`) runs `int(num_inference_steps * strength)` steps starting at
-    index `num_inference_steps - that`: the same window as webui's when the product floors to
-    `steps_run`. We pass `(steps_run + 0.5) / schedule_steps` (capped at 1) so float rounding
-    can never lose a step; the strength is a step selector here, not webui's denoising value.
-    Note: strength 1.0 makes diffusers' *inpaint* pipelines start from pure noise
-    (`is_strength_max`), whereas webui still noises the init latent at the top sigma.
-    `(0, 0.0)` means nothing to run.
-    """
-    if schedule_steps <= 0 or steps_run <= 0:
-        return 0, 0.0
-    if steps_run >= schedule_steps:
-        return schedule_steps, 1.0
-    return schedule_steps, (steps_run + 0.5) / schedule_steps
-
-
-def hires_steps(
-    steps: int,
-    hr_second_pass_steps: int,
-    denoising_strength: float,
-    *,
-    timestep_sampler: bool = False,
-) -> tuple[int, float]:
-    """diffusers `(num_inference_steps, strength)` for the hires second pass.
-
-    webui passes `hr_second_pass_steps or steps` explicitly to the img2img sampler, which takes
-    the fixed-steps branch: a schedule of `int(hr / min(d, 0.999))` steps (floor, not ceil) of
-    which the last `hr` run (k-diffusion; `hr - 1` for DDIM/PLMS/UniPC). Example: 20 steps at
-    d=0.7 → schedule 28, run 20 → diffusers (28, 20.5/28). d <= 0: webui runs nothing and
-    decodes the upscaled latent as it is → `(0, 0.0)`.
-    """
-    requested = hr_second_pass_steps or steps
-    schedule, run = img2img_steps(
-        requested, denoising_strength, fix_steps=True, timestep_sampler=timestep_sampler
-    )
-    return diffusers_img2img(schedule, run)
 
 
 # --------------------------------------------------------------------------------------------
@@ -928,14 +886,12 @@ __all__ = [
     "blur_mask",
     "check_resize_mode",
     "crop_latent",
-    "diffusers_img2img",
     "expand_crop_region",
     "fill_masked",
     "finish_image",
     "firstphase_to_hires",
     "flatten",
     "gaussian_kernel_size",
-    "hires_steps",
     "hires_target",
     "hr_upscaler_choice",
     "img2img_steps",

@@ -339,12 +339,14 @@ def write_config_dir(
 # Prediction type (epsilon or v)
 
 
-def prediction_type_hint(shapes: Shapes, path: Path) -> str | None:
-    """v-prediction as the file or its webui-style same-name .yaml declares it, if it does."""
+def prediction_type_hint(shapes: Shapes, yaml: Path | None) -> str | None:
+    """v-prediction as the file or its webui-style same-name .yaml declares it, if it does.
+
+    `yaml` is the catalog's `CheckpointInfo.config`: found at scan time and only when it lies
+    inside the models folder (a symlink to anywhere else is never read)."""
     if "v_pred" in shapes:  # the marker key v-prediction SDXL fine-tunes carry
         return "v_prediction"
-    yaml = path.with_suffix(".yaml")
-    if yaml.is_file():
+    if yaml is not None and yaml.is_file():
         match = re.search(
             r"parameterization:\s*[\"']?(\w+)", yaml.read_text(encoding="utf-8", errors="replace")
         )
@@ -420,7 +422,7 @@ def load_single_file(
         raise ModelLoadError(f"{info.name}: loading failed ({type(exc).__name__}: {exc})") from exc
     _check_loaded(pipe, info.name)
     scheduler_config = dict(pipe.scheduler.config)
-    prediction = prediction_type_hint(shapes, path)
+    prediction = prediction_type_hint(shapes, info.config)
     if prediction is None:
         prediction = "epsilon"
         if spec.family is Family.SD2 and probe_v_prediction(pipe.unet):

@@ -427,17 +427,14 @@ def _tuner_layer_class() -> type:
 
 
 def _set_active(layer: Any, names: list[str]) -> None:
-    """Make `names` the active adapters of one peft layer.
+    """Make `names` the active adapters of one peft layer, through peft's public API.
 
-    This is peft's `BaseTunerLayer.set_adapter(names, inference_mode=True)` without its
-    requires_grad sweep over every adapter the layer holds: that sweep is O(cached adapters)
-    per layer (tens of ms for a full SDXL LoRA with a few cached), and inference needs no
-    gradients (they are switched off once, at load). The attribute is the one peft's own
-    `active_adapter` property reads; tests/test_networks.py checks that through the property.
-    """
+    `inference_mode=True` keeps every adapter's weights frozen (they were frozen at load);
+    peft's sweep over the layer's cached adapters is O(cached adapters) per layer, measured
+    by scripts/bench_lora.py (README: Benchmarks)."""
     if layer.disable_adapters:  # someone called disable_lora(); we switch per layer instead
         layer.enable_adapters(True)
-    layer._active_adapter = names
+    layer.set_adapter(names, inference_mode=True)
 
 
 def _brief(exc: BaseException, limit: int = 300) -> str:

@@ -29,6 +29,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import Problem, RequestError
+from engine.prompt_limits import PromptBounds, prompt_problems
 from engine.prompt_parser import extract_extra_networks
 
 Mode = Literal["txt2img", "img2img"]
@@ -88,6 +89,12 @@ class Limits:
     lora_tags: int = 16
     # Enabled ControlNet units (webui's control_net_unit_count defaults to 3).
     controlnet_units: int = 3
+    # What a prompt's syntax implies (engine/prompt_limits.py): AND parts (UNet batch rows per
+    # step), BREAK chunks, distinct texts over the steps from prompt editing, and their length.
+    and_parts: int = 16
+    prompt_chunks: int = 32
+    prompt_schedule: int = 32
+    scheduled_chars: int = 80000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
@@ -123,6 +130,10 @@ LIMIT_ENV: Final[dict[str, tuple[str, Literal["range", "int"]]]] = {
     "SD_LIMIT_MAX_JSON_DEPTH": ("json_depth", "int"),
     "SD_LIMIT_MAX_LORA_TAGS": ("lora_tags", "int"),
     "SD_LIMIT_MAX_CONTROLNET_UNITS": ("controlnet_units", "int"),
+    "SD_LIMIT_MAX_AND_PARTS": ("and_parts", "int"),
+    "SD_LIMIT_MAX_PROMPT_CHUNKS": ("prompt_chunks", "int"),
+    "SD_LIMIT_MAX_PROMPT_SCHEDULE": ("prompt_schedule", "int"),
+    "SD_LIMIT_MAX_SCHEDULED_CHARS": ("scheduled_chars", "int"),
 }
 
 
@@ -823,6 +834,7 @@ def _check_totals(
                     )
                 )
                 break
+    problems += _prompt_work_problems(values, limits)
     units = _controlnet_units(payload)
     if units > limits.controlnet_units:
         problems.append(
@@ -833,6 +845,36 @@ def _check_totals(
                 "(SD_LIMIT_MAX_CONTROLNET_UNITS)",
             )
         )
+    return problems
+
+
+def _prompt_work_problems(values: Mapping[str, Any], limits: Limits) -> list[Problem]:
+    """AND parts, chunks and prompt-editing texts of every prompt (engine/prompt_limits.py)."""
+    steps = values.get("steps")
+    if not isinstance(steps, int):
+        return []  # steps has its own problem
+    hires_steps = None
+    if values.get("enable_hr"):
+        hires_steps = values.get("hr_second_pass_steps") or steps
+    bounds = PromptBounds(
+        limits.and_parts, limits.prompt_chunks, limits.prompt_schedule, limits.scheduled_chars
+    )
+    problems: list[Problem] = []
+    for name in _PROMPT_FIELDS:
+        value = values.get(name)
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        seen: set[str] = set()
+        for index, text in enumerate(texts):
+            if text in seen:
+                continue
+            seen.add(text)
+            field = name if isinstance(value, str) else f"{name}[{index}]"
+            found = prompt_problems(
+                field, text, steps, hires_steps, bounds, positive="negative" not in name
+            )
+            if found:
+                problems += found
+                break
     return problems
 
 

@@ -224,7 +224,7 @@ _ATTENTION = re.compile(
 _BREAK_WORD = re.compile(r"\bBREAK\b")
 
 
-def _split_break(text: str) -> list[str]:
+def split_break(text: str) -> list[str]:
     """`re.split(r"\\s*\\bBREAK\\b\\s*", text)` (webui's re_break) in linear time: that regex
     backtracks quadratically over a long run of spaces with no BREAK."""
     if "BREAK" not in text:
@@ -282,7 +282,7 @@ def _attention_entries(text: str) -> tuple[list[str], list[float], list[_Event]]
         elif token == "]" and square_open:
             events.append(_Event(square_open.pop(), len(texts), _SQUARE_MULTIPLIER))
         else:
-            for index, part in enumerate(_split_break(token)):
+            for index, part in enumerate(split_break(token)):
                 if index:
                     texts.append(BREAK[0])
                     bases.append(BREAK[1])

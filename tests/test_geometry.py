@@ -6,13 +6,9 @@ the test), never by calling the code under test twice.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
 from PIL import Image, ImageFilter
 
 from engine.errors import RequestError, UnknownName
@@ -25,14 +21,12 @@ from engine.geometry import (
     binarize,
     blur_mask,
     crop_latent,
-    diffusers_img2img,
     expand_crop_region,
     fill_masked,
     finish_image,
     firstphase_to_hires,
     flatten,
     gaussian_kernel_size,
-    hires_steps,
     hires_target,
     hr_upscaler_choice,
     img2img_steps,
@@ -225,43 +219,6 @@ def test_img2img_steps(steps, denoise, fix, timestep, expected):
     assert img2img_steps(steps, denoise, fix, timestep_sampler=timestep) == expected
 
 
-def _diffusers_window(num_inference_steps: int, strength: float) -> tuple[int, int]:
-    # diffusers StableDiffusionImg2ImgPipeline.get_timesteps, written out: (start index, steps)
-    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
-    t_start = max(num_inference_steps - init_timestep, 0)
-    return t_start, num_inference_steps - t_start
-
-
-def test_diffusers_mapping_runs_webuis_window_for_every_count():
-    for schedule in range(1, 151):
-        for run in range(1, schedule + 1):
-            num_inference_steps, strength = diffusers_img2img(schedule, run)
-            assert 0.0 < strength <= 1.0
-            assert num_inference_steps == schedule
-            # webui's k-diffusion window starts at index schedule - run.
-            assert _diffusers_window(num_inference_steps, strength) == (schedule - run, run)
-
-
-def test_diffusers_mapping_against_the_real_pipeline():
-    scheduler: Any = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-    )
-    schedule, run = img2img_steps(20, 0.75)
-    num_inference_steps, strength = diffusers_img2img(schedule, run)
-    scheduler.set_timesteps(num_inference_steps)
-    fake_pipe = SimpleNamespace(scheduler=scheduler)
-    timesteps, n = StableDiffusionImg2ImgPipeline.get_timesteps(
-        fake_pipe, num_inference_steps, strength, "cpu"
-    )
-    assert n == 16
-    assert torch.equal(timesteps, scheduler.timesteps[4:])
-
-
-def test_nothing_to_run_maps_to_zero():
-    assert diffusers_img2img(0, 0) == (0, 0.0)
-    assert diffusers_img2img(20, 0) == (0, 0.0)
-
-
 @pytest.mark.parametrize(
     ("steps", "hr_steps", "denoise", "schedule", "run"),
     [
@@ -271,19 +228,17 @@ def test_nothing_to_run_maps_to_zero():
         (25, 0, 0.3, 83, 25),
     ],
 )
-def test_hires_steps_run_exactly_the_requested_count(steps, hr_steps, denoise, schedule, run):
-    num_inference_steps, strength = hires_steps(steps, hr_steps, denoise)
-    assert num_inference_steps == schedule
-    assert _diffusers_window(num_inference_steps, strength) == (schedule - run, run)
+def test_hires_pass_runs_exactly_the_requested_count(steps, hr_steps, denoise, schedule, run):
+    # webui passes `hr_second_pass_steps or steps` to the img2img sampler's fixed-steps branch.
+    assert img2img_steps(hr_steps or steps, denoise, fix_steps=True) == (schedule, run)
 
 
-def test_hires_steps_with_zero_denoise_skip_the_pass():
-    assert hires_steps(20, 0, 0.0) == (0, 0.0)
+def test_hires_pass_with_zero_denoise_is_skipped():
+    assert img2img_steps(20, 0.0, fix_steps=True) == (0, 0)
 
 
-def test_hires_steps_for_timestep_samplers_run_one_less():
-    num_inference_steps, strength = hires_steps(20, 0, 0.7, timestep_sampler=True)
-    assert _diffusers_window(num_inference_steps, strength) == (9, 19)
+def test_hires_pass_for_timestep_samplers_runs_one_less():
+    assert img2img_steps(20, 0.7, fix_steps=True, timestep_sampler=True) == (28, 19)
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,13 +640,6 @@ def test_plain_img2img_resizes_and_has_no_overlay():
     assert prepared.overlay is None
     latent_mode = prepare_init_image(init, width=64, height=64, resize_mode=3)
     assert latent_mode.image.size == (100, 50)  # the latent is resized instead
-
-
-def test_diffusers_strength_never_loses_a_step_to_float_rounding():
-    # The naive strength run/schedule can floor one step short: 49 * (1/49) < 1.
-    assert int(49 * (1 / 49)) == 0
-    num_inference_steps, strength = diffusers_img2img(49, 1)
-    assert int(num_inference_steps * strength) == 1
 
 
 def test_lanczos_upscaler_aims_at_a_multiple_of_8_first():

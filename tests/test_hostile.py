@@ -136,6 +136,14 @@ CORPUS: tuple[Bad, ...] = (
     Bad("huge-prompt", payload(prompt="a" * (LIMITS.prompt_chars + 1)), "prompt"),
     Bad("huge-negative", payload(negative_prompt="b" * 100_000), "negative_prompt"),
     Bad("too-many-loras", payload(prompt="<lora:x:1>" * 17), "prompt"),
+    # Prompt syntax that multiplies work (a UNet row per AND part, an encode per chunk/text).
+    Bad("and-parts", payload(prompt="a AND " * 3333, steps=150), "prompt"),
+    Bad("break-chunks", payload(prompt="a BREAK " * 2500, steps=150), "prompt"),
+    Bad(
+        "editing-tags",
+        payload(prompt=" ".join(f"[x{i}:y{i}:{i}]" for i in range(1, 150)), steps=150),
+        "prompt",
+    ),
     # Unknown names.
     Bad("sampler", payload(sampler_name="Euler ../a"), "sampler"),
     Bad("scheduler", payload(scheduler="nope"), "scheduler"),

@@ -148,13 +148,13 @@ def test_truncated_file_is_a_clear_load_error(tiny_models_dir: Path, tmp_path: P
 
 
 def test_prediction_type_hints(tmp_path: Path) -> None:
-    path = tmp_path / "m.safetensors"
-    assert prediction_type_hint({}, path) is None
-    assert prediction_type_hint({"v_pred": ()}, path) == "v_prediction"
-    path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
-    assert prediction_type_hint({}, path) == "v_prediction"
-    path.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: eps\n")
-    assert prediction_type_hint({}, path) == "epsilon"
+    yaml = tmp_path / "m.yaml"
+    assert prediction_type_hint({}, None) is None
+    assert prediction_type_hint({"v_pred": ()}, None) == "v_prediction"
+    yaml.write_text('model:\n  params:\n    parameterization: "v"\n')
+    assert prediction_type_hint({}, yaml) == "v_prediction"
+    yaml.write_text("model:\n  params:\n    parameterization: eps\n")
+    assert prediction_type_hint({}, yaml) == "epsilon"
 
 
 def test_loading_creates_no_randomly_initialised_weights(
