@@ -18,7 +18,7 @@ from .geometry import available_hr_upscalers
 from .images import EncodedImage
 from .loading import Placement, default_placement
 from .networks import LoraCatalog
-from .payload import LIMITS, Limits, choose_mode, decode_api_json, parse_request
+from .payload import Limits, choose_mode, decode_api_json, parse_request
 from .pipelines import PipelineCache
 from .samplers import list_samplers, list_schedulers
 from .vae import VaeCatalog
@@ -78,7 +78,7 @@ class Engine:
     models: Models
     limits: Limits
 
-    def __init__(self, models: Models, limits: Limits = LIMITS):
+    def __init__(self, models: Models, limits: Limits):
         self.models = models
         self.limits = limits
 
