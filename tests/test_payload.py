@@ -14,6 +14,7 @@ import pytest
 from engine.errors import RequestError
 from engine.payload import (
     IGNORED_FIELDS,
+    LIMIT_ENV,
     OPTIONS,
     Img2ImgRequest,
     Limits,
@@ -846,3 +847,17 @@ def test_a_warning_repeated_per_batch_is_listed_once(engine):
     _, info = _run(engine, prompt="a cat <hypernet:foo:1>", n_iter=2)
     notes = [w for w in info["warnings"] if "hypernet" in w]
     assert len(notes) == 1, info["warnings"]
+
+
+def test_readme_limits_table_lists_every_variable_with_its_default():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("|")]
+    defaults = Limits()
+    for var, (name, kind) in LIMIT_ENV.items():
+        row = next((r for r in rows if f"`{var}`" in r), None)
+        assert row is not None, f"{var} is not in the README's Limits table"
+        value = getattr(defaults, name)
+        default = value.hi if kind == "range" else value
+        assert f"| {int(default)}" in row, (var, default, row)
