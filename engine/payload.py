@@ -208,6 +208,8 @@ _MODELS: Final[dict[Mode, type[Txt2ImgRequest] | type[Img2ImgRequest]]] = {
 
 # --------------------------------------------------------------------------------------------
 # Value checkers: each returns the normalised value or raises _Bad with "what is allowed".
+# Strict ones are for override_settings values: webui stores those as sent (opts.set does not
+# coerce), so "2" for CLIP_stop_at_last_layers fails there later; here it fails at once.
 # --------------------------------------------------------------------------------------------
 
 
