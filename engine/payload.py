@@ -6,8 +6,10 @@ UI's: steps 50, sampler Euler via `sampler_index`, `inpaint_full_res` True, ...)
 `override_settings` and a list of human-readable warnings. Every problem is reported at once in
 one `RequestError`. The module is pure: no model, no files.
 
-Where we match a webui quirk the comment says so; where we choose to differ (strict types,
-bounds) the user gets a clear error or a warning, never a silent change.
+Values are coerced as webui's pydantic v1 request models coerce them ("5" -> 5, "false" ->
+False, 7 -> 7.0). Where we match a webui quirk the comment says so; where we choose to differ
+(NaN/Infinity, lone surrogates, ranges on every number, the work a request implies: see
+engine.limits) the user gets a clear error or a warning, never a silent change.
 """
 
 from __future__ import annotations
