@@ -19,7 +19,7 @@ from .images import EncodedImage
 from .loading import Placement, default_placement
 from .memory_release import release_host_memory
 from .networks import LoraCatalog
-from .payload import LIMITS, Limits, choose_mode, decode_api_json, parse_request
+from .payload import Limits, choose_mode, decode_api_json, parse_request
 from .pipelines import PipelineCache
 from .samplers import list_samplers, list_schedulers
 from .vae import VaeCatalog
@@ -79,7 +79,7 @@ class Engine:
     models: Models
     limits: Limits
 
-    def __init__(self, models: Models, limits: Limits = LIMITS):
+    def __init__(self, models: Models, limits: Limits):
         self.models = models
         self.limits = limits
 

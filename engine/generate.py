@@ -614,11 +614,14 @@ def _plan_refiner(
 ) -> Refiner | None:
     if req.refiner_checkpoint in _OFF or req.refiner_switch_at is None:
         return None
-    if not 0 < req.refiner_switch_at < 1:
+    if not 0 < req.refiner_switch_at <= 1:
         raise RequestError.single(
-            "refiner_switch_at", req.refiner_switch_at, "a fraction of the steps: 0 < value < 1"
+            "refiner_switch_at", req.refiner_switch_at, "a fraction of the steps: 0 < value <= 1"
         )
     refiner = _checkpoint(models, req.refiner_checkpoint, "refiner_checkpoint")
+    if req.refiner_switch_at == 1:
+        # webui switches once (999 - timestep) / 1000 reaches the value: never at 1 (slider max).
+        return None
     _same_family(checkpoint, refiner, "refiner_checkpoint")
     extras["Refiner"] = short_title(refiner.info)
     extras["Refiner switch at"] = req.refiner_switch_at
@@ -1142,5 +1145,6 @@ def build_info(plan: Plan, infotexts: list[str]) -> InfoRecord:
         clip_skip=plan.clip_skip,
         is_using_inpainting_conditioning=plan.checkpoint.is_inpainting,
         version=VERSION,
-        warnings=plan.warnings + plan.comments,
+        # One line per problem: a tag repeated in every batch's prompt warns once.
+        warnings=list(dict.fromkeys(plan.warnings + plan.comments)),
     )

@@ -6,8 +6,10 @@ UI's: steps 50, sampler Euler via `sampler_index`, `inpaint_full_res` True, ...)
 `override_settings` and a list of human-readable warnings. Every problem is reported at once in
 one `RequestError`. The module is pure: no model, no files.
 
-Where we match a webui quirk the comment says so; where we choose to differ (strict types,
-bounds) the user gets a clear error or a warning, never a silent change.
+Values are coerced as webui's pydantic v1 request models coerce them ("5" -> 5, "false" ->
+False, 7 -> 7.0). Where we match a webui quirk the comment says so; where we choose to differ
+(NaN/Infinity, lone surrogates, ranges on every number, the work a request implies: see
+engine.limits) the user gets a clear error or a warning, never a silent change.
 """
 
 from __future__ import annotations
@@ -17,18 +19,20 @@ import binascii
 import codecs
 import json
 import math
-import os
+import operator
 import re
 import types
 import typing
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 from engine.errors import Problem, RequestError
+from engine.limits import LIMIT_ENV, Limits, Range, check_work
 from engine.prompt_limits import PromptBounds, prompt_problems
 from engine.prompt_parser import extract_extra_networks
 
@@ -38,132 +42,48 @@ ENDPOINTS: Final[tuple[str, ...]] = ("auto", *MODES)
 
 
 # --------------------------------------------------------------------------------------------
-# Limits
+# Ranges, declared with their fields
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Range:
-    """Inclusive numeric bounds."""
+class Bound:
+    """A number field's allowed range, declared beside the field (`Annotated[int, Bound]`).
 
-    lo: float
-    hi: float
+    `get` reads the range from the server's Limits (some bounds are configurable); `note`
+    ends the error message ("-1 for random").
+    """
 
-    def __contains__(self, value: object) -> bool:
-        return isinstance(value, int | float) and self.lo <= value <= self.hi
-
-    def describe(self) -> str:
-        return f"from {_num(self.lo)} to {_num(self.hi)}"
+    get: Callable[[Limits], Range]
+    note: str = ""
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
+def _limit(name: str, note: str = "") -> Bound:
+    """The range is Limits.<name>."""
+    return Bound(operator.attrgetter(name), note)
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What this server accepts. One object so a deployment can make it configurable."""
-
-    width: Range = Range(64, 2048)
-    height: Range = Range(64, 2048)
-    steps: Range = Range(1, 150)
-    batch_size: Range = Range(1, 8)
-    n_iter: Range = Range(1, 32)
-    cfg_scale: Range = Range(-100, 100)
-    denoising_strength: Range = Range(0, 1)
-    eta: Range = Range(0, 10)
-    subseed_strength: Range = Range(0, 1)
-    # -1 means "random"; anything else goes to torch's manual_seed, which takes < 2**64, and
-    # image i uses seed + i, so stay well below that.
-    seed: Range = Range(-1, 2**63 - 1)
-    prompt_chars: int = 20000
-    # batch_size * n_iter: images one request may ask for.
-    images: int = 64
-    # width * height of one image (each side is capped above too).
-    pixels: int = 2048 * 2048
-    # UTF-8 bytes of the api_json text (base64 init images count: a 20 MB image is ~27 MB).
-    payload_bytes: int = 64 * 1024 * 1024
-    # Nesting of [ and { in api_json; deeper JSON would exhaust Python's recursion limit.
-    json_depth: int = 32
-    # <lora:...>/<lyco:...> tags in one prompt.
-    lora_tags: int = 16
-    # Enabled ControlNet units (webui's control_net_unit_count defaults to 3).
-    controlnet_units: int = 3
-    # What a prompt's syntax implies (engine/prompt_limits.py): AND parts (UNet batch rows per
-    # step), BREAK chunks, distinct texts over the steps from prompt editing, and their length.
-    and_parts: int = 16
-    prompt_chunks: int = 32
-    prompt_schedule: int = 32
-    scheduled_chars: int = 80000
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
-        """Limits with SD_LIMIT_* environment overrides (table: LIMIT_ENV); bad values fail."""
-        env = os.environ if environ is None else environ
-        changes: dict[str, Any] = {}
-        for var, (name, kind) in LIMIT_ENV.items():
-            text = env.get(var)
-            if text is None or not text.strip():
-                continue
-            try:
-                number = int(text.strip())
-            except ValueError:
-                raise ValueError(f"{var}={text!r}: must be a positive integer") from None
-            if number < 1:
-                raise ValueError(f"{var}={text!r}: must be a positive integer")
-            current = getattr(cls(), name)
-            changes[name] = Range(current.lo, number) if kind == "range" else number
-        return cls(**changes)
+def _fixed(lo: float, hi: float, note: str = "") -> Bound:
+    rng = Range(lo, hi)
+    return Bound(lambda _limits: rng, note)
 
 
-# Environment variable -> (Limits field, "range" (sets the upper bound) or "int").
-LIMIT_ENV: Final[dict[str, tuple[str, Literal["range", "int"]]]] = {
-    "SD_LIMIT_MAX_WIDTH": ("width", "range"),
-    "SD_LIMIT_MAX_HEIGHT": ("height", "range"),
-    "SD_LIMIT_MAX_PIXELS": ("pixels", "int"),
-    "SD_LIMIT_MAX_STEPS": ("steps", "range"),
-    "SD_LIMIT_MAX_BATCH_SIZE": ("batch_size", "range"),
-    "SD_LIMIT_MAX_N_ITER": ("n_iter", "range"),
-    "SD_LIMIT_MAX_IMAGES": ("images", "int"),
-    "SD_LIMIT_MAX_PROMPT_CHARS": ("prompt_chars", "int"),
-    "SD_LIMIT_MAX_PAYLOAD_BYTES": ("payload_bytes", "int"),
-    "SD_LIMIT_MAX_JSON_DEPTH": ("json_depth", "int"),
-    "SD_LIMIT_MAX_LORA_TAGS": ("lora_tags", "int"),
-    "SD_LIMIT_MAX_CONTROLNET_UNITS": ("controlnet_units", "int"),
-    "SD_LIMIT_MAX_AND_PARTS": ("and_parts", "int"),
-    "SD_LIMIT_MAX_PROMPT_CHUNKS": ("prompt_chunks", "int"),
-    "SD_LIMIT_MAX_PROMPT_SCHEDULE": ("prompt_schedule", "int"),
-    "SD_LIMIT_MAX_SCHEDULED_CHARS": ("scheduled_chars", "int"),
-}
+def _up_to(name: str, lo: float, note: str = "") -> Bound:
+    """From `lo` to the upper end of Limits.<name> (a size that may be 0 or -1 for "off")."""
+    return Bound(lambda limits: Range(lo, getattr(limits, name).hi), note)
 
 
-LIMITS: Final = Limits()
-
-
-def _field_ranges(limits: Limits) -> dict[str, Range]:
-    """Field -> allowed range. Fields a later issue implements only get enum-like bounds."""
-    return {
-        "width": limits.width,
-        "height": limits.height,
-        "steps": limits.steps,
-        "batch_size": limits.batch_size,
-        "n_iter": limits.n_iter,
-        "cfg_scale": limits.cfg_scale,
-        "denoising_strength": limits.denoising_strength,
-        "eta": limits.eta,
-        "subseed_strength": limits.subseed_strength,
-        "seed": limits.seed,
-        "subseed": limits.seed,
-        "seed_resize_from_w": Range(-1, limits.width.hi),
-        "seed_resize_from_h": Range(-1, limits.height.hi),
-        "resize_mode": Range(0, 3),
-        "inpainting_fill": Range(0, 3),
-        "inpainting_mask_invert": Range(0, 1),
-        "mask_blur": Range(0, 64),
-        "mask_blur_x": Range(0, 64),
-        "mask_blur_y": Range(0, 64),
-        "inpaint_full_res_padding": Range(0, 256),
-    }
+# A seed is any integer torch takes; only -1 is random (webui's get_fixed_seed).
+_SEED = _limit("seed", " (-1 for random)")
+_SIZE_NOTE = " (floored to a multiple of 8)"
+# webui's option ranges (shared_options.py sliders) for the sigma options a request may set.
+_S_MIN_UNCOND = _fixed(0, 15)
+_S_CHURN = _fixed(0, 100)
+_S_TMIN = _fixed(0, 10)
+_S_TMAX = _fixed(0, 999)
+_S_NOISE = _fixed(0, 1.1)
+# ENSD is added to each image's seed; +-2**62 keeps seed + ENSD inside torch's seed range.
+ENSD_RANGE: Final = Range(-(2**62), 2**62)
 
 
 # Text fields whose length is capped by Limits.prompt_chars.
@@ -180,52 +100,60 @@ _MODEL_CONFIG = ConfigDict(frozen=True, extra="forbid")
 
 
 class _CommonRequest(BaseModel):
-    """Fields of webui's `StableDiffusionProcessing` plus the API-only keys."""
+    """Fields of webui's `StableDiffusionProcessing` plus the API-only keys.
+
+    Types are webui's declared ones (modules/processing.py; the API wraps each in Optional and
+    pydantic v1 coerces to it), except `prompt`/`negative_prompt`, which also take one string
+    per image. Every number carries its range (Bound) here, with the field.
+    """
 
     model_config = _MODEL_CONFIG
 
     prompt: str | list[str] = ""
     negative_prompt: str | list[str] = ""
     styles: list[str] | None = None
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0.0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
+    seed: Annotated[int, _SEED] = -1
+    subseed: Annotated[int, _SEED] = -1
+    subseed_strength: Annotated[float, _fixed(0, 1)] = 0.0
+    seed_resize_from_h: Annotated[int, _up_to("height", -1, " (0 or less: off)")] = -1
+    seed_resize_from_w: Annotated[int, _up_to("width", -1, " (0 or less: off)")] = -1
     sampler_name: str | None = None
     # The API re-adds sampler_index as a str defaulting to "Euler": with no sampler_name the
     # API samples with Euler, not the UI's default.
     sampler_index: str = "Euler"
     scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    batch_size: Annotated[int, _limit("batch_size")] = 1
+    n_iter: Annotated[int, _limit("n_iter")] = 1
+    steps: Annotated[int, _limit("steps")] = 50
+    cfg_scale: Annotated[float, _limit("cfg_scale")] = 7.0
+    width: Annotated[int, _limit("width", _SIZE_NOTE)] = 512
+    height: Annotated[int, _limit("height", _SIZE_NOTE)] = 512
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
-    eta: float | None = None
-    denoising_strength: float = 0.75
-    s_min_uncond: float | None = None
-    s_churn: float | None = None
-    s_tmax: float | None = None
-    s_tmin: float | None = None
-    s_noise: float | None = None
+    # webui's eta sliders (eta_ddim, eta_ancestral) end at 1; DDIM above 1 takes the square
+    # root of a negative number and returns NaN.
+    eta: Annotated[float | None, _fixed(0, 1)] = None
+    denoising_strength: Annotated[float, _fixed(0, 1)] = 0.75
+    s_min_uncond: Annotated[float | None, _S_MIN_UNCOND] = None
+    s_churn: Annotated[float | None, _S_CHURN] = None
+    s_tmax: Annotated[float | None, _S_TMAX] = None
+    s_tmin: Annotated[float | None, _S_TMIN] = None
+    s_noise: Annotated[float | None, _S_NOISE] = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float | None = None
+    # webui's slider: 0.01 to 1 (at 1 its refiner never takes over).
+    refiner_switch_at: Annotated[float | None, _fixed(0, 1)] = None
     disable_extra_networks: bool = False
     firstpass_image: str | None = None
-    comments: dict[str, Any] | None = None
+    comments: dict | None = None  # webui: a bare dict (keys are not coerced)
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
     send_images: bool = True
     save_images: bool = False
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    alwayson_scripts: dict = Field(default_factory=dict)
     force_task_id: str | None = None
     infotext: str | None = None
 
@@ -234,13 +162,14 @@ class Txt2ImgRequest(_CommonRequest):
     """`POST /sdapi/v1/txt2img` body (webui `StableDiffusionProcessingTxt2Img`)."""
 
     enable_hr: bool = False
-    firstphase_width: int = 0
-    firstphase_height: int = 0
-    hr_scale: float = 2.0
+    firstphase_width: Annotated[int, _up_to("width", 0, " (0: off)")] = 0
+    firstphase_height: Annotated[int, _up_to("height", 0, " (0: off)")] = 0
+    # webui's slider is 1 to 4; the API takes any float. The target it implies is checked too.
+    hr_scale: Annotated[float, _fixed(0, 16)] = 2.0
     hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
+    hr_second_pass_steps: Annotated[int, _up_to("steps", 0, " (0: same as steps)")] = 0
+    hr_resize_x: Annotated[int, _up_to("width", 0, " (0: from hr_scale)")] = 0
+    hr_resize_y: Annotated[int, _up_to("height", 0, " (0: from hr_scale)")] = 0
     hr_checkpoint_name: str | None = None
     hr_sampler_name: str | None = None
     hr_scheduler: str | None = None
@@ -253,20 +182,22 @@ class Img2ImgRequest(_CommonRequest):
 
     # webui: None -> HTTP 404 "Init image not found"; we require it (see parse_request).
     init_images: list[str] | None = None
-    resize_mode: int = 0
-    image_cfg_scale: float | None = None
+    resize_mode: Annotated[int, _fixed(0, 3)] = 0
+    # Only edit (instruct-pix2pix) models read it; webui's slider is 0 to 3.
+    image_cfg_scale: Annotated[float | None, _fixed(0, 3)] = None
     mask: str | None = None
-    mask_blur_x: int = 4
-    mask_blur_y: int = 4
+    mask_blur_x: Annotated[int, _fixed(0, 64)] = 4
+    mask_blur_y: Annotated[int, _fixed(0, 64)] = 4
     # A property in webui: when set it overrides both mask_blur_x and mask_blur_y.
-    mask_blur: int | None = None
+    mask_blur: Annotated[int | None, _fixed(0, 64)] = None
     mask_round: bool = True
-    inpainting_fill: int = 0
+    inpainting_fill: Annotated[int, _fixed(0, 3)] = 0
     # The API default is True ("Only masked"); the UI's is "Whole picture".
     inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
-    initial_noise_multiplier: float | None = None
+    inpaint_full_res_padding: Annotated[int, _fixed(0, 256)] = 0
+    inpainting_mask_invert: Annotated[int, _fixed(0, 1)] = 0
+    # webui's option slider (initial_noise_multiplier): 0 to 1.5.
+    initial_noise_multiplier: Annotated[float | None, _fixed(0, 1.5)] = None
     latent_mask: str | None = None
     include_init_images: bool = False
 
@@ -280,6 +211,8 @@ _MODELS: Final[dict[Mode, type[Txt2ImgRequest] | type[Img2ImgRequest]]] = {
 
 # --------------------------------------------------------------------------------------------
 # Value checkers: each returns the normalised value or raises _Bad with "what is allowed".
+# Strict ones are for override_settings values: webui stores those as sent (opts.set does not
+# coerce), so "2" for CLIP_stop_at_last_layers fails there later; here it fails at once.
 # --------------------------------------------------------------------------------------------
 
 
@@ -329,45 +262,139 @@ def _check_str(value: Any) -> str:
     return value
 
 
-def _check_str_list(value: Any) -> list[str]:
+# --------------------------------------------------------------------------------------------
+# Field coercion: exactly webui's pydantic v1 validators (int_validator, float_validator,
+# bool_validator, str_validator, list_validator, dict_validator), plus two refusals of values
+# webui accepts and then fails on: NaN/Infinity in a number, lone surrogates in a text.
+# --------------------------------------------------------------------------------------------
+
+# pydantic v1's BOOL_TRUE / BOOL_FALSE; compared after str.lower(), 1.0 == 1 counts as 1.
+_BOOL_TRUE: Final = frozenset({1, "1", "on", "t", "true", "y", "yes"})
+_BOOL_FALSE: Final = frozenset({0, "0", "off", "f", "false", "n", "no"})
+# pydantic v1 refuses longer numeric strings (CPython's int() DoS guard).
+_MAX_STR_INT: Final = 4300
+
+
+def _coerce_int(value: Any) -> int:
+    # int(v): True -> 1, 20.7 -> 20 (truncated, as pydantic v1), " 5 " -> 5, "5.0" refused.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and len(value) > _MAX_STR_INT:
+        raise _Bad("must be an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise _Bad("must be an integer") from None
+
+
+def _coerce_float(value: Any) -> float:
+    # float(v): True -> 1.0, "7" -> 7.0, " 1e3 " -> 1000.0. webui also takes "nan" and "inf";
+    # they would poison the sampler, so they are refused here with the field named.
+    try:
+        result = value if isinstance(value, float) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise _Bad("must be a number") from None
+    if not math.isfinite(result):
+        raise _Bad("must be a finite number")
+    return result
+
+
+def _coerce_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    key = value.lower() if isinstance(value, str) else value
+    try:
+        if key in _BOOL_TRUE:
+            return True
+        if key in _BOOL_FALSE:
+            return False
+    except TypeError:  # unhashable (a list or object)
+        pass
+    raise _Bad("must be true or false (also accepted: 1/0, 'true'/'false', 'yes'/'no', 'on'/'off')")
+
+
+def _coerce_str(value: Any) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, int | float):  # bools too: str(True) == "True", as pydantic v1
+        try:
+            text = str(value)
+        except ValueError:  # an int with more digits than CPython prints
+            raise _Bad("must be a string") from None
+    else:
+        raise _Bad("must be a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        # JSON's "\ud800" decodes to a lone surrogate: no tokenizer or PNG chunk takes it.
+        raise _Bad(
+            f"must be valid Unicode text (a lone surrogate {text[err.start]!r} at position "
+            f"{err.start}; escape a character outside the BMP as a surrogate pair)"
+        ) from None
+    return text
+
+
+def _coerce_str_list(value: Any) -> list[str]:
     if not isinstance(value, list):
         raise _Bad("must be a list of strings")
+    result = []
     for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _Bad("must be a string", field=f"[{i}]", value=item)
-    return list(value)
+        try:
+            result.append(_coerce_str(item))
+        except _Bad as bad:
+            raise _Bad(bad.allowed, field=f"[{i}]", value=item) from None
+    return result
 
 
-def _check_str_or_list(value: Any) -> str | list[str]:
-    if isinstance(value, str):
-        return value
+def _coerce_str_or_list(value: Any) -> str | list[str]:
+    # webui's API takes one string; a list (one prompt per image) is this server's addition.
     if isinstance(value, list):
-        return _check_str_list(value)
-    raise _Bad("must be a string or a list of strings")
+        return _coerce_str_list(value)
+    try:
+        return _coerce_str(value)
+    except _Bad as bad:
+        if isinstance(value, str):
+            raise
+        raise _Bad("must be a string or a list of strings") from bad
 
 
-def _check_list(value: Any) -> list[Any]:
+def _coerce_list(value: Any) -> list[Any]:
     if not isinstance(value, list):
         raise _Bad("must be a list")
     return list(value)
 
 
-def _check_dict(value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise _Bad("must be a JSON object")
-    return dict(value)
+def _coerce_dict(value: Any) -> dict[Any, Any]:
+    # dict(v), as pydantic v1: [] and "" become {}, a list of [key, value] pairs a dict.
+    if isinstance(value, Mapping):
+        return dict(value)
+    try:
+        return dict(value)
+    except (TypeError, ValueError):
+        raise _Bad("must be a JSON object") from None
 
 
-# Annotation (without None) -> checker. Keyed by the set of union members.
-_CHECKERS: Final[dict[frozenset[Any], Callable[[Any], Any]]] = {
-    frozenset({int}): _check_int,
-    frozenset({float}): _check_float,
-    frozenset({bool}): _check_bool,
-    frozenset({str}): _check_str,
-    frozenset({list[str]}): _check_str_list,
-    frozenset({str, list[str]}): _check_str_or_list,
-    frozenset({list[Any]}): _check_list,
-    frozenset({dict[str, Any]}): _check_dict,
+def _coerce_str_dict(value: Any) -> dict[str, Any]:
+    result = {}
+    for key, item in _coerce_dict(value).items():
+        try:
+            result[_coerce_str(key)] = item
+        except _Bad:
+            raise _Bad("must be a JSON object", field=f"[{key!r}]", value=key) from None
+    return result
+
+
+# Annotation (without None) -> coercer. Keyed by the set of union members.
+_COERCERS: Final[dict[frozenset[Any], Callable[[Any], Any]]] = {
+    frozenset({int}): _coerce_int,
+    frozenset({float}): _coerce_float,
+    frozenset({bool}): _coerce_bool,
+    frozenset({str}): _coerce_str,
+    frozenset({list[str]}): _coerce_str_list,
+    frozenset({str, list[str]}): _coerce_str_or_list,
+    frozenset({list[Any]}): _coerce_list,
+    frozenset({dict}): _coerce_dict,
+    frozenset({dict[str, Any]}): _coerce_str_dict,
 }
 
 
@@ -375,15 +402,21 @@ _CHECKERS: Final[dict[frozenset[Any], Callable[[Any], Any]]] = {
 _NOUNS: Final[dict[Callable[[Any], Any], str]] = {
     _check_int: "an integer",
     _check_float: "a finite number",
+    _coerce_int: "an integer",
+    _coerce_float: "a finite number",
 }
 
 
-def _checker_for(annotation: Any) -> Callable[[Any], Any]:
+def _coercer_for(annotation: Any) -> Callable[[Any], Any]:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = frozenset(a for a in typing.get_args(annotation) if a is not type(None))
     else:
         members = frozenset({annotation})
-    return _CHECKERS[members]
+    return _COERCERS[members]
+
+
+def _bound_of(info: FieldInfo) -> Bound | None:
+    return next((m for m in info.metadata if isinstance(m, Bound)), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,12 +476,13 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     _opt("add_model_hash_to_info", _check_bool, True, True),
     _opt("add_model_name_to_info", _check_bool, True, True),
     _opt("add_version_to_infotext", _check_bool, True, True),
-    _opt("eta_ancestral", _check_float, 1.0, True, range=Range(0, 10)),
-    _opt("eta_ddim", _check_float, 0.0, True, range=Range(0, 10)),
+    # webui's sliders end at 1; DDIM above 1 returns NaN.
+    _opt("eta_ancestral", _check_float, 1.0, True, range=Range(0, 1)),
+    _opt("eta_ddim", _check_float, 0.0, True, range=Range(0, 1)),
     _opt("jpeg_quality", _check_int, 80, True, range=Range(1, 100)),
     # Known, validated, not honoured yet: a value other than the default gets a warning.
     _opt("sd_vae", _check_str, "Automatic", True),
-    _opt("eta_noise_seed_delta", _check_int, 0, True),
+    _opt("eta_noise_seed_delta", _check_int, 0, True, range=ENSD_RANGE),
     _opt("randn_source", _check_str, "GPU", True, choices=("GPU", "CPU", "NV")),
     _opt(
         "emphasis", _check_str, "Original", True, choices=("Original", "No norm", "Ignore", "None")
@@ -582,9 +616,7 @@ _IGNORED_ROWS: Final[tuple[Ignored, ...]] = (
         "from the defaults)",
     ),
     # img2img-only fields webui itself only uses for edit models / never decodes.
-    Ignored(
-        "image_cfg_scale", _one_of(None), note="only instruct-pix2pix (edit) models use it; ignored"
-    ),
+    Ignored("image_cfg_scale", _one_of(None), note="only instruct-pix2pix (edit) models use it"),
     Ignored("latent_mask", _falsy),
 )
 IGNORED_FIELDS: Final[dict[str, Ignored]] = {row.field: row for row in _IGNORED_ROWS}
@@ -605,7 +637,7 @@ class ParsedRequest:
     warnings: tuple[str, ...]
 
 
-def decode_api_json(text: str, limits: Limits = LIMITS) -> dict[str, Any]:
+def decode_api_json(text: str, limits: Limits) -> dict[str, Any]:
     """Decode the Cog input `api_json`: JSON text, or a `data:` URL of it.
 
     `cog predict -i api_json=@payload.json` sends `data:application/json;base64,...`; a
@@ -658,7 +690,7 @@ def choose_mode(endpoint: str, payload: Mapping[str, Any]) -> Mode:
     )
 
 
-def parse_request(payload: Mapping[str, Any], mode: Mode, limits: Limits = LIMITS) -> ParsedRequest:
+def parse_request(payload: Mapping[str, Any], mode: Mode, limits: Limits) -> ParsedRequest:
     """Validate a webui txt2img/img2img body; raise one RequestError listing every problem."""
     if not isinstance(payload, Mapping):
         raise RequestError.single("api_json", payload, "must be a JSON object")
@@ -692,13 +724,18 @@ def parse_request(payload: Mapping[str, Any], mode: Mode, limits: Limits = LIMIT
     settings, option_warnings = _parse_settings(values.get("override_settings"), problems)
     warnings += option_warnings
 
-    # 5. Accepted-but-ignored fields, in table order.
+    # 5. The work the request implies (first pass, hires target, schedules, totals).
+    problems += check_work(mode, values, settings.img2img_fix_steps, limits)
+
+    # 6. Accepted-but-ignored fields, in table order.
     if not problems:
         warnings += _ignored_field_warnings(values, model)
 
     if problems:
         raise RequestError(problems)
-    return ParsedRequest(mode, model.model_validate(values), settings, tuple(warnings))
+    # One warning per problem, however many rules noticed it.
+    unique = tuple(dict.fromkeys(warnings))
+    return ParsedRequest(mode, model.model_validate(values), settings, unique)
 
 
 def image_count(request: Txt2ImgRequest | Img2ImgRequest) -> int:
@@ -971,28 +1008,29 @@ def _check_fields(
     limits: Limits,
     problems: list[Problem],
 ) -> dict[str, Any]:
-    """Checked values of every field; a field with a problem is left out of the result."""
-    ranges = _field_ranges(limits)
+    """Coerced, checked values of every field; a field with a problem is left out."""
     values: dict[str, Any] = {}
     for name, info in model.model_fields.items():
         raw = payload.get(name)
         if raw is None:  # webui's fields are all Optional: null means "the default"
             values[name] = info.get_default(call_default_factory=True)
             continue
-        checker = _checker_for(info.annotation)
+        coerce = _coercer_for(info.annotation)
+        bound = _bound_of(info)
         try:
-            values[name] = _check_bounds(name, checker(raw), ranges.get(name), limits)
+            value = coerce(raw)
+            if bound is not None and value not in bound.get(limits):
+                raise _Bad("out of range")
+            values[name] = _check_length(name, value, limits)
         except _Bad as bad:
-            if bad.field is not None:  # a list item
+            if bad.field is not None:  # a list item or a key
                 problems.append(Problem(name + bad.field, bad.value, bad.allowed))
             else:
-                problems.append(Problem(name, raw, _allowed_text(name, checker, bad, ranges)))
+                problems.append(Problem(name, raw, _allowed_text(coerce, bad, bound, limits)))
     return values
 
 
-def _check_bounds(name: str, value: Any, rng: Range | None, limits: Limits) -> Any:
-    if rng is not None and value not in rng:
-        raise _Bad("out of range")
+def _check_length(name: str, value: Any, limits: Limits) -> Any:
     if name in _PROMPT_FIELDS:
         texts = [value] if isinstance(value, str) else value
         for i, text in enumerate(texts):
@@ -1004,24 +1042,14 @@ def _check_bounds(name: str, value: Any, rng: Range | None, limits: Limits) -> A
     return value
 
 
-_RANGE_NOTES: Final = {
-    "seed": " (-1 for random)",
-    "subseed": " (-1 for random)",
-    "seed_resize_from_w": " (0 or less: off)",
-    "seed_resize_from_h": " (0 or less: off)",
-    "width": " (floored to a multiple of 8)",
-    "height": " (floored to a multiple of 8)",
-}
-
-
 def _allowed_text(
-    name: str, checker: Callable[[Any], Any], bad: _Bad, ranges: Mapping[str, Range]
+    coerce: Callable[[Any], Any], bad: _Bad, bound: Bound | None, limits: Limits
 ) -> str:
-    """For a ranged number always give the full rule: "must be an integer from 1 to 150"."""
-    rng = ranges.get(name)
-    if rng is None or checker not in _NOUNS:
+    """The one formatter of field errors: a ranged number always gets the full rule,
+    "must be an integer from 1 to 150", whatever was wrong with it."""
+    if bound is None or coerce not in _NOUNS:
         return bad.allowed
-    return f"must be {_NOUNS[checker]} {rng.describe()}{_RANGE_NOTES.get(name, '')}"
+    return f"must be {_NOUNS[coerce]} {bound.get(limits).describe()}{bound.note}"
 
 
 def _snap_sizes(values: dict[str, Any]) -> list[str]:
@@ -1110,11 +1138,12 @@ def _per_image(prompt: str | list[str], n: int) -> list[str]:
 
 
 __all__ = [
+    "ENSD_RANGE",
     "IGNORED_FIELDS",
-    "LIMITS",
     "LIMIT_ENV",
     "MODES",
     "OPTIONS",
+    "Bound",
     "Ignored",
     "Img2ImgRequest",
     "Limits",

@@ -26,8 +26,8 @@ def run(engine: Engine, body: str) -> tuple[list[bytes], dict[str, Any]]:
 
 
 def plan_of(engine: Engine, body: str) -> Any:
-    data = decode_api_json(body)
-    return make_plan(engine.models, parse_request(data, choose_mode("auto", data)))
+    data = decode_api_json(body, engine.limits)
+    return make_plan(engine.models, parse_request(data, choose_mode("auto", data), engine.limits))
 
 
 INIT = card_image(96, 64)

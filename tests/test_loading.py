@@ -265,6 +265,6 @@ def test_engine_config_from_env(tmp_path: Path) -> None:
 def test_default_checkpoint_setting_is_honoured(engine: Engine) -> None:
     catalog = engine.models.catalog
     preferred = catalog.default_checkpoint("tiny-sdxl")
-    other = Engine(Models(catalog, engine.models.cache, preferred))
+    other = Engine(Models(catalog, engine.models.cache, preferred), engine.limits)
     info = json.loads(other.handle("txt2img", payload()).info)
     assert info["sd_model_name"] == "tiny-sdxl"

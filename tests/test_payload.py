@@ -8,11 +8,13 @@ import math
 import urllib.parse
 from typing import Any
 
+import numpy as np
 import pytest
 
 from engine.errors import RequestError
 from engine.payload import (
     IGNORED_FIELDS,
+    LIMIT_ENV,
     OPTIONS,
     Img2ImgRequest,
     Limits,
@@ -31,19 +33,20 @@ from engine.payload import (
 )
 
 IMG = {"init_images": ["aGVsbG8="]}  # img2img needs one; content is not decoded here
+LIMITS = Limits()
 
 
 def txt(**fields: Any):
-    return parse_request(fields, "txt2img")
+    return parse_request(fields, "txt2img", LIMITS)
 
 
 def img(**fields: Any):
-    return parse_request({**IMG, **fields}, "img2img")
+    return parse_request({**IMG, **fields}, "img2img", LIMITS)
 
 
 def problems_of(payload: dict[str, Any], mode: Mode = "txt2img") -> RequestError:
     with pytest.raises(RequestError) as info:
-        parse_request(payload, mode)
+        parse_request(payload, mode, LIMITS)
     return info.value
 
 
@@ -129,7 +132,7 @@ def test_empty_body_is_clean_and_uses_euler():
 
 def test_null_means_default_for_every_field():
     every_field_null = dict.fromkeys(Txt2ImgRequest.model_fields)
-    assert parse_request(every_field_null, "txt2img").request == txt().request
+    assert parse_request(every_field_null, "txt2img", LIMITS).request == txt().request
     assert img(**dict.fromkeys(set(Img2ImgRequest.model_fields) - {"init_images"})).request == (
         img().request
     )
@@ -174,39 +177,85 @@ def test_numbers_are_normalised(field, sent, stored):
     assert str(txt(cfg_scale=7).request.cfg_scale) == "7.0"
 
 
+# What webui's API accepts through its pydantic v1 models: clients send these (webui's own
+# img2img test request, the ControlNet extension's inpaint example, webuiapi, bots).
+CLIENT_COERCIONS = [
+    ("steps", "5", 5),
+    ("steps", 20.7, 20),  # pydantic v1's int() truncates
+    ("steps", True, 1),
+    ("cfg_scale", "7", 7.0),
+    ("cfg_scale", True, 1.0),
+    ("enable_hr", "false", False),
+    ("enable_hr", "Yes", True),
+    ("enable_hr", 1, True),
+    ("seed", "-1", -1),
+    ("seed", " 42 ", 42),
+    ("prompt", 5, "5"),
+    ("sampler_name", 3, "3"),
+    ("alwayson_scripts", [], {}),
+    ("override_settings", [["CLIP_stop_at_last_layers", 2]], {"CLIP_stop_at_last_layers": 2}),
+]
+
+
+@pytest.mark.parametrize(("field", "sent", "stored"), CLIENT_COERCIONS)
+def test_webui_coercions_are_accepted(field, sent, stored):
+    value = getattr(txt(**{field: sent}).request, field)
+    assert value == stored
+    assert type(value) is type(stored)
+
+
+def test_webui_img2img_test_request_types_are_accepted():
+    # webui's own test_img2img.py and ControlNet's inpaint example send 0/false here.
+    request = img(inpaint_full_res=0, inpainting_mask_invert=False, mask_round="true").request
+    assert request.inpaint_full_res is False
+    assert request.inpainting_mask_invert == 0
+    assert request.mask_round is True
+
+
 BAD_VALUES = [
     # field, value, words the message must contain
     ("steps", 0, "integer from 1 to 150"),
     ("steps", 151, "integer from 1 to 150"),
-    ("steps", 20.5, "integer from 1 to 150"),
-    ("steps", True, "integer from 1 to 150"),  # a bool is not an int
-    ("steps", "20", "integer from 1 to 150"),
+    ("steps", "20.5", "integer from 1 to 150"),  # int("20.5") fails in webui too
+    ("steps", "twenty", "integer from 1 to 150"),
+    ("steps", [20], "integer from 1 to 150"),
     ("batch_size", 9, "from 1 to 8"),
     ("n_iter", 33, "from 1 to 32"),
     ("width", 32, "from 64 to 2048"),
     ("height", 4096, "from 64 to 2048"),
     ("cfg_scale", math.nan, "finite number from -100 to 100"),
     ("cfg_scale", math.inf, "finite number from -100 to 100"),
+    ("cfg_scale", "nan", "finite number from -100 to 100"),
+    ("cfg_scale", "-Infinity", "finite number from -100 to 100"),
     ("cfg_scale", 101, "from -100 to 100"),
-    ("cfg_scale", "7", "number"),
+    ("cfg_scale", "high", "number"),
     ("denoising_strength", 1.5, "from 0 to 1"),
-    ("eta", 11, "from 0 to 10"),
-    ("seed", -2, "-1 for random"),
-    ("seed", False, "-1 for random"),
+    ("eta", 1.5, "from 0 to 1"),
+    ("seed", 2**64, "-1 for random"),
+    ("seed", "1.5", "-1 for random"),
     ("subseed_strength", 2, "from 0 to 1"),
-    ("prompt", 5, "string or a list of strings"),
+    ("prompt", {"a": 1}, "string or a list of strings"),
     ("prompt", "x" * 20001, "at most 20000 characters"),
     ("negative_prompt", {"a": 1}, "string or a list of strings"),
-    ("sampler_name", 3, "must be a string"),
-    ("sampler_index", 0, "must be a string"),
+    ("sampler_name", [3], "must be a string"),
+    ("sampler_index", {}, "must be a string"),
     ("scheduler", ["karras"], "must be a string"),
     ("styles", "anime", "list of strings"),
-    ("send_images", "yes", "true or false"),
-    ("restore_faces", 1, "true or false"),
+    ("send_images", "maybe", "true or false"),
+    ("send_images", 2, "true or false"),
+    ("restore_faces", 0.5, "true or false"),
+    ("enable_hr", " true", "true or false"),  # pydantic v1 lowers, never strips
     ("override_settings", ["CLIP_stop_at_last_layers", 2], "JSON object"),
-    ("alwayson_scripts", [], "JSON object"),
+    ("alwayson_scripts", "controlnet", "JSON object"),
     ("script_args", {}, "must be a list"),
-    ("enable_hr", "true", "true or false"),
+    ("hr_scale", 1e6, "from 0 to 16"),
+    ("hr_second_pass_steps", 1000000, "integer from 0 to 150"),
+    ("hr_resize_x", 60000, "integer from 0 to 2048"),
+    ("hr_resize_y", -1, "integer from 0 to 2048"),
+    ("firstphase_width", 40000, "integer from 0 to 2048"),
+    ("firstphase_height", 40000, "integer from 0 to 2048"),
+    ("refiner_switch_at", 1.5, "from 0 to 1"),
+    ("s_churn", 101, "from 0 to 100"),
 ]
 
 
@@ -224,7 +273,7 @@ def test_bad_value_names_field_value_and_what_is_allowed(field, value, words):
 @pytest.mark.parametrize(
     ("field", "value", "path"),
     [
-        ("prompt", ["ok", 3], "prompt[1]"),
+        ("prompt", ["ok", [3]], "prompt[1]"),
         ("styles", ["a", None], "styles[1]"),
         ("prompt", ["ok", "x" * 20001], "prompt[1]"),
     ],
@@ -240,7 +289,7 @@ def test_every_problem_is_reported_in_one_error():
             "steps": 0,
             "cfg_scale": "high",
             "width": 10,
-            "seed": 1.5,
+            "seed": "1.5",
             "override_settings": {"CLIP_stop_at_last_layers": 0, "samples_format": "bmp"},
         }
     )
@@ -339,7 +388,7 @@ def test_implemented_fields_give_no_warning():
 
 
 def test_ignored_fields_are_still_type_checked():
-    error = problems_of({"hr_scale": "2x", "tiling": "yes", "script_args": "a"})
+    error = problems_of({"hr_scale": "2x", "tiling": "maybe", "script_args": "a"})
     assert {p.field for p in error.problems} == {"hr_scale", "tiling", "script_args"}
 
 
@@ -479,7 +528,7 @@ B64 = base64.b64encode(BODY_TEXT.encode()).decode()
     ],
 )
 def test_decode_api_json_accepts_text_and_data_urls(text):
-    assert decode_api_json(text) == BODY
+    assert decode_api_json(text, LIMITS) == BODY
 
 
 @pytest.mark.parametrize(
@@ -501,7 +550,7 @@ def test_decode_api_json_accepts_text_and_data_urls(text):
 )
 def test_decode_api_json_errors_name_api_json_and_say_why(text, words):
     with pytest.raises(RequestError) as info:
-        decode_api_json(text)
+        decode_api_json(text, LIMITS)
     [problem] = info.value.problems
     assert problem.field == "api_json"
     assert words in str(info.value)
@@ -529,3 +578,286 @@ def test_choose_mode_rejects_other_endpoints():
         choose_mode("extra-single-image", {})
     assert info.value.problems[0].field == "endpoint"
     assert "'txt2img'" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implied work: sizes and steps webui derives from the fields, against the limits
+# ---------------------------------------------------------------------------------------------
+
+HIRES = {"enable_hr": True}
+
+
+def fields_of(error: RequestError) -> list[str]:
+    return [p.field for p in error.problems]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        # The legacy first pass is the image webui samples (width/height are then ignored).
+        (
+            {"firstphase_width": 1024, "firstphase_height": 1024},
+            "firstphase_width*firstphase_height",
+            "first pass would be 1024x1024",
+        ),
+        ({**HIRES, "hr_scale": 2.0}, "hr_scale", "hires target would be 1024x1024"),
+        (
+            {**HIRES, "hr_resize_x": 2048, "width": 64, "height": 512},
+            "hr_resize_x*hr_resize_y",
+            "hires target would be 2048x16384",
+        ),
+    ],
+)
+def test_implied_sizes_are_checked_against_the_pixel_limit(body, field, words):
+    limits = Limits(pixels=512 * 512)
+    with pytest.raises(RequestError) as caught:
+        parse_request(body, "txt2img", limits)
+    assert fields_of(caught.value) == [field]
+    assert words in str(caught.value) and "SD_LIMIT_MAX_PIXELS" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"firstphase_width": 40000, "firstphase_height": 40000}, "firstphase_width"),
+        ({**HIRES, "hr_resize_x": 60000, "hr_resize_y": 60000}, "hr_resize_x"),
+        ({**HIRES, "hr_scale": 1000}, "hr_scale"),
+        ({**HIRES, "hr_scale": 1e6}, "hr_scale"),
+        ({**HIRES, "hr_second_pass_steps": 1000000, "denoising_strength": 0.01}, "hr_second"),
+        ({**HIRES, "width": 2048, "height": 2048}, "hr_scale"),  # 4096x4096 target
+        ({**HIRES, "width": 64, "height": 2048, "hr_resize_x": 2048}, "hr_resize_x"),
+    ],
+)
+def test_red_team_sizes_are_refused(body, field):
+    error = problems_of(body)
+    assert any(f.startswith(field) for f in fields_of(error)), fields_of(error)
+
+
+@pytest.mark.parametrize("denoise", [0.005, 1e-300, 5e-324])
+def test_hires_schedule_after_the_denoising_rule_is_bounded(denoise):
+    # webui builds int(steps / denoise) steps and runs the last `steps` of them.
+    error = problems_of({**HIRES, "hr_second_pass_steps": 150, "denoising_strength": denoise})
+    assert fields_of(error) == ["denoising_strength"]
+    assert "SD_LIMIT_MAX_SCHEDULE_STEPS" in str(error) and "at most 15000" in str(error)
+
+
+def test_hires_schedule_at_the_limit_is_accepted():
+    parsed = txt(**HIRES, hr_second_pass_steps=150, denoising_strength=0.01)  # 15000 steps
+    assert parsed.request.hr_second_pass_steps == 150
+
+
+def test_img2img_schedule_is_bounded_only_with_fix_steps():
+    body = {"steps": 150, "denoising_strength": 0.001}
+    assert img(**body).request.steps == 150  # webui runs int(0.001 * 150) + 1 steps of 150
+    fixed = {**body, "override_settings": {"img2img_fix_steps": True}}
+    error = problems_of({**IMG, **fixed}, "img2img")
+    assert fields_of(error) == ["denoising_strength"]
+    assert "150000-step schedule" in str(error)
+
+
+def test_unet_evaluations_are_bounded_and_configurable():
+    body = {**HIRES, "steps": 150, "hr_second_pass_steps": 150, "batch_size": 8, "n_iter": 8}
+    error = problems_of(body)
+    assert fields_of(error) == ["steps*batch_size*n_iter"]
+    assert "64 images x (150 + 150) steps = 19200" in str(error)
+    assert "at most 10000" in str(error) and "SD_LIMIT_MAX_UNET_EVALS" in str(error)
+    assert txt(steps=150, batch_size=8, n_iter=8).request.steps == 150  # 9600 fits
+    limits = Limits.from_env({"SD_LIMIT_MAX_UNET_EVALS": "100"})
+    with pytest.raises(RequestError, match="SD_LIMIT_MAX_UNET_EVALS"):
+        parse_request({"steps": 101}, "txt2img", limits)
+    parse_request({"steps": 100}, "txt2img", limits)
+
+
+def test_total_output_pixels_are_bounded():
+    body = {"steps": 1, "width": 1024, "height": 1088, "batch_size": 8, "n_iter": 8}
+    error = problems_of(body)
+    assert fields_of(error) == ["batch_size*n_iter*width*height"]
+    assert "64 images of 1024x1088" in str(error) and "SD_LIMIT_MAX_TOTAL_PIXELS" in str(error)
+    assert txt(**{**body, "height": 1024}).request.height == 1024
+
+
+def test_one_firstphase_side_is_a_field_error_before_model_work():
+    assert fields_of(problems_of({"firstphase_width": 512})) == ["firstphase_height"]
+
+
+def test_parsers_take_limits_explicitly():
+    import inspect
+
+    import engine.payload as payload_module
+
+    assert not hasattr(payload_module, "LIMITS")
+    for function in (parse_request, decode_api_json):
+        assert inspect.signature(function).parameters["limits"].default is inspect.Parameter.empty
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile values: a field error, never a raw exception deep in the engine
+# ---------------------------------------------------------------------------------------------
+
+PROMPT_FIELDS = ["prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"]
+
+
+@pytest.mark.parametrize("field", PROMPT_FIELDS)
+def test_lone_surrogate_in_a_prompt_is_a_field_error(field):
+    # json.loads('"\\ud800"') gives a lone surrogate; tokenizers raise a TypeError on it.
+    body = {field: json.loads('"a cat \\ud800 on a hat"')}
+    error = problems_of(body)
+    assert fields_of(error) == [field]
+    assert "lone surrogate" in str(error) and "position 6" in str(error)
+    assert txt(**{field: json.loads('"a \\ud83d\\ude00 pair"')}).request  # a real pair
+
+
+def test_lone_surrogate_in_a_prompt_list_names_the_item():
+    error = problems_of({"prompt": ["ok", "bad \udfff"], "batch_size": 2})
+    assert fields_of(error) == ["prompt[1]"]
+
+
+FLOAT_FIELDS = sorted(
+    {
+        (mode, name)
+        for mode, model in (("txt2img", Txt2ImgRequest), ("img2img", Img2ImgRequest))
+        for name, info in model.model_fields.items()
+        if float in {info.annotation, *getattr(info.annotation, "__args__", ())}
+    }
+)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-Infinity", "1e999"])
+@pytest.mark.parametrize(("mode", "field"), FLOAT_FIELDS)
+def test_non_finite_numbers_are_refused_naming_the_field(mode, field, value):
+    error = problems_of({**(IMG if mode == "img2img" else {}), field: value}, mode)
+    assert fields_of(error) == [field]
+    assert "finite number" in str(error)
+
+
+def test_float_fields_cover_the_hires_and_sigma_fields():
+    names = {name for _, name in FLOAT_FIELDS}
+    assert {"hr_scale", "eta", "s_churn", "refiner_switch_at", "cfg_scale"} <= names
+
+
+@pytest.mark.parametrize("delta", [2**64, -(2**64), 2**62 + 1])
+def test_eta_noise_seed_delta_out_of_torch_range_is_a_field_error(delta):
+    error = problems_of({"override_settings": {"eta_noise_seed_delta": delta}})
+    assert fields_of(error) == ["override_settings.eta_noise_seed_delta"]
+    assert "4611686018427387904" in str(error)  # 2**62
+
+
+def test_eta_noise_seed_delta_at_its_bounds_is_accepted():
+    for delta in (2**62, -(2**62), 31337):
+        assert txt(override_settings={"eta_noise_seed_delta": delta}).settings.eta_noise_seed_delta
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"eta": 10, "sampler_name": "DDIM"}, "eta"),  # DDIM's sqrt(1 - a - sigma^2) is NaN
+        ({"eta": 1.01}, "eta"),
+        ({"override_settings": {"eta_ddim": 10}}, "override_settings.eta_ddim"),
+        ({"override_settings": {"eta_ancestral": 1.5}}, "override_settings.eta_ancestral"),
+    ],
+)
+def test_eta_is_bounded_by_webuis_slider(body, field):
+    error = problems_of(body)
+    assert fields_of(error) == [field]
+    assert "from 0 to 1" in str(error)
+    assert txt(eta=1, sampler_name="DDIM").request.eta == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# As lenient as webui: negative seeds, refiner_switch_at 1, LoRA tags per field
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [-2, -1234, -(2**62)])
+def test_any_negative_seed_is_accepted(seed):
+    # webui's get_fixed_seed: only -1 is random; -2 is a fixed seed torch takes.
+    assert txt(seed=seed, subseed=seed).request.seed == seed
+
+
+def test_refiner_switch_at_one_is_accepted():
+    assert txt(refiner_switch_at=1.0).request.refiner_switch_at == 1.0
+    assert fields_of(problems_of({"refiner_switch_at": 1.01})) == ["refiner_switch_at"]
+
+
+def test_lora_tags_are_counted_per_prompt_field():
+    tag = "<lora:x:1>"
+    full = {name: tag * 16 for name in PROMPT_FIELDS}
+    assert txt(**full).request.prompt == tag * 16
+    error = problems_of({**full, "negative_prompt": tag * 17})
+    assert fields_of(error) == ["negative_prompt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Warnings are worded once
+# ---------------------------------------------------------------------------------------------
+
+
+def test_image_cfg_scale_warning_says_ignored_once():
+    parsed = img(image_cfg_scale=1.5)
+    assert "image_cfg_scale: only instruct-pix2pix (edit) models use it; ignored" in (
+        parsed.warnings
+    )
+
+
+def test_no_warning_repeats_a_word_or_itself():
+    loud: dict[str, Any] = {row.field: "x" for row in IGNORED_FIELDS.values()}
+    loud.update(image_cfg_scale=1.5, s_churn=1.0, s_noise=0.5, restore_faces=True)
+    loud.update(save_images=True, override_settings_restore_afterwards=False, styles=["a"])
+    loud.update(script_args=[1], latent_mask="x", firstpass_image="x", infotext="x")
+    loud.update(s_min_uncond=1.0, s_tmax=1.0, s_tmin=1.0, script_name="x")
+    parsed = img(**loud, foo=1, enable_hr=True, override_settings={"token_merging_ratio": 0.5})
+    assert len(parsed.warnings) == len(set(parsed.warnings)) >= len(IGNORED_FIELDS)
+    for warning in parsed.warnings:
+        assert "ignored; ignored" not in warning, warning
+        assert warning.count("ignored") == 1, warning
+
+
+# ---------------------------------------------------------------------------------------------
+# The same through the engine (tiny models)
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(engine, **changes):
+    from .helpers import payload, pixels
+
+    response = engine.handle("txt2img", payload(steps=2, **changes), lambda s, t: None)
+    return [np.asarray(pixels(i.data), dtype=np.int16) for i in response.images], json.loads(
+        response.info
+    )
+
+
+def test_negative_seed_is_a_fixed_seed_end_to_end(engine):
+    images, info = _run(engine, seed=-2, batch_size=2)
+    again, _ = _run(engine, seed=-2, batch_size=2)
+    assert info["seed"] == -2 and info["all_seeds"] == [-2, -1]
+    assert int(np.abs(images[0] - again[0]).max()) == 0  # fixed: identical pixels
+    assert "Seed: -2," in info["infotexts"][0]
+
+
+def test_refiner_switch_at_one_never_switches_like_webui(engine):
+    from .helpers import SD1
+
+    plain, _ = _run(engine)
+    refined, info = _run(engine, refiner_checkpoint=SD1, refiner_switch_at=1.0)
+    assert int(np.abs(plain[0] - refined[0]).max()) == 0  # the same pixels
+    assert "Refiner" not in info["infotexts"][0]
+
+
+def test_a_warning_repeated_per_batch_is_listed_once(engine):
+    _, info = _run(engine, prompt="a cat <hypernet:foo:1>", n_iter=2)
+    notes = [w for w in info["warnings"] if "hypernet" in w]
+    assert len(notes) == 1, info["warnings"]
+
+
+def test_readme_limits_table_lists_every_variable_with_its_default():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("|")]
+    defaults = Limits()
+    for var, (name, kind) in LIMIT_ENV.items():
+        row = next((r for r in rows if f"`{var}`" in r), None)
+        assert row is not None, f"{var} is not in the README's Limits table"
+        value = getattr(defaults, name)
+        default = value.hi if kind == "range" else value
+        assert f"| {int(default)}" in row, (var, default, row)
