@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from .errors import ModelLoadError, RequestError, UnknownName
+from .errors import ModelLoadError, Problem, RequestError, UnknownName
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -160,6 +160,9 @@ class ExtensionRegistry:
         """Every named extension with its parsed args; all problems reported at once."""
         parsed: list[tuple[Extension, Any]] = []
         errors: list[RequestError] = []
+        duplicates = self.duplicate_keys(alwayson_scripts)
+        if duplicates:
+            errors.append(RequestError(duplicates))
         for name, value in alwayson_scripts.items():
             field_name = f"alwayson_scripts.{name}"
             try:
@@ -172,6 +175,27 @@ class ExtensionRegistry:
         if errors:
             raise RequestError([p for err in errors for p in err.problems])
         return parsed
+
+    def duplicate_keys(self, alwayson_scripts: Mapping[str, Any]) -> list[Problem]:
+        """One problem per extension named by more than one key.
+
+        Names match case-insensitively, so `controlnet` and ` ControlNet ` are one extension;
+        running both would double its effect (and its unit count) behind one infotext entry.
+        webui keeps the last key's args; we refuse rather than guess which one was meant."""
+        keys: dict[str, list[str]] = {}
+        for name in alwayson_scripts:
+            keys.setdefault(str(name).strip().lower(), []).append(str(name))
+        titles = {e.title.lower(): e.title for e in self.extensions}
+        return [
+            Problem(
+                "alwayson_scripts",
+                names,
+                f"these keys all name the extension {titles.get(key, names[0].strip())!r} "
+                "(names match case-insensitively); send it once",
+            )
+            for key, names in keys.items()
+            if len(names) > 1
+        ]
 
     def listings(self) -> dict[str, Listing]:
         """Every extension's extra listing endpoints."""

@@ -113,6 +113,33 @@ def test_extension_errors_come_before_any_generation(
     assert steps == []
 
 
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ["controlnet", "ControlNet"],
+        ["controlnet", " controlnet ", "CONTROLNET"],
+        ["CFG Rescale Extension", "cfg rescale extension"],
+    ],
+)
+def test_two_keys_naming_one_extension_are_refused_naming_both(
+    engine: Engine, keys: list[str]
+) -> None:
+    # Issue 16: four spellings of "controlnet" ran 12 units against a limit of 3.
+    value = {"args": [unit()]} if "controlnet" in keys[0].lower() else {"args": [0.5]}
+    steps: list[int] = []
+    with pytest.raises(RequestError) as err:
+        engine.handle(
+            "auto",
+            payload(alwayson_scripts={key: value for key in keys}),
+            lambda s, t: steps.append(s),
+        )
+    problem = next(p for p in err.value.problems if p.field == "alwayson_scripts")
+    assert problem.value == keys
+    for key in keys:
+        assert repr(key) in str(err.value)
+    assert steps == []
+
+
 def test_cfg_rescale_changes_the_image_only_when_enabled(engine: Engine) -> None:
     plain, _, _ = run(engine, payload())
     off, _, _ = run(engine, payload(alwayson_scripts={"CFG Rescale Extension": {"args": [0]}}))
