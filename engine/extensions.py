@@ -47,13 +47,15 @@ class Effects:
 
     `unet_hooks` run at every step of the first pass; `hires_unet_hooks` at every step of the
     hires pass. `infotext` entries join extra_generation_params (raw values; the engine quotes).
-    `extra_images` are appended after the generated images (ControlNet's detected maps)."""
+    `extra_images` are appended after the generated images (ControlNet's detected maps);
+    `warnings` say what a request asked for that was changed or ignored."""
 
     unet_hooks: list[UNetHook] = field(default_factory=list)
     hires_unet_hooks: list[UNetHook] = field(default_factory=list)
     cfg_hooks: list[CFGHook] = field(default_factory=list)
     infotext: dict[str, Any] = field(default_factory=dict)
     extra_images: list[Image.Image] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # joins info.warnings
 
     def merge(self, other: Effects) -> Effects:
         """Both effects, this one's first (several extensions in one request)."""
@@ -63,6 +65,7 @@ class Effects:
             cfg_hooks=[*self.cfg_hooks, *other.cfg_hooks],
             infotext={**self.infotext, **other.infotext},
             extra_images=[*self.extra_images, *other.extra_images],
+            warnings=[*self.warnings, *other.warnings],
         )
 
 

@@ -323,6 +323,7 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     # 8. alwayson_scripts extensions: parsed and prepared now, so their errors come first too.
     effects = _plan_extensions(models, req, checkpoint, width, height, batch_size, decoded)
     extras.update(effects.infotext)
+    warnings.extend(effects.warnings)
     return Plan(
         request=req,
         settings=settings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -44,4 +45,37 @@ def test_duplicate_extension_keys_are_refused_and_the_worker_stays_sound(
     assert "alwayson_scripts" in error
     for key in keys:
         assert repr(key) in error
+    assert golden(server) == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"processor_res": "nan"}, "processor_res"),
+        ({"threshold_a": "inf"}, "threshold_a"),
+        ({"weight": "nan"}, "weight"),
+        ({"guidance_start": "nan"}, "guidance_start"),
+    ],
+)
+def test_non_finite_controlnet_numbers_are_refused_naming_the_field(
+    server: CogServer, changes: dict[str, Any], field: str
+) -> None:
+    before = golden(server)
+    error = refused(server, payload(alwayson_scripts={"controlnet": {"args": [unit(**changes)]}}))
+    assert f"alwayson_scripts.controlnet.args[0].{field}" in error
+    assert "finite number" in error
+    assert golden(server) == before
+
+
+def test_blur_sigma_far_beyond_the_slider_is_bounded(server: CogServer) -> None:
+    # Issue 16: sigma 10000 held a worker for 290 s; the extension resets it to the default.
+    before = golden(server)
+    body = payload(
+        alwayson_scripts={"controlnet": {"args": [unit(module="blur_gaussian", threshold_a=10000)]}}
+    )
+    prediction = server.predict(body)
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    info = json.loads(prediction["output"]["info"])
+    assert "Threshold A: 9.0" in info["infotexts"][0]
+    assert any("args[0].threshold_a" in w for w in info["warnings"])
     assert golden(server) == before

@@ -15,7 +15,7 @@ from engine.loading import Placement
 
 from .hook import ControlNetHook, image_tensor
 from .models import ControlNetFile, ModelCache, scan
-from .preprocessors import DEFAULT_RES, PREPROCESSORS, run_preprocessor
+from .preprocessors import PREPROCESSORS, RESOLUTION, Slider, run_preprocessor
 from .units import CONTROL_MODES, RESIZE_MODES, Unit, parse_units
 
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = 0, 1, 2
@@ -70,8 +70,22 @@ def fit_map(image: Image.Image, width: int, height: int, mode: int) -> Image.Ima
     return canvas
 
 
-def _slider_value(value: float, default: float | None) -> float:
-    return float(default) if value == -1 and default is not None else float(value)
+def bound_slider(
+    value: float, slider: Slider | None, field: str, module: str
+) -> tuple[float, str | None]:
+    """Mikubill `bound_check_params`: a value outside the module's slider range becomes the
+    slider's default (-1, the API default, silently; anything else with a warning naming the
+    field). This is also what bounds the work: processor_res 1e6 would be a 1e12-pixel map.
+    A module without the slider ignores the value."""
+    if slider is None or slider.contains(value):
+        return value, None
+    if value == -1:
+        return float(slider.value), None
+    return float(slider.value), (
+        f"{field}: {value:g} is outside {module}'s {slider.name} range "
+        f"{slider.min:g}..{slider.max:g}; used the default {slider.value:g}, as the "
+        "ControlNet extension does"
+    )
 
 
 class ControlNetExtension:
@@ -130,9 +144,13 @@ class ControlNetExtension:
                 f"{ctx.loaded.info.title!r} is {family.value}; pick a matching ControlNet",
             )
         pre = unit.module
-        res = self._resolution(unit, image, ctx, resize_mode)
-        a = _slider_value(unit.threshold_a, pre.slider_a.value if pre.slider_a else None)
-        b = _slider_value(unit.threshold_b, pre.slider_b.value if pre.slider_b else None)
+        res, res_note = self._resolution(unit, image, ctx, resize_mode)
+        a, a_note = bound_slider(
+            unit.threshold_a, pre.slider_a, f"{unit.field}.threshold_a", pre.name
+        )
+        b, b_note = bound_slider(
+            unit.threshold_b, pre.slider_b, f"{unit.field}.threshold_b", pre.name
+        )
         detected = run_preprocessor(pre, image, res, a, b)
         control = fit_map(detected, ctx.width, ctx.height, resize_mode)
         hook = ControlNetHook(
@@ -156,18 +174,23 @@ class ControlNetExtension:
             hires_unet_hooks=[hook] if unit.hr_option != "Low res only" else [],
             infotext={f"ControlNet {unit.index}": info},
             extra_images=[detected] if save else [],
+            warnings=[note for note in (res_note, a_note, b_note) if note],
         )
 
     @staticmethod
-    def _resolution(unit: Unit, image: Image.Image, ctx: GenerationContext, mode: int) -> int:
+    def _resolution(
+        unit: Unit, image: Image.Image, ctx: GenerationContext, mode: int
+    ) -> tuple[int, str | None]:
         slider = unit.module.resolution
-        if slider is None:
-            return unit.processor_res if unit.processor_res > 0 else DEFAULT_RES
-        if unit.pixel_perfect:
-            return pixel_perfect_resolution(image.size, ctx.width, ctx.height, mode)
-        if slider.min <= unit.processor_res <= slider.max:
-            return unit.processor_res
-        return int(slider.value)
+        if unit.pixel_perfect and slider is not None:
+            return pixel_perfect_resolution(image.size, ctx.width, ctx.height, mode), None
+        value, note = bound_slider(
+            unit.processor_res,
+            slider or RESOLUTION,
+            f"{unit.field}.processor_res",
+            unit.module.name,
+        )
+        return int(value), note if slider is not None else None
 
     def model_list(self) -> dict[str, list[str]]:
         """GET /controlnet/model_list."""

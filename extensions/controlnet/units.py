@@ -6,6 +6,7 @@ Every problem of every unit is collected and raised together, with paths like
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,19 +93,23 @@ class _Reader:
             return default
         try:
             return convert(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # float(10**400) overflows
             self.fail(key, value, allowed)
             return default
 
     def number(
         self, key: str, default: float, lo: float | None = None, hi: float | None = None
     ) -> float:
-        allowed = "expected a number" + (f" from {lo} to {hi}" if lo is not None else "")
+        allowed = "expected a finite number" + (f" from {lo} to {hi}" if lo is not None else "")
 
         def convert(v: Any) -> float:
+            # float() takes "nan" and "inf", and NaN passes every comparison: refuse them
+            # here, or a NaN weight or guidance_start would slip through silently.
             if isinstance(v, bool):
                 raise TypeError
             x = float(v)
+            if not math.isfinite(x):
+                raise ValueError
             if (lo is not None and x < lo) or (hi is not None and x > hi):
                 raise ValueError
             return x
