@@ -5,8 +5,11 @@ extension never touches the shared models: `prepare` returns `Effects` (sampler 
 infotext entries, extra images) that the engine applies to one request only. Everything that
 can fail (arguments, images, model lookups) fails in `parse_args`/`prepare`, before sampling.
 
-Extensions live in packages under `extensions/`; each exposes `EXTENSION` (an object with the
-`Extension` protocol). `ExtensionRegistry.discover()` imports them all at engine setup.
+Extensions live in packages under `extensions/`; each exposes `EXTENSION`, a class whose
+instances have the `Extension` protocol. `ExtensionRegistry.discover()` imports the packages
+once per process (classes hold no state) and makes new instances for every call, so each
+Engine owns its extensions: a second engine in the process never touches the first one's
+ControlNet list or model cache.
 """
 
 from __future__ import annotations
@@ -109,38 +112,52 @@ def script_args(value: Any, *, field: str) -> list[Any]:
     raise RequestError.single(field, value, 'expected {"args": [...]}')
 
 
+ExtensionClass = Callable[[], Extension]
+
+
+def discover_classes(package: str = "extensions") -> tuple[ExtensionClass, ...]:
+    """The EXTENSION class of every subpackage of `package`, by package name.
+
+    An import failure is a setup failure (ModelLoadError naming the extension): a server that
+    silently lacks ControlNet would return plain images for ControlNet requests."""
+    root = importlib.import_module(package)
+    found: list[ExtensionClass] = []
+    for info in sorted(pkgutil.iter_modules(root.__path__), key=lambda m: m.name):
+        if not info.ispkg:
+            continue
+        name = f"{package}.{info.name}"
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"extension {info.name!r} ({name}) failed to import: {type(exc).__name__}: {exc}"
+            ) from exc
+        cls = getattr(module, "EXTENSION", None)
+        if cls is None:
+            continue
+        if not isinstance(cls, type):
+            # An instance here would be shared by every engine of the process.
+            raise ModelLoadError(f"extension {info.name!r}: EXTENSION must be a class")
+        found.append(cls)
+    return tuple(found)
+
+
 class ExtensionRegistry:
-    """The extensions found under a package, by title."""
+    """One engine's extensions (its own instances), by title."""
 
     def __init__(self, extensions: list[Extension]):
         self.extensions = list(extensions)
 
     @classmethod
     def discover(cls, package: str = "extensions") -> ExtensionRegistry:
-        """Import every subpackage of `package` that exposes EXTENSION.
-
-        An import failure is a setup failure (ModelLoadError naming the extension): a server
-        that silently lacks ControlNet would return plain images for ControlNet requests."""
-        root = importlib.import_module(package)
-        found: list[Extension] = []
-        for info in sorted(pkgutil.iter_modules(root.__path__), key=lambda m: m.name):
-            if not info.ispkg:
-                continue
-            name = f"{package}.{info.name}"
-            try:
-                module = importlib.import_module(name)
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"extension {info.name!r} ({name}) failed to import: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            extension = getattr(module, "EXTENSION", None)
-            if extension is None:
-                continue
+        """New instances of every extension class under `package` (not set up yet)."""
+        instances: list[Extension] = []
+        for factory in discover_classes(package):
+            extension = factory()
             if not isinstance(extension, Extension):
-                raise ModelLoadError(f"extension {info.name!r}: EXTENSION lacks the contract")
-            found.append(extension)
-        return cls(found)
+                raise ModelLoadError(f"extension {factory!r}: instances lack the contract")
+            instances.append(extension)
+        return cls(instances)
 
     @property
     def titles(self) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.api import Engine
+from engine.api import Engine, EngineConfig
 from engine.catalog import Catalog
 from engine.errors import ModelLoadError, RequestError, UnknownName
 from engine.extensions import ExtensionRegistry, GenerationContext
@@ -106,6 +107,30 @@ def test_an_extension_that_fails_to_import_fails_discovery(
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModelLoadError, match="broken"):
         ExtensionRegistry.discover("badexts")
+
+
+def test_every_discovery_makes_new_instances() -> None:
+    first, second = ExtensionRegistry.discover(), ExtensionRegistry.discover()
+    assert first.titles == second.titles
+    for a, b in zip(first.extensions, second.extensions, strict=True):
+        assert a is not b
+
+
+def test_a_second_engine_leaves_the_first_ones_controlnets_alone(
+    engine: Engine, tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    # Issue 13: extension objects were process-wide singletons that Engine.setup wrote into,
+    # so a second engine over a folder without ControlNets emptied the first one's list.
+    before = engine.handle("controlnet/model_list", "{}").listing
+    assert before["model_list"]
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(tiny_models_dir / "checkpoints" / SD1, tmp_path / "checkpoints" / SD1)
+    other = Engine.setup(EngineConfig(models_dir=tmp_path, cache_dir=tmp_path / ".cache"))
+    assert other.handle("controlnet/model_list", "{}").listing == {"model_list": []}
+    assert engine.handle("controlnet/model_list", "{}").listing == before
+    units = [unit(model=before["model_list"][0])]
+    parsed = engine.models.extensions.parse({"controlnet": {"args": units}})  # type: ignore[union-attr]
+    assert len(parsed[0][1]) == 1
 
 
 def test_registry_reports_problems_of_every_extension_at_once(
