@@ -42,6 +42,7 @@ class GenerationContext:
     steps: int
     init_images: tuple[Image.Image, ...] = ()  # img2img originals (decoded); () for txt2img
     resize_mode: int = 0  # img2img resize_mode (0 for txt2img)
+    request: Any = None  # the parsed request (read-only): its field values by webui name
 
 
 @dataclass
@@ -150,9 +151,12 @@ class ExtensionRegistry:
 
     @classmethod
     def discover(cls, package: str = "extensions") -> ExtensionRegistry:
-        """New instances of every extension class under `package` (not set up yet)."""
+        """New instances of webui's built-in always-on scripts and of every extension class
+        under `package` (not set up yet)."""
+        from .builtin_scripts import BUILTIN_FACTORIES  # it builds on this module
+
         instances: list[Extension] = []
-        for factory in discover_classes(package):
+        for factory in (*BUILTIN_FACTORIES, *discover_classes(package)):
             extension = factory()
             if not isinstance(extension, Extension):
                 raise ModelLoadError(f"extension {factory!r}: instances lack the contract")

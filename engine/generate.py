@@ -475,6 +475,7 @@ def _plan_extensions(
         steps=req.steps,
         init_images=tuple(decoded[0]) if decoded is not None else (),
         resize_mode=req.resize_mode if isinstance(req, Img2ImgRequest) else 0,
+        request=req,
     )
     for extension, args in parsed:
         effects = effects.merge(extension.prepare(context, args))

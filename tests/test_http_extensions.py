@@ -79,3 +79,21 @@ def test_blur_sigma_far_beyond_the_slider_is_bounded(server: CogServer) -> None:
     assert "Threshold A: 9.0" in info["infotexts"][0]
     assert any("args[0].threshold_a" in w for w in info["warnings"])
     assert golden(server) == before
+
+
+def test_webui_builtin_scripts_are_accepted_and_change_no_pixel(server: CogServer) -> None:
+    # As webui's payload display lists them; webui's API ignores the UI-only scripts' args.
+    before = golden(server)
+    scripts = {
+        "Seed": {"args": [1234, False, -1, 0, 0, 0]},
+        "Sampler": {"args": [20, "DPM++ 2M", "Automatic"]},
+        "Refiner": {"args": [False, "", 0.8]},
+        "Comments": {"args": []},
+        "Hypertile": {"args": []},
+        "Extra options": {"args": []},
+    }
+    prediction = server.predict(payload(alwayson_scripts=scripts))
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    assert pixels(image_bytes(prediction)[0]).tobytes() == before
+    warnings = json.loads(prediction["output"]["info"])["warnings"]
+    assert any("alwayson_scripts.Sampler.args ignored" in w for w in warnings)
