@@ -41,6 +41,7 @@ class GenerationContext:
     batch_size: int
     steps: int
     init_images: tuple[Image.Image, ...] = ()  # img2img originals (decoded); () for txt2img
+    init_mask: Image.Image | None = None  # img2img's mask as sent (decoded, "L")
     resize_mode: int = 0  # img2img resize_mode (0 for txt2img)
     request: Any = None  # the parsed request (read-only): its field values by webui name
 

@@ -474,6 +474,7 @@ def _plan_extensions(
         batch_size=batch_size,
         steps=req.steps,
         init_images=tuple(decoded[0]) if decoded is not None else (),
+        init_mask=decoded[1] if decoded is not None else None,
         resize_mode=req.resize_mode if isinstance(req, Img2ImgRequest) else 0,
         request=req,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 
 from engine.api import Engine
@@ -189,3 +190,87 @@ def test_sdxl_controlnet(engine: Engine) -> None:
     assert "Model: tiny-controlnet-sdxl [" in info["infotexts"][0]
     with pytest.raises(RequestError, match="tiny-controlnet-sdxl"):
         run(engine, controlnet(unit(model="tiny-controlnet-sdxl")))  # an SDXL ControlNet on SD1
+
+
+# --------------------------------------------------------------------------------------------
+# Forms real clients send (issue 10): "" images, padded unit lists, inpaint modules
+
+MASK = b64_png(box_mask(64, 64, (16, 16, 47, 47)))
+IMG2IMG: dict[str, Any] = {"init_images": [CARD], "denoising_strength": 0.6}
+
+
+def mean_difference(a: bytes, b: bytes) -> float:
+    left = np.asarray(pixels(a), dtype=np.float32)
+    right = np.asarray(pixels(b), dtype=np.float32)
+    return float(np.abs(left - right).mean())
+
+
+@pytest.mark.parametrize("empty", ["", None, {"image": "", "mask": ""}])
+def test_an_empty_image_means_none(engine: Engine, empty: Any) -> None:
+    # webuiapi sends "image": "" for a unit without an image.
+    omitted = unit(save_detected_map=False)
+    del omitted["image"]
+    expected, _, _ = run(engine, controlnet(omitted, **IMG2IMG))
+    images, info, _ = run(engine, controlnet(unit(image=empty, save_detected_map=False), **IMG2IMG))
+    assert images == expected and "ControlNet 0" in info["infotexts"][0]
+    with pytest.raises(RequestError, match="no input image is given") as err:
+        engine.handle("auto", controlnet(unit(image=empty)))
+    assert err.value.problems[0].field == "alwayson_scripts.controlnet.args[0].image"
+
+
+def test_disabled_units_beyond_the_limit_are_accepted(engine: Engine) -> None:
+    # Clients pad the list to their unit count; webui takes the first 3 and these are off.
+    one, _, _ = run(engine, controlnet(unit(save_detected_map=False)))
+    padded = [unit(save_detected_map=False)] + [unit(enabled=False, image="")] * 5
+    images, _, _ = run(engine, controlnet(*padded))
+    assert images == one
+
+
+def test_inpaint_global_harmonious_masks_the_hint(engine: Engine) -> None:
+    plain, _, _ = run(engine, payload())
+    unmasked, _, _ = run(engine, controlnet(unit(module="inpaint", save_detected_map=False)))
+    masked, info, _ = run(
+        engine,
+        controlnet(unit(module="inpaint_global_harmonious", mask=MASK)),
+    )
+    assert "Module: inpaint," in info["infotexts"][0]
+    # The hint is -1 inside the mask instead of the picture. The tiny random ControlNet moves
+    # pixels only a little (about 0.5 grey levels on average here); identical would be 0.
+    assert mean_difference(masked[0], unmasked[0]) > 0.1
+    assert mean_difference(masked[0], plain[0]) > 0.1
+    detected = np.asarray(pixels(masked[1]))
+    assert (detected[20:44, 20:44] == 0).all() and detected[:8].any()  # black where masked
+
+
+def test_inpaint_only_with_img2img_inpainting_runs_as_global_harmonious(engine: Engine) -> None:
+    body = {**IMG2IMG, "mask": MASK}
+    harmonious, _, _ = run(
+        engine, controlnet(unit(module="inpaint", image=None, save_detected_map=False), **body)
+    )
+    only, info, _ = run(
+        engine,
+        controlnet(unit(module="inpaint_only", image=None, save_detected_map=False), **body),
+    )
+    assert only == harmonious
+    assert any("runs as inpaint_global_harmonious" in w for w in info["warnings"])
+    plain, _, _ = run(engine, payload(**body))
+    assert mean_difference(only[0], plain[0]) > 0.1  # see the test above for the scale
+
+
+@pytest.mark.parametrize(
+    ("module", "words"),
+    [
+        ("inpaint_only", ["inpaint_only", "img2img inpainting"]),
+        ("reference_only", ["reference_only", "not supported", "attention"]),
+        ("reference_adain+attn", ["reference_adain+attn", "not supported"]),
+        ("inpaint_only+lama", ["inpaint_only+lama", "needs model weights"]),
+    ],
+)
+def test_unsupported_inpaint_and_reference_forms_are_clear_errors(
+    engine: Engine, module: str, words: list[str]
+) -> None:
+    with pytest.raises(RequestError) as err:
+        engine.handle("auto", controlnet(unit(module=module, mask=MASK)))
+    assert err.value.problems[0].field == "alwayson_scripts.controlnet.args[0].module"
+    for word in words:
+        assert word in str(err.value)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import torch
+from PIL import Image, ImageFilter, ImageOps
 
 from engine.catalog import Catalog
 from engine.errors import Problem, RequestError
@@ -70,6 +72,74 @@ def fit_map(image: Image.Image, width: int, height: int, mode: int) -> Image.Ima
     return canvas
 
 
+def fit_mask(mask: Image.Image, width: int, height: int, mode: int) -> Image.Image:
+    """An inpaint mask at the generation size, binary (Mikubill high_quality_resize keeps the
+    alpha apart and thresholds it at 127). Resize and Fill pads with "inpaint here", as the
+    inpaint modules' fill_mask_with_one_when_resize_and_fill."""
+    if mode != RESIZE_AND_FILL:
+        fitted = fit_map(mask.convert("RGB"), width, height, mode).convert("L")
+    else:
+        k = min(height / mask.height, width / mask.width)
+        resized = mask.resize((round(mask.width * k), round(mask.height * k)))
+        fitted = Image.new("L", (width, height), 255)
+        fitted.paste(
+            resized, (max(0, (width - resized.width) // 2), max(0, (height - resized.height) // 2))
+        )
+    return fitted.point(lambda v: 255 if v > 127 else 0)
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """ "L" mask -> (1, 1, H, W) float in {0, 1}."""
+    array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array)[None, None]
+
+
+def _inpaint_mask(ctx: GenerationContext, unit: Unit, image: Image.Image) -> Image.Image:
+    """The unit's mask; else, for a unit using the img2img image, img2img's mask as the
+    extension's prepare_mask makes it (inverted when asked, blurred by mask_blur); else an
+    empty mask (the extension concatenates zeros)."""
+    if unit.mask is not None:
+        return unit.mask.convert("L").resize(image.size)
+    request = ctx.request
+    if unit.image is None and ctx.init_mask is not None:
+        mask = ctx.init_mask.convert("L").resize(image.size)
+        if getattr(request, "inpainting_mask_invert", 0):
+            mask = ImageOps.invert(mask)
+        blur = getattr(request, "mask_blur", None)
+        blur = getattr(request, "mask_blur_x", 0) if blur is None else blur
+        if blur and blur > 0:
+            mask = mask.filter(ImageFilter.GaussianBlur(blur))
+        return mask
+    return Image.new("L", image.size, 0)
+
+
+def _show_inpaint(detected: Image.Image, mask: Image.Image) -> Image.Image:
+    """The detected map as the extension shows it: the image, black where it inpaints."""
+    array = np.asarray(detected.convert("RGB")).copy()
+    array[np.asarray(mask.convert("L").resize(detected.size)) > 127] = 0
+    return Image.fromarray(array)
+
+
+def _inpaint_only(ctx: GenerationContext, unit: Unit) -> tuple[Unit, str]:
+    """Mikubill: "inpaint_only" with img2img inpainting "falls back to
+    inpaint_global_harmonious" (A1111 inpaint and ControlNet inpaint duplicated). Elsewhere it
+    also restores the unmasked area through a latent hijack that this server lacks: refused."""
+    if ctx.mode == "img2img" and ctx.init_mask is not None:
+        note = (
+            f"{unit.field}.module: inpaint_only with img2img inpainting runs as "
+            "inpaint_global_harmonious, as the ControlNet extension does (A1111 inpaint and "
+            "ControlNet inpaint duplicated)"
+        )
+        return replace(unit, module=PREPROCESSORS["inpaint"]), note
+    raise RequestError.single(
+        f"{unit.field}.module",
+        unit.module.name,
+        "inpaint_only is supported with img2img inpainting (init_images and mask), where the "
+        "extension runs it as inpaint_global_harmonious; elsewhere it needs the extension's "
+        "latent restore, which this server does not implement: use inpaint_global_harmonious",
+    )
+
+
 def bound_slider(
     value: float, slider: Slider | None, field: str, module: str
 ) -> tuple[float, str | None]:
@@ -123,6 +193,10 @@ class ControlNetExtension:
     def _prepare_unit(self, ctx: GenerationContext, unit: Unit) -> Effects:
         assert self.cache is not None
         image, resize_mode = unit.image, unit.resize_mode
+        notes: list[str] = []
+        if unit.module.name == "inpaint_only":
+            unit, note = _inpaint_only(ctx, unit)
+            notes.append(note)
         if image is None:
             if ctx.mode != "img2img" or not ctx.init_images:
                 raise RequestError.single(
@@ -152,10 +226,15 @@ class ControlNetExtension:
             unit.threshold_b, pre.slider_b, f"{unit.field}.threshold_b", pre.name
         )
         detected = run_preprocessor(pre, image, res, a, b)
-        control = fit_map(detected, ctx.width, ctx.height, resize_mode)
+        control = image_tensor(fit_map(detected, ctx.width, ctx.height, resize_mode))
+        if pre.uses_mask:
+            mask = _inpaint_mask(ctx, unit, image)
+            fitted = fit_mask(mask, ctx.width, ctx.height, resize_mode)
+            control = torch.cat([control, mask_tensor(fitted)], dim=1)
+            detected = _show_inpaint(detected, mask)
         hook = ControlNetHook(
             model=loaded.model,
-            control=image_tensor(control),
+            control=control,
             weight=unit.weight,
             guidance_start=unit.guidance_start,
             guidance_end=unit.guidance_end,
@@ -174,7 +253,7 @@ class ControlNetExtension:
             hires_unet_hooks=[hook] if unit.hr_option != "Low res only" else [],
             infotext={f"ControlNet {unit.index}": info},
             extra_images=[detected] if save else [],
-            warnings=[note for note in (res_note, a_note, b_note) if note],
+            warnings=[note for note in (*notes, res_note, a_note, b_note) if note],
         )
 
     @staticmethod

@@ -53,6 +53,9 @@ class Preprocessor:
     resolution: Slider | None = RESOLUTION  # None: the module ignores processor_res
     slider_a: Slider | None = None
     slider_b: Slider | None = None
+    # Inpaint modules: the map is the image plus a mask (the unit's, else img2img's), and the
+    # hint carries -1 where the mask is set (the extension's "ControlNet inpaint protocol").
+    uses_mask: bool = False
 
     def sliders(self) -> list[dict[str, float | str]]:
         return [s.listing() for s in (self.resolution, self.slider_a, self.slider_b) if s]
@@ -356,6 +359,11 @@ PREPROCESSORS: Final[Mapping[str, Preprocessor]] = MappingProxyType(
                 "scribble_xdog", _scribble_xdog, slider_a=Slider("XDoG Threshold", 32, 1, 64)
             ),
             Preprocessor("scribble_thr", _scribble_thr),
+            # Mikubill scripts/preprocessor/inpaint.py: both return the image unchanged (the
+            # mask travels as alpha); inpaint_only also restores the unmasked area (see
+            # extension.py for where that is supported).
+            Preprocessor("inpaint", _none, resolution=None, uses_mask=True),
+            Preprocessor("inpaint_only", _none, resolution=None, uses_mask=True),
         )
     }
 )
@@ -368,6 +376,7 @@ ALIASES: Final[Mapping[str, str]] = MappingProxyType(
         "tile_resample": "tile_resample",
         "blur": "blur_gaussian",
         "canny_edge": "canny",
+        "inpaint_global_harmonious": "inpaint",
     }
 )
 
@@ -429,13 +438,7 @@ NEEDS_WEIGHTS: Final = frozenset(
         "clip_vision",
         "t2ia_style_clipvision",
         "t2ia_sketch_pidi",
-        "inpaint",
-        "inpaint_only",
         "inpaint_only+lama",
-        "inpaint_global_harmonious",
-        "reference_only",
-        "reference_adain",
-        "reference_adain+attn",
         "tile_colorfix",
         "tile_colorfix+sharp",
         "recolor_luminance",
@@ -451,6 +454,17 @@ NEEDS_WEIGHTS: Final = frozenset(
         "instant_id_face_keypoints",
         "mediapipe_face",
     }
+)
+
+
+# Weight-free modules of the extension that this server does not run, and why.
+UNSUPPORTED: Final[Mapping[str, str]] = MappingProxyType(
+    dict.fromkeys(
+        ("reference_only", "reference_adain", "reference_adain+attn"),
+        "reference modules inject the reference image's attention and group-norm statistics "
+        "into the UNet (the extension's attention hijack); this server does not implement "
+        "that",
+    )
 )
 
 
