@@ -118,3 +118,113 @@ def test_api_default_minus_one_is_the_default_without_a_warning(engine: Engine) 
     info = json.loads(engine.handle("auto", _controlnet(processor_res=-1, threshold_a=-1)).info)
     assert "Threshold A: 9.0" in info["infotexts"][0]
     assert not [w for w in info.get("warnings", []) if "controlnet" in w]
+
+
+# --------------------------------------------------------------------------------------------
+# What each of the other modules visibly does (canny, invert and threshold: test_extensions.py)
+
+
+def square(size: int = 64, lo: int = 0, hi: int = 255) -> Image.Image:
+    """A bright square (rows/cols 16..47) centred on a dark background."""
+    array = np.full((size, size, 3), lo, dtype=np.uint8)
+    q = size // 4
+    array[q : size - q, q : size - q] = hi
+    return Image.fromarray(array)
+
+
+def strokes() -> Image.Image:
+    """Dark strokes on white paper (a scan of a line drawing): a cross, 4 px wide."""
+    array = np.full((64, 64, 3), 240, dtype=np.uint8)
+    array[30:34, 8:56] = 20
+    array[8:56, 30:34] = 20
+    return Image.fromarray(array)
+
+
+def run(name: str, image: Image.Image, res: int = 64, a: float = -1, b: float = -1) -> np.ndarray:
+    return np.asarray(run_preprocessor(PREPROCESSORS[name], image, res, a, b))
+
+
+def test_none_passes_the_image_through() -> None:
+    image = card_image(64, 64)
+    assert np.array_equal(run("none", image), np.asarray(image))
+
+
+@pytest.mark.parametrize("level", [0, 128])  # 0: Otsu picks the level
+def test_binary_turns_dark_lines_into_white_lines_on_black(level: int) -> None:
+    out = run("binary", strokes(), a=level)
+    lines = np.asarray(strokes())[:, :, 0] < 128
+    assert set(np.unique(out).tolist()) == {0, 255}
+    assert np.array_equal(out[:, :, 0] == 255, lines)  # exactly the strokes, nothing else
+
+
+def test_binary_threshold_decides_which_greys_count_as_lines() -> None:
+    grey = square(64, lo=90, hi=200)  # a mid-grey frame around a light square
+    assert (run("binary", grey, a=100)[:4, :4] == 255).all()  # 90 <= 100: a line
+    assert (run("binary", grey, a=80)[:4, :4] == 0).all()  # 90 > 80: paper
+
+
+def test_tile_resample_shrinks_by_the_rate_with_a_box_average() -> None:
+    image = noise(64, seed=3)
+    assert np.array_equal(run("tile_resample", image, a=1.0), np.asarray(image))  # < 1.1: as is
+    out = run("tile_resample", image, a=2.0)
+    assert out.shape == (32, 32, 3)
+    blocks = np.asarray(image, dtype=np.float32).reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
+    assert np.abs(out.astype(np.float32) - blocks).max() <= 1.0  # cv2.INTER_AREA at 1/2
+
+
+def test_color_is_a_grid_of_flat_cells_in_the_images_colours() -> None:
+    out = run("color", card_image(64, 64), res=512)
+    assert out.shape == (512, 512, 3)
+    cells = out.reshape(8, 64, 8, 64, 3)
+    flat = (cells == cells[:, :1, :, :1]).all(axis=(1, 3, 4))
+    assert flat.all()  # every 64x64 cell is one colour
+    # The card is blue with a red square at 16..32 (cells 2..3 of 8 at 512): red stays red.
+    red_cell, blue_cell = cells[2, 0, 2, 0], cells[6, 0, 6, 0]
+    assert red_cell[0] > red_cell[2] and blue_cell[2] > blue_cell[0]
+
+
+def test_blur_gaussian_softens_the_edge_by_sigma() -> None:
+    sharp = square()
+    out = run("blur_gaussian", sharp, a=2.0).astype(np.float32)
+    reference = ndimage.gaussian_filter(
+        np.asarray(sharp, dtype=np.float64),
+        sigma=(2.0, 2.0, 0),
+        mode="mirror",
+        truncate=6 / 2.0,  # cv2's 8-bit kernel: 13 taps at sigma 2
+    )
+    assert np.abs(out - reference).max() <= 1.0
+    # A user sees a ramp across the edge instead of a step: intermediate greys appear.
+    row = out[32, 8:24, 0]
+    assert ((row > 20) & (row < 235)).sum() >= 4
+    wider = run("blur_gaussian", sharp, a=6.0)[32, 8:24, 0]
+    assert ((wider > 20) & (wider < 235)).sum() > ((row > 20) & (row < 235)).sum()
+
+
+def test_scribble_xdog_draws_the_outline_and_its_threshold_thins_it() -> None:
+    out = run("scribble_xdog", square(), a=32)[:, :, 0] > 0
+    assert out.any() and not out[26:38, 26:38].any() and not out[:4, :4].any()
+    ys, xs = np.nonzero(out)
+    # Every white pixel lies in a band around the outline (16 px from the centre; the DoG's
+    # wide Gaussian, sigma 5, makes the band about 8 px either side).
+    ring = np.maximum(np.abs(ys - 31.5), np.abs(xs - 31.5))
+    assert ((ring > 8) & (ring < 24)).all()
+    thin = run("scribble_xdog", square(), a=64)[:, :, 0] > 0
+    assert 0 < thin.sum() < out.sum()
+
+
+def test_scribble_thr_keeps_the_dark_strokes_as_white_scribbles() -> None:
+    out = run("scribble_thr", strokes())
+    lines = np.asarray(strokes())[:, :, 0] < 127
+    assert np.array_equal(out[:, :, 0] == 255, lines)
+
+
+def test_modules_give_visibly_different_maps_of_one_image() -> None:
+    # A user switching modules sees a different control map: at least a tenth of the pixels
+    # (on a 0..255 scale, a mean difference above 25) between any two of these.
+    maps = {name: run(name, square()).astype(np.float32) for name in ("canny", "scribble_xdog")}
+    maps["blur_gaussian"] = run("blur_gaussian", square(), a=9.0).astype(np.float32)
+    maps["invert"] = run("invert", square()).astype(np.float32)
+    names = sorted(maps)
+    for i, left in enumerate(names):
+        for right in names[i + 1 :]:
+            assert np.abs(maps[left] - maps[right]).mean() > 25, (left, right)
