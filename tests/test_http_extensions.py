@@ -97,3 +97,21 @@ def test_webui_builtin_scripts_are_accepted_and_change_no_pixel(server: CogServe
     assert pixels(image_bytes(prediction)[0]).tobytes() == before
     warnings = json.loads(prediction["output"]["info"])["warnings"]
     assert any("alwayson_scripts.Sampler.args ignored" in w for w in warnings)
+
+
+def test_webuiapi_style_units_with_empty_image_and_padding(server: CogServer) -> None:
+    # webuiapi's ControlNetUnit.to_dict() sends "image": "" when the unit has none; clients
+    # pad the list with disabled units. In img2img the init image is the control image.
+    before = golden(server)
+    sent = unit(image="", processor_res=512, threshold_a=64, threshold_b=64, lowvram=False)
+    padding = [unit(enabled=False, image="")] * 4
+    body = payload(
+        init_images=[CARD],
+        denoising_strength=0.6,
+        alwayson_scripts={"controlnet": {"args": [sent, *padding]}},
+    )
+    prediction = server.predict(body)
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    info = json.loads(prediction["output"]["info"])
+    assert "ControlNet 0" in info["infotexts"][0] and "ControlNet 1" not in info["infotexts"][0]
+    assert golden(server) == before
