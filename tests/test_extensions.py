@@ -527,3 +527,16 @@ def test_cfg_rescale_matches_the_formula() -> None:
     eps = uncond + 7 * (cond - uncond)
     out = rescale_cfg(eps, cond, 1.0)
     assert out.std().item() == pytest.approx(cond.std().item(), rel=1e-5)
+
+
+def test_inpaint_hint_is_minus_one_under_the_mask(controlnet: ControlNetExtension) -> None:
+    # Mikubill's "ControlNet inpaint protocol": hint = colour * (1 - m) - m, m = mask > 0.5,
+    # applied after resizing to the pass's size.
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    control = torch.cat([image_tensor(square(64, lo=100, hi=200)), mask], dim=1)
+    hook = _hook(controlnet, control=control)
+    hint = hook._hint(torch.zeros(1, 4, 16, 16))  # a hires-sized pass: 128x128
+    assert hint.shape == (1, 3, 128, 128)
+    assert torch.all(hint[..., 40:88, 40:88] == -1.0)
+    assert torch.allclose(hint[..., :16, :16], torch.full((1, 3, 16, 16), 100 / 255))
