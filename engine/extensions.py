@@ -46,6 +46,10 @@ class GenerationContext:
     request: Any = None  # the parsed request (read-only): its field values by webui name
 
 
+# A decoded picture -> the picture to return (ControlNet inpaint_only's final composite).
+ImageHook = Callable[["Image.Image"], "Image.Image"]
+
+
 @dataclass
 class Effects:
     """What an extension returns; the engine applies it to one request only.
@@ -61,6 +65,7 @@ class Effects:
     infotext: dict[str, Any] = field(default_factory=dict)
     extra_images: list[Image.Image] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # joins info.warnings
+    image_hooks: list[ImageHook] = field(default_factory=list)  # on each decoded picture
 
     def merge(self, other: Effects) -> Effects:
         """Both effects, this one's first (several extensions in one request)."""
@@ -71,6 +76,7 @@ class Effects:
             infotext={**self.infotext, **other.infotext},
             extra_images=[*self.extra_images, *other.extra_images],
             warnings=[*self.warnings, *other.warnings],
+            image_hooks=[*self.image_hooks, *other.image_hooks],
         )
 
 

@@ -683,6 +683,8 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
                 f"the model produced NaN or Inf values for seeds {seeds}; no image is returned"
             )
         images = decode_latents(plan.vae.vae, latents)
+    for image_hook in plan.effects.image_hooks:  # extensions' post-processing
+        images = [image_hook(img) for img in images]
     # 5. img2img with a mask: paste "only masked" crops back and lay the original over.
     if plan.img2img is not None and plan.img2img.mask is not None:
         inits = _batch_inits(plan.img2img, hi - lo)

@@ -540,3 +540,29 @@ def test_inpaint_hint_is_minus_one_under_the_mask(controlnet: ControlNetExtensio
     assert hint.shape == (1, 3, 128, 128)
     assert torch.all(hint[..., 40:88, 40:88] == -1.0)
     assert torch.allclose(hint[..., :16, :16], torch.full((1, 3, 16, 16), 100 / 255))
+
+
+def test_inpaint_only_restore_keeps_the_control_latent_outside_the_mask(engine: Engine) -> None:
+    # The implied clean image x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) equals the control
+    # image's latent outside the mask and is untouched inside it (weight 1).
+    from engine.sampling import encode_images
+    from extensions.controlnet.inpaint_only import InpaintRestore
+
+    sd1 = loaded(engine, SD1)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # inpaint the left half
+    colour = square(64, lo=40, hi=220)
+    alphas = sd1.pipe.scheduler.alphas_cumprod
+    hook = InpaintRestore(sd1.pipe.vae, colour, mask, 1.0, alphas)
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(1, 4, 8, 8, generator=gen)
+    eps = torch.randn(1, 4, 8, 8, generator=gen)
+    cond = StepConditioning(CondPart(torch.zeros(1, 1, 1)), ())
+    info = StepInfo(0, 4, 1, 2, t=torch.tensor(500.0), sample=x_t)
+    new = hook(eps, torch.cat([eps, eps]), cond, info)
+    a, s = alphas[500].sqrt(), (1 - alphas[500]).sqrt()
+    implied = (x_t - s * new) / a
+    x0 = encode_images(sd1.pipe.vae, [colour])
+    # Latent columns 0..4 touch the mask (max-pooled with a 10 px window): 5..7 are outside.
+    assert torch.allclose(implied[..., 5:], x0[..., 5:], atol=1e-4)
+    assert torch.equal(new[..., :4], eps[..., :4])

@@ -260,7 +260,6 @@ def test_inpaint_only_with_img2img_inpainting_runs_as_global_harmonious(engine: 
 @pytest.mark.parametrize(
     ("module", "words"),
     [
-        ("inpaint_only", ["inpaint_only", "img2img inpainting"]),
         ("reference_only", ["reference_only", "not supported", "attention"]),
         ("reference_adain+attn", ["reference_adain+attn", "not supported"]),
         ("inpaint_only+lama", ["inpaint_only+lama", "needs model weights"]),
@@ -274,3 +273,21 @@ def test_unsupported_inpaint_and_reference_forms_are_clear_errors(
     assert err.value.problems[0].field == "alwayson_scripts.controlnet.args[0].module"
     for word in words:
         assert word in str(err.value)
+
+
+def test_inpaint_only_in_txt2img_keeps_the_control_image_outside_the_mask(engine: Engine) -> None:
+    # The extension's own txt2img inpaint example: image and mask in the unit.
+    card = np.asarray(card_image(64, 64), dtype=np.float32)
+    sent = unit(module="inpaint_only", image={"image": CARD, "mask": MASK})
+    images, info, _ = run(engine, controlnet(sent))
+    assert "Module: inpaint_only," in info["infotexts"][0]
+    out = np.asarray(pixels(images[0]), dtype=np.float32)
+    # Mask 16..47, dilated and blurred by 7 px: from row/col 10 to 53 the picture shows through;
+    # outside that band the control image comes back (to within rounding).
+    outside = np.ones((64, 64), dtype=bool)
+    outside[9:55, 9:55] = False
+    assert np.abs(out[outside] - card[outside]).max() <= 1.0
+    # Inside the mask the picture is generated: far from the card (mean > 10 grey levels).
+    assert np.abs(out[20:44, 20:44] - card[20:44, 20:44]).mean() > 10
+    harmonious, _, _ = run(engine, controlnet({**sent, "module": "inpaint"}))
+    assert mean_difference(images[0], harmonious[0]) > 1.0  # the restore and the composite

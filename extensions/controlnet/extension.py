@@ -16,6 +16,7 @@ from engine.extensions import Effects, GenerationContext, Listing, script_args
 from engine.loading import Placement
 
 from .hook import ControlNetHook, image_tensor
+from .inpaint_only import InpaintComposite, InpaintRestore
 from .models import ControlNetFile, ModelCache, scan
 from .preprocessors import PREPROCESSORS, RESOLUTION, Slider, run_preprocessor
 from .units import CONTROL_MODES, RESIZE_MODES, Unit, parse_units
@@ -120,24 +121,33 @@ def _show_inpaint(detected: Image.Image, mask: Image.Image) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _inpaint_only(ctx: GenerationContext, unit: Unit) -> tuple[Unit, str]:
+def _inpaint_only_fallback(ctx: GenerationContext, unit: Unit) -> tuple[Unit, str | None]:
     """Mikubill: "inpaint_only" with img2img inpainting "falls back to
-    inpaint_global_harmonious" (A1111 inpaint and ControlNet inpaint duplicated). Elsewhere it
-    also restores the unmasked area through a latent hijack that this server lacks: refused."""
-    if ctx.mode == "img2img" and ctx.init_mask is not None:
-        note = (
-            f"{unit.field}.module: inpaint_only with img2img inpainting runs as "
-            "inpaint_global_harmonious, as the ControlNet extension does (A1111 inpaint and "
-            "ControlNet inpaint duplicated)"
-        )
-        return replace(unit, module=PREPROCESSORS["inpaint"]), note
-    raise RequestError.single(
-        f"{unit.field}.module",
-        unit.module.name,
-        "inpaint_only is supported with img2img inpainting (init_images and mask), where the "
-        "extension runs it as inpaint_global_harmonious; elsewhere it needs the extension's "
-        "latent restore, which this server does not implement: use inpaint_global_harmonious",
+    inpaint_global_harmonious" (A1111 inpaint and ControlNet inpaint duplicated)."""
+    if unit.module.name != "inpaint_only" or ctx.mode != "img2img" or ctx.init_mask is None:
+        return unit, None
+    note = (
+        f"{unit.field}.module: inpaint_only with img2img inpainting runs as "
+        "inpaint_global_harmonious, as the ControlNet extension does (A1111 inpaint and "
+        "ControlNet inpaint duplicated)"
     )
+    return replace(unit, module=PREPROCESSORS["inpaint"]), note
+
+
+def _inpaint_only_effects(
+    ctx: GenerationContext, unit: Unit, colour: Image.Image, mask: Image.Image
+) -> Effects:
+    """The restore hook and the final composite of inpaint_only (see inpaint_only.py)."""
+    if unit.module.name != "inpaint_only":
+        return Effects()
+    restore = InpaintRestore(
+        vae=ctx.loaded.pipe.vae,
+        colour=colour,
+        mask=mask,
+        weight=unit.weight,
+        alphas_cumprod=ctx.loaded.pipe.scheduler.alphas_cumprod,
+    )
+    return Effects(cfg_hooks=[restore], image_hooks=[InpaintComposite(colour, mask)])
 
 
 def bound_slider(
@@ -193,10 +203,8 @@ class ControlNetExtension:
     def _prepare_unit(self, ctx: GenerationContext, unit: Unit) -> Effects:
         assert self.cache is not None
         image, resize_mode = unit.image, unit.resize_mode
-        notes: list[str] = []
-        if unit.module.name == "inpaint_only":
-            unit, note = _inpaint_only(ctx, unit)
-            notes.append(note)
+        unit, fallback = _inpaint_only_fallback(ctx, unit)
+        notes = [fallback] if fallback else []
         if image is None:
             if ctx.mode != "img2img" or not ctx.init_images:
                 raise RequestError.single(
@@ -226,12 +234,15 @@ class ControlNetExtension:
             unit.threshold_b, pre.slider_b, f"{unit.field}.threshold_b", pre.name
         )
         detected = run_preprocessor(pre, image, res, a, b)
-        control = image_tensor(fit_map(detected, ctx.width, ctx.height, resize_mode))
+        colour = fit_map(detected, ctx.width, ctx.height, resize_mode)
+        control = image_tensor(colour)
+        inpaint_only = Effects()
         if pre.uses_mask:
             mask = _inpaint_mask(ctx, unit, image)
             fitted = fit_mask(mask, ctx.width, ctx.height, resize_mode)
             control = torch.cat([control, mask_tensor(fitted)], dim=1)
             detected = _show_inpaint(detected, mask)
+            inpaint_only = _inpaint_only_effects(ctx, unit, colour, fitted)
         hook = ControlNetHook(
             model=loaded.model,
             control=control,
@@ -254,7 +265,7 @@ class ControlNetExtension:
             infotext={f"ControlNet {unit.index}": info},
             extra_images=[detected] if save else [],
             warnings=[note for note in (*notes, res_note, a_note, b_note) if note],
-        )
+        ).merge(inpaint_only)
 
     @staticmethod
     def _resolution(
