@@ -64,7 +64,10 @@ def _seed_fields(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _sampler_fields(args: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: args[name] for name in ("steps", "sampler_name", "scheduler") if name in args}
+    fields = {name: args[name] for name in ("steps", "sampler_name", "scheduler") if name in args}
+    if str(fields.get("scheduler", "")).strip().lower() == "automatic":
+        fields["scheduler"] = None  # the UI's "Automatic" is the API's scheduler: null
+    return fields
 
 
 def _refiner_fields(args: Mapping[str, Any]) -> dict[str, Any]:

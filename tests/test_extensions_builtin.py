@@ -50,7 +50,7 @@ def warnings_for(name: str, value: Any, mode: str = "txt2img") -> list[str]:
 # webui's payload display, with the values the request fields already have: nothing to say.
 AGREEING: dict[str, Any] = {
     "Seed": {"args": [1234, False, -1, 0, 0, 0]},
-    "Sampler": {"args": [4, "Euler", None]},
+    "Sampler": {"args": [4, "Euler", "Automatic"]},
     "Refiner": {"args": [False, "", 0.8]},
     "Comments": {"args": []},
     "Hypertile": {"args": []},
