@@ -109,6 +109,22 @@ def test_an_extension_that_fails_to_import_fails_discovery(
         ExtensionRegistry.discover("badexts")
 
 
+def test_an_extension_instance_in_place_of_a_class_fails_discovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An instance would be shared by every engine of the process (issue 13).
+    package = tmp_path / "sharedexts"
+    (package / "single").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "single" / "__init__.py").write_text(
+        "from extensions.cfg_rescale import CFGRescaleExtension\n"
+        "EXTENSION = CFGRescaleExtension()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="must be a class"):
+        ExtensionRegistry.discover("sharedexts")
+
+
 def test_every_discovery_makes_new_instances() -> None:
     first, second = ExtensionRegistry.discover(), ExtensionRegistry.discover()
     assert first.titles == second.titles
