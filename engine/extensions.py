@@ -5,8 +5,11 @@ extension never touches the shared models: `prepare` returns `Effects` (sampler 
 infotext entries, extra images) that the engine applies to one request only. Everything that
 can fail (arguments, images, model lookups) fails in `parse_args`/`prepare`, before sampling.
 
-Extensions live in packages under `extensions/`; each exposes `EXTENSION` (an object with the
-`Extension` protocol). `ExtensionRegistry.discover()` imports them all at engine setup.
+Extensions live in packages under `extensions/`; each exposes `EXTENSION`, a class whose
+instances have the `Extension` protocol. `ExtensionRegistry.discover()` imports the packages
+once per process (classes hold no state) and makes new instances for every call, so each
+Engine owns its extensions: a second engine in the process never touches the first one's
+ControlNet list or model cache.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from .errors import ModelLoadError, RequestError, UnknownName
+from .errors import ModelLoadError, Problem, RequestError, UnknownName
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,7 +41,13 @@ class GenerationContext:
     batch_size: int
     steps: int
     init_images: tuple[Image.Image, ...] = ()  # img2img originals (decoded); () for txt2img
+    init_mask: Image.Image | None = None  # img2img's mask as sent (decoded, "L")
     resize_mode: int = 0  # img2img resize_mode (0 for txt2img)
+    request: Any = None  # the parsed request (read-only): its field values by webui name
+
+
+# A decoded picture -> the picture to return (ControlNet inpaint_only's final composite).
+ImageHook = Callable[["Image.Image"], "Image.Image"]
 
 
 @dataclass
@@ -47,13 +56,16 @@ class Effects:
 
     `unet_hooks` run at every step of the first pass; `hires_unet_hooks` at every step of the
     hires pass. `infotext` entries join extra_generation_params (raw values; the engine quotes).
-    `extra_images` are appended after the generated images (ControlNet's detected maps)."""
+    `extra_images` are appended after the generated images (ControlNet's detected maps);
+    `warnings` say what a request asked for that was changed or ignored."""
 
     unet_hooks: list[UNetHook] = field(default_factory=list)
     hires_unet_hooks: list[UNetHook] = field(default_factory=list)
     cfg_hooks: list[CFGHook] = field(default_factory=list)
     infotext: dict[str, Any] = field(default_factory=dict)
     extra_images: list[Image.Image] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # joins info.warnings
+    image_hooks: list[ImageHook] = field(default_factory=list)  # on each decoded picture
 
     def merge(self, other: Effects) -> Effects:
         """Both effects, this one's first (several extensions in one request)."""
@@ -63,6 +75,8 @@ class Effects:
             cfg_hooks=[*self.cfg_hooks, *other.cfg_hooks],
             infotext={**self.infotext, **other.infotext},
             extra_images=[*self.extra_images, *other.extra_images],
+            warnings=[*self.warnings, *other.warnings],
+            image_hooks=[*self.image_hooks, *other.image_hooks],
         )
 
 
@@ -106,38 +120,55 @@ def script_args(value: Any, *, field: str) -> list[Any]:
     raise RequestError.single(field, value, 'expected {"args": [...]}')
 
 
+ExtensionClass = Callable[[], Extension]
+
+
+def discover_classes(package: str = "extensions") -> tuple[ExtensionClass, ...]:
+    """The EXTENSION class of every subpackage of `package`, by package name.
+
+    An import failure is a setup failure (ModelLoadError naming the extension): a server that
+    silently lacks ControlNet would return plain images for ControlNet requests."""
+    root = importlib.import_module(package)
+    found: list[ExtensionClass] = []
+    for info in sorted(pkgutil.iter_modules(root.__path__), key=lambda m: m.name):
+        if not info.ispkg:
+            continue
+        name = f"{package}.{info.name}"
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"extension {info.name!r} ({name}) failed to import: {type(exc).__name__}: {exc}"
+            ) from exc
+        cls = getattr(module, "EXTENSION", None)
+        if cls is None:
+            continue
+        if not isinstance(cls, type):
+            # An instance here would be shared by every engine of the process.
+            raise ModelLoadError(f"extension {info.name!r}: EXTENSION must be a class")
+        found.append(cls)
+    return tuple(found)
+
+
 class ExtensionRegistry:
-    """The extensions found under a package, by title."""
+    """One engine's extensions (its own instances), by title."""
 
     def __init__(self, extensions: list[Extension]):
         self.extensions = list(extensions)
 
     @classmethod
     def discover(cls, package: str = "extensions") -> ExtensionRegistry:
-        """Import every subpackage of `package` that exposes EXTENSION.
+        """New instances of webui's built-in always-on scripts and of every extension class
+        under `package` (not set up yet)."""
+        from .builtin_scripts import BUILTIN_FACTORIES  # it builds on this module
 
-        An import failure is a setup failure (ModelLoadError naming the extension): a server
-        that silently lacks ControlNet would return plain images for ControlNet requests."""
-        root = importlib.import_module(package)
-        found: list[Extension] = []
-        for info in sorted(pkgutil.iter_modules(root.__path__), key=lambda m: m.name):
-            if not info.ispkg:
-                continue
-            name = f"{package}.{info.name}"
-            try:
-                module = importlib.import_module(name)
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"extension {info.name!r} ({name}) failed to import: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            extension = getattr(module, "EXTENSION", None)
-            if extension is None:
-                continue
+        instances: list[Extension] = []
+        for factory in (*BUILTIN_FACTORIES, *discover_classes(package)):
+            extension = factory()
             if not isinstance(extension, Extension):
-                raise ModelLoadError(f"extension {info.name!r}: EXTENSION lacks the contract")
-            found.append(extension)
-        return cls(found)
+                raise ModelLoadError(f"extension {factory!r}: instances lack the contract")
+            instances.append(extension)
+        return cls(instances)
 
     @property
     def titles(self) -> list[str]:
@@ -160,6 +191,9 @@ class ExtensionRegistry:
         """Every named extension with its parsed args; all problems reported at once."""
         parsed: list[tuple[Extension, Any]] = []
         errors: list[RequestError] = []
+        duplicates = self.duplicate_keys(alwayson_scripts)
+        if duplicates:
+            errors.append(RequestError(duplicates))
         for name, value in alwayson_scripts.items():
             field_name = f"alwayson_scripts.{name}"
             try:
@@ -172,6 +206,27 @@ class ExtensionRegistry:
         if errors:
             raise RequestError([p for err in errors for p in err.problems])
         return parsed
+
+    def duplicate_keys(self, alwayson_scripts: Mapping[str, Any]) -> list[Problem]:
+        """One problem per extension named by more than one key.
+
+        Names match case-insensitively, so `controlnet` and ` ControlNet ` are one extension;
+        running both would double its effect (and its unit count) behind one infotext entry.
+        webui keeps the last key's args; we refuse rather than guess which one was meant."""
+        keys: dict[str, list[str]] = {}
+        for name in alwayson_scripts:
+            keys.setdefault(str(name).strip().lower(), []).append(str(name))
+        titles = {e.title.lower(): e.title for e in self.extensions}
+        return [
+            Problem(
+                "alwayson_scripts",
+                names,
+                f"these keys all name the extension {titles.get(key, names[0].strip())!r} "
+                "(names match case-insensitively); send it once",
+            )
+            for key, names in keys.items()
+            if len(names) > 1
+        ]
 
     def listings(self) -> dict[str, Listing]:
         """Every extension's extra listing endpoints."""

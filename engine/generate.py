@@ -323,6 +323,7 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     # 8. alwayson_scripts extensions: parsed and prepared now, so their errors come first too.
     effects = _plan_extensions(models, req, checkpoint, width, height, batch_size, decoded)
     extras.update(effects.infotext)
+    warnings.extend(effects.warnings)
     return Plan(
         request=req,
         settings=settings,
@@ -473,7 +474,9 @@ def _plan_extensions(
         batch_size=batch_size,
         steps=req.steps,
         init_images=tuple(decoded[0]) if decoded is not None else (),
+        init_mask=decoded[1] if decoded is not None else None,
         resize_mode=req.resize_mode if isinstance(req, Img2ImgRequest) else 0,
+        request=req,
     )
     for extension, args in parsed:
         effects = effects.merge(extension.prepare(context, args))
@@ -683,6 +686,8 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
                 f"the model produced NaN or Inf values for seeds {seeds}; no image is returned"
             )
         images = decode_latents(plan.vae.vae, latents)
+    for image_hook in plan.effects.image_hooks:  # extensions' post-processing
+        images = [image_hook(img) for img in images]
     # 5. img2img with a mask: paste "only masked" crops back and lay the original over.
     if plan.img2img is not None and plan.img2img.mask is not None:
         inits = _batch_inits(plan.img2img, hi - lo)

@@ -57,6 +57,8 @@ class StepInfo:
     total: int
     batch: int
     copies: int
+    t: Any = None  # the UNet timestep of this step
+    sample: torch.Tensor | None = None  # the scaled UNet input of one block (latent channels)
 
 
 # (UNet input batch, timestep, the UNet kwargs: encoder_hidden_states / added_cond_kwargs,
@@ -155,7 +157,8 @@ def denoise(job: DenoiseJob) -> torch.Tensor:
                 [first.repeat(batch, 1), job.time_ids.repeat(batch * (copies - 1), 1)]
             )
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-        info = StepInfo(index, total, latents.shape[0], copies)
+        batch, channels = latents.shape[:2]
+        info = StepInfo(index, total, batch, copies, t, model_in[:batch, :channels])
         _apply_unet_hooks(job.hooks, model_in, t, kwargs, info)
         outputs = job.unet(model_in, t, **kwargs).sample
         eps = combine_cfg(outputs, cond, job.cfg_scale)

@@ -1,1 +1,2 @@
-"""Always-on script extensions; each subpackage exposes EXTENSION (see engine/extensions.py)."""
+"""Always-on script extensions; each subpackage exposes EXTENSION, a class (see
+engine/extensions.py)."""

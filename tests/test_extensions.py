@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.api import Engine
+from engine.api import Engine, EngineConfig
 from engine.catalog import Catalog
 from engine.errors import ModelLoadError, RequestError, UnknownName
 from engine.extensions import ExtensionRegistry, GenerationContext
@@ -106,6 +107,46 @@ def test_an_extension_that_fails_to_import_fails_discovery(
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModelLoadError, match="broken"):
         ExtensionRegistry.discover("badexts")
+
+
+def test_an_extension_instance_in_place_of_a_class_fails_discovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An instance would be shared by every engine of the process (issue 13).
+    package = tmp_path / "sharedexts"
+    (package / "single").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "single" / "__init__.py").write_text(
+        "from extensions.cfg_rescale import CFGRescaleExtension\n"
+        "EXTENSION = CFGRescaleExtension()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="must be a class"):
+        ExtensionRegistry.discover("sharedexts")
+
+
+def test_every_discovery_makes_new_instances() -> None:
+    first, second = ExtensionRegistry.discover(), ExtensionRegistry.discover()
+    assert first.titles == second.titles
+    for a, b in zip(first.extensions, second.extensions, strict=True):
+        assert a is not b
+
+
+def test_a_second_engine_leaves_the_first_ones_controlnets_alone(
+    engine: Engine, tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    # Issue 13: extension objects were process-wide singletons that Engine.setup wrote into,
+    # so a second engine over a folder without ControlNets emptied the first one's list.
+    before = engine.handle("controlnet/model_list", "{}").listing
+    assert before["model_list"]
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(tiny_models_dir / "checkpoints" / SD1, tmp_path / "checkpoints" / SD1)
+    other = Engine.setup(EngineConfig(models_dir=tmp_path, cache_dir=tmp_path / ".cache"))
+    assert other.handle("controlnet/model_list", "{}").listing == {"model_list": []}
+    assert engine.handle("controlnet/model_list", "{}").listing == before
+    units = [unit(model=before["model_list"][0])]
+    parsed = engine.models.extensions.parse({"controlnet": {"args": units}})  # type: ignore[union-attr]
+    assert len(parsed[0][1]) == 1
 
 
 def test_registry_reports_problems_of_every_extension_at_once(
@@ -243,6 +284,16 @@ def test_a_bare_unit_list_is_accepted(controlnet: ControlNetExtension) -> None:
         ({"resize_mode": "Stretch"}, "resize_mode", "Crop and Resize"),
         ({"control_mode": 5}, "control_mode", "Balanced"),
         ({"weight": 3}, "weight", "0.0 to 2.0"),
+        # NaN passes every comparison; inf and 10**400 are no slider value either (issue 16).
+        ({"weight": "nan"}, "weight", "finite number"),
+        ({"guidance_start": "nan"}, "guidance_start", "finite number"),
+        ({"guidance_end": "NaN"}, "guidance_end", "finite number"),
+        ({"processor_res": "nan"}, "processor_res", "finite number"),
+        ({"processor_res": "inf"}, "processor_res", "finite number"),
+        ({"processor_res": 10**400}, "processor_res", "finite number"),
+        ({"threshold_a": "nan"}, "threshold_a", "finite number"),
+        ({"threshold_a": "-inf"}, "threshold_a", "finite number"),
+        ({"threshold_b": "inf"}, "threshold_b", "finite number"),
         ({"guidance_start": 0.8, "guidance_end": 0.2}, "guidance_start", "guidance_end"),
         ({"image": "not base64!"}, "image", ""),
     ],
@@ -492,3 +543,42 @@ def test_cfg_rescale_matches_the_formula() -> None:
     eps = uncond + 7 * (cond - uncond)
     out = rescale_cfg(eps, cond, 1.0)
     assert out.std().item() == pytest.approx(cond.std().item(), rel=1e-5)
+
+
+def test_inpaint_hint_is_minus_one_under_the_mask(controlnet: ControlNetExtension) -> None:
+    # Mikubill's "ControlNet inpaint protocol": hint = colour * (1 - m) - m, m = mask > 0.5,
+    # applied after resizing to the pass's size.
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    control = torch.cat([image_tensor(square(64, lo=100, hi=200)), mask], dim=1)
+    hook = _hook(controlnet, control=control)
+    hint = hook._hint(torch.zeros(1, 4, 16, 16))  # a hires-sized pass: 128x128
+    assert hint.shape == (1, 3, 128, 128)
+    assert torch.all(hint[..., 40:88, 40:88] == -1.0)
+    assert torch.allclose(hint[..., :16, :16], torch.full((1, 3, 16, 16), 100 / 255))
+
+
+def test_inpaint_only_restore_keeps_the_control_latent_outside_the_mask(engine: Engine) -> None:
+    # The implied clean image x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) equals the control
+    # image's latent outside the mask and is untouched inside it (weight 1).
+    from engine.sampling import encode_images
+    from extensions.controlnet.inpaint_only import InpaintRestore
+
+    sd1 = loaded(engine, SD1)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # inpaint the left half
+    colour = square(64, lo=40, hi=220)
+    alphas = sd1.pipe.scheduler.alphas_cumprod
+    hook = InpaintRestore(sd1.pipe.vae, colour, mask, 1.0, alphas)
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(1, 4, 8, 8, generator=gen)
+    eps = torch.randn(1, 4, 8, 8, generator=gen)
+    cond = StepConditioning(CondPart(torch.zeros(1, 1, 1)), ())
+    info = StepInfo(0, 4, 1, 2, t=torch.tensor(500.0), sample=x_t)
+    new = hook(eps, torch.cat([eps, eps]), cond, info)
+    a, s = alphas[500].sqrt(), (1 - alphas[500]).sqrt()
+    implied = (x_t - s * new) / a
+    x0 = encode_images(sd1.pipe.vae, [colour])
+    # Latent columns 0..4 touch the mask (max-pooled with a 10 px window): 5..7 are outside.
+    assert torch.allclose(implied[..., 5:], x0[..., 5:], atol=1e-4)
+    assert torch.equal(new[..., :4], eps[..., :4])

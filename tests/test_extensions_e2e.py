@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 
 from engine.api import Engine
@@ -113,6 +114,33 @@ def test_extension_errors_come_before_any_generation(
     assert steps == []
 
 
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ["controlnet", "ControlNet"],
+        ["controlnet", " controlnet ", "CONTROLNET"],
+        ["CFG Rescale Extension", "cfg rescale extension"],
+    ],
+)
+def test_two_keys_naming_one_extension_are_refused_naming_both(
+    engine: Engine, keys: list[str]
+) -> None:
+    # Issue 16: four spellings of "controlnet" ran 12 units against a limit of 3.
+    value = {"args": [unit()]} if "controlnet" in keys[0].lower() else {"args": [0.5]}
+    steps: list[int] = []
+    with pytest.raises(RequestError) as err:
+        engine.handle(
+            "auto",
+            payload(alwayson_scripts={key: value for key in keys}),
+            lambda s, t: steps.append(s),
+        )
+    problem = next(p for p in err.value.problems if p.field == "alwayson_scripts")
+    assert problem.value == keys
+    for key in keys:
+        assert repr(key) in str(err.value)
+    assert steps == []
+
+
 def test_cfg_rescale_changes_the_image_only_when_enabled(engine: Engine) -> None:
     plain, _, _ = run(engine, payload())
     off, _, _ = run(engine, payload(alwayson_scripts={"CFG Rescale Extension": {"args": [0]}}))
@@ -162,3 +190,104 @@ def test_sdxl_controlnet(engine: Engine) -> None:
     assert "Model: tiny-controlnet-sdxl [" in info["infotexts"][0]
     with pytest.raises(RequestError, match="tiny-controlnet-sdxl"):
         run(engine, controlnet(unit(model="tiny-controlnet-sdxl")))  # an SDXL ControlNet on SD1
+
+
+# --------------------------------------------------------------------------------------------
+# Forms real clients send (issue 10): "" images, padded unit lists, inpaint modules
+
+MASK = b64_png(box_mask(64, 64, (16, 16, 47, 47)))
+IMG2IMG: dict[str, Any] = {"init_images": [CARD], "denoising_strength": 0.6}
+
+
+def mean_difference(a: bytes, b: bytes) -> float:
+    left = np.asarray(pixels(a), dtype=np.float32)
+    right = np.asarray(pixels(b), dtype=np.float32)
+    return float(np.abs(left - right).mean())
+
+
+@pytest.mark.parametrize("empty", ["", None, {"image": "", "mask": ""}])
+def test_an_empty_image_means_none(engine: Engine, empty: Any) -> None:
+    # webuiapi sends "image": "" for a unit without an image.
+    omitted = unit(save_detected_map=False)
+    del omitted["image"]
+    expected, _, _ = run(engine, controlnet(omitted, **IMG2IMG))
+    images, info, _ = run(engine, controlnet(unit(image=empty, save_detected_map=False), **IMG2IMG))
+    assert images == expected and "ControlNet 0" in info["infotexts"][0]
+    with pytest.raises(RequestError, match="no input image is given") as err:
+        engine.handle("auto", controlnet(unit(image=empty)))
+    assert err.value.problems[0].field == "alwayson_scripts.controlnet.args[0].image"
+
+
+def test_disabled_units_beyond_the_limit_are_accepted(engine: Engine) -> None:
+    # Clients pad the list to their unit count; webui takes the first 3 and these are off.
+    one, _, _ = run(engine, controlnet(unit(save_detected_map=False)))
+    padded = [unit(save_detected_map=False)] + [unit(enabled=False, image="")] * 5
+    images, _, _ = run(engine, controlnet(*padded))
+    assert images == one
+
+
+def test_inpaint_global_harmonious_masks_the_hint(engine: Engine) -> None:
+    plain, _, _ = run(engine, payload())
+    unmasked, _, _ = run(engine, controlnet(unit(module="inpaint", save_detected_map=False)))
+    masked, info, _ = run(
+        engine,
+        controlnet(unit(module="inpaint_global_harmonious", mask=MASK)),
+    )
+    assert "Module: inpaint," in info["infotexts"][0]
+    # The hint is -1 inside the mask instead of the picture. The tiny random ControlNet moves
+    # pixels only a little (about 0.5 grey levels on average here); identical would be 0.
+    assert mean_difference(masked[0], unmasked[0]) > 0.1
+    assert mean_difference(masked[0], plain[0]) > 0.1
+    detected = np.asarray(pixels(masked[1]))
+    assert (detected[20:44, 20:44] == 0).all() and detected[:8].any()  # black where masked
+
+
+def test_inpaint_only_with_img2img_inpainting_runs_as_global_harmonious(engine: Engine) -> None:
+    body = {**IMG2IMG, "mask": MASK}
+    harmonious, _, _ = run(
+        engine, controlnet(unit(module="inpaint", image=None, save_detected_map=False), **body)
+    )
+    only, info, _ = run(
+        engine,
+        controlnet(unit(module="inpaint_only", image=None, save_detected_map=False), **body),
+    )
+    assert only == harmonious
+    assert any("runs as inpaint_global_harmonious" in w for w in info["warnings"])
+    plain, _, _ = run(engine, payload(**body))
+    assert mean_difference(only[0], plain[0]) > 0.1  # see the test above for the scale
+
+
+@pytest.mark.parametrize(
+    ("module", "words"),
+    [
+        ("reference_only", ["reference_only", "not supported", "attention"]),
+        ("reference_adain+attn", ["reference_adain+attn", "not supported"]),
+        ("inpaint_only+lama", ["inpaint_only+lama", "needs model weights"]),
+    ],
+)
+def test_unsupported_inpaint_and_reference_forms_are_clear_errors(
+    engine: Engine, module: str, words: list[str]
+) -> None:
+    with pytest.raises(RequestError) as err:
+        engine.handle("auto", controlnet(unit(module=module, mask=MASK)))
+    assert err.value.problems[0].field == "alwayson_scripts.controlnet.args[0].module"
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_inpaint_only_in_txt2img_keeps_the_control_image_outside_the_mask(engine: Engine) -> None:
+    # The extension's own txt2img inpaint example: image and mask in the unit.
+    card = np.asarray(card_image(64, 64), dtype=np.float32)
+    sent = unit(module="inpaint_only", image={"image": CARD, "mask": MASK})
+    images, info, _ = run(engine, controlnet(sent))
+    assert "Module: inpaint_only," in info["infotexts"][0]
+    out = np.asarray(pixels(images[0]), dtype=np.float32)
+    # Mask 16..47, dilated and blurred by 7 px: from row/col 10 to 53 the picture shows through;
+    # outside that band the control image comes back (to within rounding).
+    outside = np.ones((64, 64), dtype=bool)
+    outside[9:55, 9:55] = False
+    assert np.abs(out[outside] - card[outside]).max() <= 1.0
+    # Inside the mask the picture is generated: far from the card (mean > 10 grey levels).
+    assert np.abs(out[20:44, 20:44] - card[20:44, 20:44]).mean() > 10
+    harmonious, _, _ = run(engine, controlnet({**sent, "module": "inpaint"}))
+    assert mean_difference(images[0], harmonious[0]) > 1.0  # the restore and the composite

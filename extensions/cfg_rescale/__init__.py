@@ -104,4 +104,4 @@ class CFGRescaleExtension:
         return {}
 
 
-EXTENSION = CFGRescaleExtension()
+EXTENSION = CFGRescaleExtension  # a class: every engine makes its own instance

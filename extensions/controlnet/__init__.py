@@ -2,6 +2,6 @@
 
 from .extension import ControlNetExtension
 
-EXTENSION = ControlNetExtension()
+EXTENSION = ControlNetExtension  # a class: every engine makes its own instance
 
 __all__ = ["EXTENSION", "ControlNetExtension"]

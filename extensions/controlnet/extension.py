@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import torch
+from PIL import Image, ImageFilter, ImageOps
 
 from engine.catalog import Catalog
 from engine.errors import Problem, RequestError
@@ -14,8 +16,9 @@ from engine.extensions import Effects, GenerationContext, Listing, script_args
 from engine.loading import Placement
 
 from .hook import ControlNetHook, image_tensor
+from .inpaint_only import InpaintComposite, InpaintRestore
 from .models import ControlNetFile, ModelCache, scan
-from .preprocessors import DEFAULT_RES, PREPROCESSORS, run_preprocessor
+from .preprocessors import PREPROCESSORS, RESOLUTION, Slider, run_preprocessor
 from .units import CONTROL_MODES, RESIZE_MODES, Unit, parse_units
 
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = 0, 1, 2
@@ -70,8 +73,99 @@ def fit_map(image: Image.Image, width: int, height: int, mode: int) -> Image.Ima
     return canvas
 
 
-def _slider_value(value: float, default: float | None) -> float:
-    return float(default) if value == -1 and default is not None else float(value)
+def fit_mask(mask: Image.Image, width: int, height: int, mode: int) -> Image.Image:
+    """An inpaint mask at the generation size, binary (Mikubill high_quality_resize keeps the
+    alpha apart and thresholds it at 127). Resize and Fill pads with "inpaint here", as the
+    inpaint modules' fill_mask_with_one_when_resize_and_fill."""
+    if mode != RESIZE_AND_FILL:
+        fitted = fit_map(mask.convert("RGB"), width, height, mode).convert("L")
+    else:
+        k = min(height / mask.height, width / mask.width)
+        resized = mask.resize((round(mask.width * k), round(mask.height * k)))
+        fitted = Image.new("L", (width, height), 255)
+        fitted.paste(
+            resized, (max(0, (width - resized.width) // 2), max(0, (height - resized.height) // 2))
+        )
+    return fitted.point(lambda v: 255 if v > 127 else 0)
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """ "L" mask -> (1, 1, H, W) float in {0, 1}."""
+    array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array)[None, None]
+
+
+def _inpaint_mask(ctx: GenerationContext, unit: Unit, image: Image.Image) -> Image.Image:
+    """The unit's mask; else, for a unit using the img2img image, img2img's mask as the
+    extension's prepare_mask makes it (inverted when asked, blurred by mask_blur); else an
+    empty mask (the extension concatenates zeros)."""
+    if unit.mask is not None:
+        return unit.mask.convert("L").resize(image.size)
+    request = ctx.request
+    if unit.image is None and ctx.init_mask is not None:
+        mask = ctx.init_mask.convert("L").resize(image.size)
+        if getattr(request, "inpainting_mask_invert", 0):
+            mask = ImageOps.invert(mask)
+        blur = getattr(request, "mask_blur", None)
+        blur = getattr(request, "mask_blur_x", 0) if blur is None else blur
+        if blur and blur > 0:
+            mask = mask.filter(ImageFilter.GaussianBlur(blur))
+        return mask
+    return Image.new("L", image.size, 0)
+
+
+def _show_inpaint(detected: Image.Image, mask: Image.Image) -> Image.Image:
+    """The detected map as the extension shows it: the image, black where it inpaints."""
+    array = np.asarray(detected.convert("RGB")).copy()
+    array[np.asarray(mask.convert("L").resize(detected.size)) > 127] = 0
+    return Image.fromarray(array)
+
+
+def _inpaint_only_fallback(ctx: GenerationContext, unit: Unit) -> tuple[Unit, str | None]:
+    """Mikubill: "inpaint_only" with img2img inpainting "falls back to
+    inpaint_global_harmonious" (A1111 inpaint and ControlNet inpaint duplicated)."""
+    if unit.module.name != "inpaint_only" or ctx.mode != "img2img" or ctx.init_mask is None:
+        return unit, None
+    note = (
+        f"{unit.field}.module: inpaint_only with img2img inpainting runs as "
+        "inpaint_global_harmonious, as the ControlNet extension does (A1111 inpaint and "
+        "ControlNet inpaint duplicated)"
+    )
+    return replace(unit, module=PREPROCESSORS["inpaint"]), note
+
+
+def _inpaint_only_effects(
+    ctx: GenerationContext, unit: Unit, colour: Image.Image, mask: Image.Image
+) -> Effects:
+    """The restore hook and the final composite of inpaint_only (see inpaint_only.py)."""
+    if unit.module.name != "inpaint_only":
+        return Effects()
+    restore = InpaintRestore(
+        vae=ctx.loaded.pipe.vae,
+        colour=colour,
+        mask=mask,
+        weight=unit.weight,
+        alphas_cumprod=ctx.loaded.pipe.scheduler.alphas_cumprod,
+    )
+    return Effects(cfg_hooks=[restore], image_hooks=[InpaintComposite(colour, mask)])
+
+
+def bound_slider(
+    value: float, slider: Slider | None, field: str, module: str
+) -> tuple[float, str | None]:
+    """Mikubill `bound_check_params`: a value outside the module's slider range becomes the
+    slider's default (-1, the API default, silently; anything else with a warning naming the
+    field). This is also what bounds the work: processor_res 1e6 would be a 1e12-pixel map.
+    A module without the slider ignores the value."""
+    if slider is None or slider.contains(value):
+        return value, None
+    if value == -1:
+        return float(slider.value), None
+    return float(slider.value), (
+        f"{field}: {value:g} is outside {module}'s {slider.name} range "
+        f"{slider.min:g}..{slider.max:g}; used the default {slider.value:g}, as the "
+        "ControlNet extension does"
+    )
 
 
 class ControlNetExtension:
@@ -109,6 +203,8 @@ class ControlNetExtension:
     def _prepare_unit(self, ctx: GenerationContext, unit: Unit) -> Effects:
         assert self.cache is not None
         image, resize_mode = unit.image, unit.resize_mode
+        unit, fallback = _inpaint_only_fallback(ctx, unit)
+        notes = [fallback] if fallback else []
         if image is None:
             if ctx.mode != "img2img" or not ctx.init_images:
                 raise RequestError.single(
@@ -130,14 +226,26 @@ class ControlNetExtension:
                 f"{ctx.loaded.info.title!r} is {family.value}; pick a matching ControlNet",
             )
         pre = unit.module
-        res = self._resolution(unit, image, ctx, resize_mode)
-        a = _slider_value(unit.threshold_a, pre.slider_a.value if pre.slider_a else None)
-        b = _slider_value(unit.threshold_b, pre.slider_b.value if pre.slider_b else None)
+        res, res_note = self._resolution(unit, image, ctx, resize_mode)
+        a, a_note = bound_slider(
+            unit.threshold_a, pre.slider_a, f"{unit.field}.threshold_a", pre.name
+        )
+        b, b_note = bound_slider(
+            unit.threshold_b, pre.slider_b, f"{unit.field}.threshold_b", pre.name
+        )
         detected = run_preprocessor(pre, image, res, a, b)
-        control = fit_map(detected, ctx.width, ctx.height, resize_mode)
+        colour = fit_map(detected, ctx.width, ctx.height, resize_mode)
+        control = image_tensor(colour)
+        inpaint_only = Effects()
+        if pre.uses_mask:
+            mask = _inpaint_mask(ctx, unit, image)
+            fitted = fit_mask(mask, ctx.width, ctx.height, resize_mode)
+            control = torch.cat([control, mask_tensor(fitted)], dim=1)
+            detected = _show_inpaint(detected, mask)
+            inpaint_only = _inpaint_only_effects(ctx, unit, colour, fitted)
         hook = ControlNetHook(
             model=loaded.model,
-            control=image_tensor(control),
+            control=control,
             weight=unit.weight,
             guidance_start=unit.guidance_start,
             guidance_end=unit.guidance_end,
@@ -156,18 +264,23 @@ class ControlNetExtension:
             hires_unet_hooks=[hook] if unit.hr_option != "Low res only" else [],
             infotext={f"ControlNet {unit.index}": info},
             extra_images=[detected] if save else [],
-        )
+            warnings=[note for note in (*notes, res_note, a_note, b_note) if note],
+        ).merge(inpaint_only)
 
     @staticmethod
-    def _resolution(unit: Unit, image: Image.Image, ctx: GenerationContext, mode: int) -> int:
+    def _resolution(
+        unit: Unit, image: Image.Image, ctx: GenerationContext, mode: int
+    ) -> tuple[int, str | None]:
         slider = unit.module.resolution
-        if slider is None:
-            return unit.processor_res if unit.processor_res > 0 else DEFAULT_RES
-        if unit.pixel_perfect:
-            return pixel_perfect_resolution(image.size, ctx.width, ctx.height, mode)
-        if slider.min <= unit.processor_res <= slider.max:
-            return unit.processor_res
-        return int(slider.value)
+        if unit.pixel_perfect and slider is not None:
+            return pixel_perfect_resolution(image.size, ctx.width, ctx.height, mode), None
+        value, note = bound_slider(
+            unit.processor_res,
+            slider or RESOLUTION,
+            f"{unit.field}.processor_res",
+            unit.module.name,
+        )
+        return int(value), note if slider is not None else None
 
     def model_list(self) -> dict[str, list[str]]:
         """GET /controlnet/model_list."""

@@ -43,7 +43,7 @@ class ControlNetHook:
     """A `UNetHook` for one unit."""
 
     model: Any  # diffusers ControlNetModel
-    control: torch.Tensor  # (1, 3, H, W) in [0, 1], on the CPU
+    control: torch.Tensor  # (1, 3, H, W) in [0, 1] (+ a 4th mask channel), on the CPU
     weight: float
     guidance_start: float
     guidance_end: float
@@ -63,6 +63,10 @@ class ControlNetHook:
                 hint = torch.nn.functional.interpolate(
                     hint, size=(height, width), mode="bilinear", align_corners=False
                 )
+            if hint.shape[1] == 4:
+                # Mikubill's "ControlNet inpaint protocol": -1 where the mask is set.
+                colour, mask = hint[:, :3], (hint[:, 3:] > 0.5).to(hint.dtype)
+                hint = colour * (1 - mask) - mask
             self._resized[key] = hint.to(device=model_in.device, dtype=self.model.dtype)
         return self._resized[key]
 

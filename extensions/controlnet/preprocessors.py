@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Final
 
 import numpy as np
+import torch
 from PIL import Image
 
 Array = np.ndarray
@@ -29,6 +30,9 @@ class Slider:
     max: float
     step: float = 1.0
 
+    def contains(self, value: float) -> bool:
+        return self.min <= value <= self.max
+
     def listing(self) -> dict[str, float | str]:
         return {
             "name": self.name,
@@ -39,16 +43,19 @@ class Slider:
         }
 
 
-_RESOLUTION = Slider("Preprocessor Resolution", DEFAULT_RES, 64, 2048)
+RESOLUTION: Final = Slider("Preprocessor Resolution", DEFAULT_RES, 64, 2048)
 
 
 @dataclass(frozen=True)
 class Preprocessor:
     name: str
     run: Callable[[Array, int, float, float], Array]  # (HWC uint8 RGB, res, a, b) -> HWC uint8
-    resolution: Slider | None = _RESOLUTION  # None: the module ignores processor_res
+    resolution: Slider | None = RESOLUTION  # None: the module ignores processor_res
     slider_a: Slider | None = None
     slider_b: Slider | None = None
+    # Inpaint modules: the map is the image plus a mask (the unit's, else img2img's), and the
+    # hint carries -1 where the mask is set (the extension's "ControlNet inpaint protocol").
+    uses_mask: bool = False
 
     def sliders(self) -> list[dict[str, float | str]]:
         return [s.listing() for s in (self.resolution, self.slider_a, self.slider_b) if s]
@@ -151,21 +158,19 @@ def _non_max_suppression(gx: Array, gy: Array, mag: Array) -> Array:
 
 
 def _hysteresis(candidates: Array, strong: Array) -> Array:
-    """Candidates 8-connected to a strong pixel: a flood fill from the strong ones (after
-    non-maximum suppression the candidates are few, so a plain stack is quick)."""
-    h, w = candidates.shape
-    edges = np.zeros_like(candidates)
-    stack = list(zip(*np.nonzero(strong & candidates), strict=True))
-    for y, x in stack:
-        edges[y, x] = True
-    while stack:
-        y, x = stack.pop()
-        for ny in range(max(0, y - 1), min(h, y + 2)):
-            for nx in range(max(0, x - 1), min(w, x + 2)):
-                if candidates[ny, nx] and not edges[ny, nx]:
-                    edges[ny, nx] = True
-                    stack.append((ny, nx))
-    return edges
+    """Candidates 8-connected to a strong pixel: label the candidates' 8-connected components
+    once and keep every component holding a strong pixel (what cv2's flood fill reaches,
+    without a per-pixel Python loop: a noisy 2048x2048 map has millions of candidates)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(candidates, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return np.zeros_like(candidates)
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[np.unique(labels[strong & candidates])] = True
+    keep[0] = False  # the background
+    result: Array = keep[labels]
+    return result
 
 
 def canny_edges(img: Array, low: float, high: float) -> Array:
@@ -251,34 +256,52 @@ def _color(img: Array, res: int, a: float, b: float) -> Array:
     return np.asarray(small.resize((w, h), Image.Resampling.NEAREST))
 
 
-def _gauss_kernel(sigma: float) -> Array:
-    # cv2.getGaussianKernel's size for a float image and ksize (0, 0): round(sigma * 4 * 2 + 1)|1.
-    size = round(sigma * 8 + 1) | 1
+def _gauss_kernel(sigma: float, *, uint8: bool) -> Array:
+    # cv2.getGaussianKernel with ksize (0, 0): round(sigma * (3 if uint8 else 4) * 2 + 1) | 1.
+    size = round(sigma * (3 if uint8 else 4) * 2 + 1) | 1
     x = np.arange(size) - size // 2
     kernel = np.exp(-(x**2) / (2 * sigma * sigma))
     result: Array = kernel / kernel.sum()
     return result
 
 
+def _reflect_101(n: int, radius: int) -> torch.Tensor:
+    """Source index of every padded position (cv2's BORDER_REFLECT_101, reflected as often
+    as a kernel wider than the image needs)."""
+    positions = torch.arange(-radius, n + radius)
+    if n == 1:
+        return torch.zeros_like(positions)
+    period = 2 * (n - 1)
+    folded = positions.remainder(period)
+    return torch.where(folded >= n, period - folded, folded)
+
+
+def _convolve_last(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Every row of (C, H, W) convolved along W with a symmetric kernel, reflect-101 border.
+
+    Through the FFT: the cost does not grow with the kernel (sigma 64 on a uint8 image is a
+    385-tap kernel; at a 2048 short side a direct convolution is tens of GFLOP)."""
+    radius = kernel.numel() // 2
+    padded = x.index_select(2, _reflect_101(x.shape[2], radius))
+    n = padded.shape[2]
+    # Circular correlation of length n: outputs 0..W-1 read padded[j .. j + 2r] with no wrap.
+    spectrum = torch.fft.rfft(padded, n=n) * torch.fft.rfft(kernel, n=n).conj()
+    return torch.fft.irfft(spectrum, n=n)[..., : x.shape[2]]
+
+
 def gaussian_blur(img: Array, sigma: float) -> Array:
-    """cv2.GaussianBlur(img, (0, 0), sigma) on a float HxWxC array (reflect-101 border)."""
+    """cv2.GaussianBlur(img, (0, 0), sigma) on an HxWxC array (reflect-101 border), as two
+    separable torch convolutions. The kernel size follows cv2's rule for the array's type
+    (uint8 images get 6 sigma, float ones 8 sigma)."""
     if sigma <= 0:
-        return img.astype(np.float64)
-    kernel = _gauss_kernel(sigma)
-    r = len(kernel) // 2
-    out = img.astype(np.float64)
-    for axis in (0, 1):
-        n = out.shape[axis]
-        idx = np.arange(-r, n + r)
-        idx = np.abs(idx)
-        idx = np.where(idx >= n, 2 * (n - 1) - idx, idx)
-        idx = np.clip(idx, 0, n - 1)
-        padded = np.take(out, idx, axis=axis)
-        acc = np.zeros_like(out)
-        for i, weight in enumerate(kernel):
-            acc += weight * np.take(padded, np.arange(i, i + n), axis=axis)
-        out = acc
-    return out
+        return img.astype(np.float32)
+    kernel = torch.from_numpy(_gauss_kernel(sigma, uint8=img.dtype == np.uint8)).float()
+    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)
+    with torch.inference_mode():
+        x = _convolve_last(x, kernel)  # along width
+        x = _convolve_last(x.transpose(1, 2).contiguous(), kernel).transpose(1, 2)  # height
+    result: Array = x.permute(1, 2, 0).contiguous().numpy()
+    return result
 
 
 def _blur_gaussian(img: Array, res: int, a: float, b: float) -> Array:
@@ -336,6 +359,11 @@ PREPROCESSORS: Final[Mapping[str, Preprocessor]] = MappingProxyType(
                 "scribble_xdog", _scribble_xdog, slider_a=Slider("XDoG Threshold", 32, 1, 64)
             ),
             Preprocessor("scribble_thr", _scribble_thr),
+            # Mikubill scripts/preprocessor/inpaint.py: both return the image unchanged (the
+            # mask travels as alpha); inpaint_only also restores the unmasked area (see
+            # extension.py for where that is supported).
+            Preprocessor("inpaint", _none, resolution=None, uses_mask=True),
+            Preprocessor("inpaint_only", _none, resolution=None, uses_mask=True),
         )
     }
 )
@@ -348,6 +376,7 @@ ALIASES: Final[Mapping[str, str]] = MappingProxyType(
         "tile_resample": "tile_resample",
         "blur": "blur_gaussian",
         "canny_edge": "canny",
+        "inpaint_global_harmonious": "inpaint",
     }
 )
 
@@ -409,13 +438,7 @@ NEEDS_WEIGHTS: Final = frozenset(
         "clip_vision",
         "t2ia_style_clipvision",
         "t2ia_sketch_pidi",
-        "inpaint",
-        "inpaint_only",
         "inpaint_only+lama",
-        "inpaint_global_harmonious",
-        "reference_only",
-        "reference_adain",
-        "reference_adain+attn",
         "tile_colorfix",
         "tile_colorfix+sharp",
         "recolor_luminance",
@@ -431,6 +454,17 @@ NEEDS_WEIGHTS: Final = frozenset(
         "instant_id_face_keypoints",
         "mediapipe_face",
     }
+)
+
+
+# Weight-free modules of the extension that this server does not run, and why.
+UNSUPPORTED: Final[Mapping[str, str]] = MappingProxyType(
+    dict.fromkeys(
+        ("reference_only", "reference_adain", "reference_adain+attn"),
+        "reference modules inject the reference image's attention and group-norm statistics "
+        "into the UNet (the extension's attention hijack); this server does not implement "
+        "that",
+    )
 )
 
 

@@ -6,6 +6,7 @@ Every problem of every unit is collected and raised together, with paths like
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,13 @@ from engine.errors import Problem, RequestError
 from engine.inputs import decode_image, decode_mask
 
 from .models import ControlNetFile, find_model
-from .preprocessors import NEEDS_WEIGHTS, PREPROCESSORS, Preprocessor, find_preprocessor
+from .preprocessors import (
+    NEEDS_WEIGHTS,
+    PREPROCESSORS,
+    UNSUPPORTED,
+    Preprocessor,
+    find_preprocessor,
+)
 
 # webui's control_net_unit_count default. webui drops units past it silently; we refuse an
 # enabled one (a silently ignored control is worse than an error).
@@ -92,19 +99,23 @@ class _Reader:
             return default
         try:
             return convert(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # float(10**400) overflows
             self.fail(key, value, allowed)
             return default
 
     def number(
         self, key: str, default: float, lo: float | None = None, hi: float | None = None
     ) -> float:
-        allowed = "expected a number" + (f" from {lo} to {hi}" if lo is not None else "")
+        allowed = "expected a finite number" + (f" from {lo} to {hi}" if lo is not None else "")
 
         def convert(v: Any) -> float:
+            # float() takes "nan" and "inf", and NaN passes every comparison: refuse them
+            # here, or a NaN weight or guidance_start would slip through silently.
             if isinstance(v, bool):
                 raise TypeError
             x = float(v)
+            if not math.isfinite(x):
+                raise ValueError
             if (lo is not None and x < lo) or (hi is not None and x > hi):
                 raise ValueError
             return x
@@ -154,17 +165,23 @@ def _raise() -> int:
     raise ValueError
 
 
+def _absent(value: Any) -> Any:
+    # webuiapi sends `"image": ""` for a unit without an image; null and "" both mean none.
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 def split_image(value: Any) -> tuple[Any, Any]:
     """(image, mask) from every accepted form: b64 str, {"image", "mask"}, [image, mask],
-    [{"image", "mask"}, ...] (a batch: the first entry is used)."""
+    [{"image", "mask"}, ...] (a batch: the first entry is used). "" counts as no image."""
+    value = _absent(value)
     if isinstance(value, Mapping):
-        return value.get("image"), value.get("mask")
+        return _absent(value.get("image")), _absent(value.get("mask"))
     if isinstance(value, list | tuple):
         if not value:
             return None, None
         if isinstance(value[0], Mapping):
             return split_image(value[0])
-        return value[0], value[1] if len(value) > 1 else None
+        return _absent(value[0]), _absent(value[1]) if len(value) > 1 else None
     return value, None
 
 
@@ -177,7 +194,13 @@ def _module(reader: _Reader) -> Preprocessor | None:
     found = find_preprocessor(value)
     if found is None:
         available = ", ".join(map(repr, PREPROCESSORS))
-        if value.strip().lower() in NEEDS_WEIGHTS:
+        if value.strip().lower() in UNSUPPORTED:
+            reader.fail(
+                "module",
+                value,
+                f"not supported: {UNSUPPORTED[value.strip().lower()]}; available: {available}",
+            )
+        elif value.strip().lower() in NEEDS_WEIGHTS:
             reader.fail(
                 "module",
                 value,
@@ -206,7 +229,7 @@ def _model(reader: _Reader, models: tuple[ControlNetFile, ...]) -> ControlNetFil
 
 def _images(reader: _Reader) -> tuple[Image.Image | None, Image.Image | None]:
     image_value, mask_value = split_image(reader.raw.get("image"))
-    if reader.raw.get("mask") is not None:
+    if _absent(reader.raw.get("mask")) is not None:
         mask_value = reader.raw["mask"]
     image = mask = None
     try:
