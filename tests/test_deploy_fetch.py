@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
+from engine.api import Engine, EngineConfig
 from engine.catalog import Catalog, HashCache
+from engine.errors import ModelLoadError
 from engine.fetch import DOWNLOADS, Fetcher, ManifestFile, read_manifest
 from scripts import fetch_models
 
@@ -150,7 +152,7 @@ def test_manifest_is_checked_before_anything_downloads(tmp_path: Path) -> None:
         '[[file]]\npath = "../etc/x.safetensors"\nurl = "http://127.0.0.1/x"\n'
         'sha256 = "' + "0" * 64 + '"\nsize = 1\n'
     )
-    with pytest.raises(Exception, match=r"file #1: path '../etc/x.safetensors' must be"):
+    with pytest.raises(ModelLoadError, match=r"file #1: path '../etc/x.safetensors' must be"):
         read_manifest(manifest)
 
 
@@ -170,3 +172,34 @@ def test_the_script_end_to_end(
 
 def test_shipped_manifest_parses() -> None:
     read_manifest(Path(__file__).resolve().parent.parent / "models.toml")
+
+
+def test_sd_fetch_models_at_setup(
+    server: ModelServer, model_bytes: dict[str, bytes], tmp_path: Path
+) -> None:
+    """SD_FETCH_MODELS=1: setup fetches the manifest's files, then serves them."""
+    data = model_bytes[SD1]
+    manifest = tmp_path / "models.toml"
+    manifest.write_text(
+        f'[[file]]\npath = "checkpoints/{SD1}"\nurl = "{server.base}/good/{SD1}"\n'
+        f'sha256 = "{hashlib.sha256(data).hexdigest()}"\nsize = {len(data)}\n'
+    )
+    models = tmp_path / "models"
+    env = {
+        "SD_MODELS_DIR": str(models),
+        "SD_FETCH_MODELS": "1",
+        "SD_MODELS_MANIFEST": str(manifest),
+    }
+    engine = Engine.setup(EngineConfig.from_env(env))
+    assert [c.name for c in engine.models.catalog.checkpoints] == [SD1]
+    # A corrupt file fails setup, naming it, and nothing lands in the models folder.
+    manifest.write_text(
+        manifest.read_text().replace("/good/", "/corrupt/").replace(SD1, "b.safetensors", 1)
+    )
+    other = tmp_path / "other"
+    env["SD_MODELS_DIR"] = str(other)
+    with pytest.raises(
+        ModelLoadError, match=r"SD_FETCH_MODELS: checkpoints/b.safetensors: sha256 mismatch"
+    ):
+        Engine.setup(EngineConfig.from_env(env))
+    assert not (other / "checkpoints").exists()
