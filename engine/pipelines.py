@@ -37,12 +37,16 @@ class PipelineCache:
             started = time.perf_counter()
             loaded = load_checkpoint(info, self.placement, self.cache_root)
             self.loaded[info.title] = loaded
+            on_gpu = ""
+            if self.placement.device == "cuda":
+                on_gpu = f"; CUDA memory allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB"
             log.info(
-                "loaded %s in %.2f s (%.1f MiB of weights on %s)",
+                "loaded %s in %.2f s (%.1f MiB of weights on %s%s)",
                 info.title,
                 time.perf_counter() - started,
                 weight_bytes(loaded.pipe) / 2**20,
                 self.placement.device,
+                on_gpu,
             )
         log.info("loaded %d checkpoint(s): %s", len(self.loaded), ", ".join(self.loaded))
 

@@ -18,10 +18,10 @@ from engine import clip_vocab
 from scripts.make_tiny_models import make_all
 
 ROOT = Path(__file__).resolve().parent.parent
-# Cog's JSON schema for cog.yaml (replicate/cog pkg/config/data/config_schema_v1.0.json, as of
-# the 0.23 line; copied from the team's reference notes).
+# Cog's JSON schema for cog.yaml: replicate/cog pkg/config/data/config_schema_v1.0.json (the
+# same JSON as in Cog's repository at the newest snapshot read, 2026-08).
 COG_CONFIG_SCHEMA = Path(__file__).resolve().parent / "data" / "cog_config_schema.json"
-# Names Cog refuses in `environment:` (replicate/cog pkg/config/env.go, per reference/cog.md).
+# Names Cog refuses in `environment:` (replicate/cog pkg/config/env.go).
 COG_ENV_DENIED = re.compile(
     r"^(PATH|LD_LIBRARY_PATH|PYTHONPATH|VIRTUAL_ENV|PYTHONUNBUFFERED|LIBRARY_PATH|HF_ENDPOINT|"
     r"HF_HUB_ENABLE_HF_TRANSFER|R8_.*|REPLICATE_.*|CUDA_.*|NVIDIA_.*|NV_.*|PGET_.*|KUBERNETES_.*)$"
