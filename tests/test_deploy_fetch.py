@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from engine.api import Engine, EngineConfig
 from engine.catalog import Catalog, HashCache
 from engine.errors import ModelLoadError
 from engine.fetch import DOWNLOADS, Fetcher, ManifestFile, read_manifest
 from scripts import fetch_models
 
 from .helpers import SD1, SDXL
+from .test_http import running_server
 
 
 class ModelServer:
@@ -174,32 +175,30 @@ def test_shipped_manifest_parses() -> None:
     read_manifest(Path(__file__).resolve().parent.parent / "models.toml")
 
 
-def test_sd_fetch_models_at_setup(
+@pytest.mark.http
+def test_sd_fetch_models_at_setup_through_the_cog_server(
     server: ModelServer, model_bytes: dict[str, bytes], tmp_path: Path
 ) -> None:
-    """SD_FETCH_MODELS=1: setup fetches the manifest's files, then serves them."""
+    """SD_FETCH_MODELS=1: setup fetches the manifest's files, then serves them; a corrupt file
+    fails setup naming it and lands nowhere. (A server per case: setup runs in its own
+    process, as in a container.)"""
     data = model_bytes[SD1]
     manifest = tmp_path / "models.toml"
     manifest.write_text(
         f'[[file]]\npath = "checkpoints/{SD1}"\nurl = "{server.base}/good/{SD1}"\n'
         f'sha256 = "{hashlib.sha256(data).hexdigest()}"\nsize = {len(data)}\n'
     )
-    models = tmp_path / "models"
-    env = {
-        "SD_MODELS_DIR": str(models),
-        "SD_FETCH_MODELS": "1",
-        "SD_MODELS_MANIFEST": str(manifest),
-    }
-    engine = Engine.setup(EngineConfig.from_env(env))
-    assert [c.name for c in engine.models.catalog.checkpoints] == [SD1]
-    # A corrupt file fails setup, naming it, and nothing lands in the models folder.
-    manifest.write_text(
-        manifest.read_text().replace("/good/", "/corrupt/").replace(SD1, "b.safetensors", 1)
-    )
+    env = {"SD_FETCH_MODELS": "1", "SD_MODELS_MANIFEST": str(manifest)}
+    with running_server(tmp_path / "models", tmp_path / "ok.log", env) as (cog, status):
+        assert status == "READY", (tmp_path / "ok.log").read_text()[-3000:]
+        _, reply = cog.call("POST", "/predictions", {"input": {"endpoint": "sd-models"}})
+        assert [
+            m["filename"].rsplit("/", 1)[-1] for m in json.loads(reply["output"]["listing"])
+        ] == [SD1]
+    manifest.write_text(manifest.read_text().replace("/good/", "/corrupt/"))
     other = tmp_path / "other"
-    env["SD_MODELS_DIR"] = str(other)
-    with pytest.raises(
-        ModelLoadError, match=r"SD_FETCH_MODELS: checkpoints/b.safetensors: sha256 mismatch"
-    ):
-        Engine.setup(EngineConfig.from_env(env))
+    with running_server(other, tmp_path / "bad.log", env) as (cog, status):
+        assert status == "SETUP_FAILED"
+        _, health = cog.call("GET", "/health-check")
+        assert f"SD_FETCH_MODELS: checkpoints/{SD1}: sha256 mismatch" in health["setup"]["logs"]
     assert not (other / "checkpoints").exists()
