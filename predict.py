@@ -1,61 +1,86 @@
-"""Cog adapter: a webui API payload in, images and webui's `info` out.
+"""Cog adapter: a webui API payload (or the playground's typed inputs) in, images and `info` out.
 
-All the work happens in `engine/`; this file only maps Cog inputs and outputs onto it.
+All the work happens in `engine/`; this file only maps Cog inputs and outputs onto it. Cog reads
+this file statically (tree-sitter), so every Input() argument is a plain literal
+(tests/test_deploy_schema.py checks the schema Cog would build from it).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
+from typing import Any
 
 from cog import BaseModel, BasePredictor, Input, Path
+from cog.input import FieldInfo
 
-from engine.api import ENDPOINTS, Engine, EngineConfig
+from engine.api import Engine, EngineConfig
+from engine.device import setup_logging
+from engine.errors import EngineError, public_error
+from engine.playground import FIELD_NAMES
+from engine.progress import print_progress
 
 KEEP_OUTPUT_DIRS = 2
 
 
 class Output(BaseModel):
-    """`images`: the generated files (PNG with the infotext in its `parameters` chunk unless
-    `samples_format` asks otherwise). `info`: webui's info JSON string. `parameters`: the
-    request with defaults filled, as JSON. `listing`: the JSON of a listing endpoint."""
+    """`images`: the files (PNG with the infotext in its `parameters` chunk unless another
+    format is asked for). `seed`: the first image's seed. `info`: webui's info JSON string.
+    `parameters`: the request with defaults filled, as JSON. `listing`: a listing's JSON."""
 
     images: list[Path]
+    seed: int | None
     info: str
     parameters: str
     listing: str
 
 
-def print_progress(step: int, total: int) -> None:
-    # stdout is the prediction log in Cog.
-    print(f"step {step}/{total}", flush=True)
+def given(value: Any) -> Any:
+    """A direct call (scripts, tests) leaves the Input() objects of omitted inputs in place."""
+    return value.default if isinstance(value, FieldInfo) else value
 
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
         """Load every checkpoint under SD_MODELS_DIR (default: this repository)."""
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        setup_logging()
         self.engine = Engine.setup(EngineConfig.from_env())
         self.outdirs: list[Path] = []
 
+    # fmt: off
     def predict(
         self,
-        api_json: str = Input(
-            description="The webui API payload (body of /sdapi/v1/txt2img or /img2img) as JSON "
-            "text, or a data: URL of it (what `cog predict -i api_json=@payload.json` sends).",
-            default="{}",
-        ),
-        endpoint: str = Input(
-            description="auto (img2img when init_images is present, else txt2img), txt2img, "
-            "img2img, or a listing endpoint named like webui's: "
-            + ", ".join(ENDPOINTS[3:])
-            + ", and the extensions' (controlnet/model_list, controlnet/module_list, ...).",
-            default="auto",
-        ),
+        api_json: str = Input(description="For API clients: the webui API payload (body of /sdapi/v1/txt2img or /img2img) as JSON text, or a data: URL of it. A field set here wins over the inputs below.", default="{}"),
+        endpoint: str = Input(description="auto (img2img when there is an init image, else txt2img), txt2img, img2img, or a listing named like webui's: sd-models, samplers, schedulers, loras, embeddings, sd-vae, upscalers, controlnet/model_list, controlnet/module_list, ...", default="auto"),
+        prompt: str = Input(description="What to draw (webui prompt syntax: (word:1.2), [from:to:0.5], <lora:name:0.8>, BREAK). Ignored when api_json sets prompt.", default=""),
+        negative_prompt: str = Input(description="What to avoid. Ignored when api_json sets negative_prompt.", default=""),
+        checkpoint: str = Input(description="Checkpoint by any webui name (file name, title, or hash); empty = the default checkpoint. See endpoint=sd-models. Ignored when api_json sets override_settings.sd_model_checkpoint.", default=""),
+        sampler: str = Input(description="Sampler. Ignored when api_json sets sampler_name or sampler_index.", default="Euler", choices=["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC", "LCM"]),
+        scheduler: str = Input(description="Schedule type (Automatic: the sampler's own). Ignored when api_json sets scheduler.", default="Automatic", choices=["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "Simple", "Normal", "DDIM", "Beta"]),
+        width: int = Input(description="Width in pixels (a multiple of 8). Ignored when api_json sets width.", default=512, ge=64, le=2048),
+        height: int = Input(description="Height in pixels (a multiple of 8). Ignored when api_json sets height.", default=512, ge=64, le=2048),
+        steps: int = Input(description="Sampling steps. Ignored when api_json sets steps.", default=50, ge=1, le=150),
+        cfg_scale: float = Input(description="How strongly the image follows the prompt (CFG scale). Ignored when api_json sets cfg_scale.", default=7.0, ge=1, le=30),
+        seed: int = Input(description="Seed; -1 picks a random one (the seed used is in the output and the log). Ignored when api_json sets seed.", default=-1, ge=-1),
+        batch_size: int = Input(description="Images per request. Ignored when api_json sets batch_size.", default=1, ge=1, le=8),
+        init_image: Path | None = Input(description="Image to start from (img2img). Ignored when api_json sets init_images.", default=None),
+        mask: Path | None = Input(description="Inpainting mask for init_image: white is repainted, black is kept. Ignored when api_json sets mask.", default=None),
+        denoising_strength: float = Input(description="img2img and hires fix: how much of the image is redrawn (0 keeps it, 1 replaces it). Ignored when api_json sets denoising_strength.", default=0.75, ge=0, le=1),
+        enable_hr: bool = Input(description="Hires fix: generate, upscale by hr_scale, then redraw details in a second pass. Ignored when api_json sets enable_hr.", default=False),
+        hr_scale: float = Input(description="Hires fix upscale factor. Ignored when api_json sets hr_scale.", default=2.0, ge=1, le=4),
+        output_format: str = Input(description="Image file format (PNG carries the infotext). Ignored when api_json sets override_settings.samples_format.", default="png", choices=["png", "webp", "jpg"]),
+        output_quality: int = Input(description="JPEG/WebP quality. Ignored when api_json sets override_settings.jpeg_quality.", default=80, ge=1, le=100),
     ) -> Output:
-        response = self.engine.handle(endpoint, api_json, print_progress)
+        # fmt: on
+        args = {name: given(value) for name, value in locals().items() if name != "self"}
+        playground = {name: args[name] for name in FIELD_NAMES}
+        try:
+            response = self.engine.handle(args["endpoint"], args["api_json"], print_progress, playground)
+        except EngineError as exc:
+            raise public_error(exc) from None
+        if response.seed is not None:
+            print(f"Using seed: {response.seed}", flush=True)
         # Each prediction writes into its own folder; older ones have been delivered by now,
         # so only the last few are kept (a name is never reused while Cog may still read it).
         outdir = Path(tempfile.mkdtemp(prefix="sd-out-"))
@@ -67,10 +92,10 @@ class Predictor(BasePredictor):
             path = outdir / f"{index:05d}.{image.extension}"
             path.write_bytes(image.data)
             files.append(Path(path))
-        listing = "" if response.listing is None else json.dumps(response.listing)
         return Output(
             images=files,
+            seed=response.seed,
             info=response.info,
             parameters=json.dumps(response.parameters) if response.parameters else "",
-            listing=listing,
+            listing="" if response.listing is None else json.dumps(response.listing),
         )

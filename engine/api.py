@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -10,17 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog, HashCache
+from .device import choose_placement, describe
 from .embeddings import EmbeddingCatalog
 from .errors import RequestError
 from .extensions import ExtensionRegistry
+from .fetch import fetch_from_env
 from .generate import Models, Progress, Result, generate, log_progress
 from .geometry import available_hr_upscalers
 from .images import EncodedImage
-from .loading import Placement, default_placement
+from .loading import Placement
 from .memory_release import release_host_memory
 from .networks import LoraCatalog
 from .payload import Limits, choose_mode, decode_api_json, parse_request
 from .pipelines import PipelineCache
+from .playground import merge_playground
 from .samplers import list_samplers, list_schedulers
 from .vae import VaeCatalog
 
@@ -36,15 +40,21 @@ class EngineConfig:
     models_dir: Path
     cache_dir: Path
     default_checkpoint: str | None = None
+    # SD_FETCH_MODELS=1: this manifest's files are fetched (and verified) at setup.
+    fetch_manifest: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineConfig:
         """SD_MODELS_DIR (default: the repository root), SD_CACHE_DIR (default:
-        <models dir>/.cache), SD_DEFAULT_CHECKPOINT (default: the first checkpoint by name)."""
+        <models dir>/.cache), SD_DEFAULT_CHECKPOINT (default: the first checkpoint by name),
+        SD_FETCH_MODELS=1 with SD_MODELS_MANIFEST (default: models.toml of this repository)."""
         env = os.environ if environ is None else environ
         models = Path(env.get("SD_MODELS_DIR") or REPO_ROOT).resolve()
         cache = Path(env.get("SD_CACHE_DIR") or models / ".cache").resolve()
-        return cls(models, cache, env.get("SD_DEFAULT_CHECKPOINT") or None)
+        manifest = None
+        if env.get("SD_FETCH_MODELS", "").strip() == "1":
+            manifest = Path(env.get("SD_MODELS_MANIFEST") or REPO_ROOT / "models.toml")
+        return cls(models, cache, env.get("SD_DEFAULT_CHECKPOINT") or None, manifest)
 
 
 @dataclass
@@ -55,6 +65,14 @@ class Response:
     info: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
     listing: Any = None
+
+    @property
+    def seed(self) -> int | None:
+        """The first image's seed (webui's `info.seed`); None for a listing."""
+        if not self.info:
+            return None
+        seed = json.loads(self.info).get("seed")
+        return seed if isinstance(seed, int) else None
 
 
 Listing = Callable[["Engine"], Any]
@@ -95,13 +113,19 @@ class Engine:
         Request limits default to `Limits.from_env()`: SD_LIMIT_* read here, once.
         """
         limits = Limits.from_env() if limits is None else limits
-        # 1. What is on disk (hashes cached by path, size and mtime).
-        hashes = HashCache(config.cache_dir / "hashes.json")
+        # 0. The device (SD_DEVICE): an unusable CUDA fails here, before any file is read.
+        placement = placement or choose_placement()
+        log.info("setup: %s", describe(placement))
+        # 0b. SD_FETCH_MODELS=1: the manifest's files, downloaded and verified (or setup fails).
+        if config.fetch_manifest is not None:
+            fetch_from_env(config.models_dir, config.fetch_manifest)
+        # 1. What is on disk (hashes cached by path in the models folder, size and probe).
+        hashes = HashCache(config.cache_dir / "hashes.json", root=config.models_dir)
         catalog = Catalog.scan(config.models_dir, hash_cache=hashes)
         # 2. The default checkpoint must exist before anything loads.
         default = catalog.default_checkpoint(config.default_checkpoint)
         # 3. Load every checkpoint into the cache.
-        cache = PipelineCache(catalog, placement or default_placement(), config.cache_dir)
+        cache = PipelineCache(catalog, placement, config.cache_dir)
         cache.load_all()
         # 4. LoRAs and embeddings: listed and hashed once; LoRA weights load on first use.
         loras = LoraCatalog.scan(catalog.files("loras"), hashes)
@@ -122,8 +146,17 @@ class Engine:
         )
         return cls(models, limits)
 
-    def handle(self, endpoint: str, api_json: str, progress: Progress = log_progress) -> Response:
-        """Serve one request: a listing endpoint, or txt2img/img2img from a webui payload."""
+    def handle(
+        self,
+        endpoint: str,
+        api_json: str,
+        progress: Progress = log_progress,
+        playground: Mapping[str, Any] | None = None,
+    ) -> Response:
+        """Serve one request: a listing endpoint, or txt2img/img2img from a webui payload.
+
+        `playground`: values of the typed playground inputs, merged into the payload where
+        `api_json` does not set the field (engine/playground.py)."""
         name = str(endpoint).strip().lower()
         if name in LISTINGS:
             return Response(listing=LISTINGS[name](self))
@@ -135,7 +168,7 @@ class Engine:
             raise RequestError.single(
                 "endpoint", endpoint, f"must be one of {', '.join(map(repr, choices))}"
             )
-        payload = decode_api_json(api_json, self.limits)
+        payload = merge_playground(decode_api_json(api_json, self.limits), playground or {})
         parsed = parse_request(payload, choose_mode(name, payload), self.limits)
         try:
             result: Result = generate(self.models, parsed, progress)

@@ -44,6 +44,8 @@ OLDHASH_END = OLDHASH_START + 0x10000
 
 # --------------------------------------------------------------------------- hashes
 
+PROBE_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class FileHashes:
@@ -73,18 +75,46 @@ def hash_file(path: Path) -> FileHashes:
     return FileHashes(sha256=full.hexdigest(), oldhash=old.hexdigest()[:8])
 
 
-class HashCache:
-    """Persisted `{abs path: {"size", "mtime", "sha256", "oldhash"}}` so restarts skip rehashing.
+def fingerprint(path: Path) -> tuple[int, str]:
+    """(size, sha256 of the first and last 64 KiB): what a cache entry must still match."""
+    probe = hashlib.sha256()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        probe.update(fh.read(PROBE_BYTES))
+        if size > PROBE_BYTES:
+            fh.seek(max(PROBE_BYTES, size - PROBE_BYTES))
+            probe.update(fh.read(PROBE_BYTES))
+    return size, probe.hexdigest()
 
-    An entry counts only while the file's size and st_mtime_ns are unchanged. With
-    `path=None`, or when the cache file cannot be written, the cache lives in memory
-    (a warning is logged once) and scanning goes on.
+
+class HashCache:
+    """Persisted `{key: {"size", "probe", "sha256", "oldhash"}}` so a start hashes nothing known.
+
+    The key is the file's path relative to `root` (the models folder), so a cache written on
+    one machine (scripts/fetch_models.py writes it while verifying downloads) is valid in every
+    container the folder is copied into; files outside `root` are keyed by absolute path. An
+    entry counts while the file's size and `probe` (sha256 of its first and last 64 KiB, which
+    differ between two fine-tunes of one architecture even at equal size) are unchanged: mtime
+    is not used, since copying into an image may change it. With `path=None`, or when the cache
+    file cannot be written (a read-only image), entries live in memory (a warning is logged
+    once) and scanning goes on; a readable cache file is still used.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, root: Path | None = None) -> None:
         self.path = path
+        self.root = Path(os.path.abspath(root)) if root is not None else None
         self._entries: dict[str, dict[str, Any]] = self._load(path) if path else {}
         self._writable = path is not None
+        self.bytes_hashed = 0  # full-file hashing done by this object (setup benchmarks)
+
+    def key(self, file: Path) -> str:
+        """`file` relative to the root ("/" separators), or its absolute path outside it."""
+        path = os.path.abspath(file)
+        if self.root is not None:
+            rel = os.path.relpath(path, self.root)
+            if not rel.startswith(".." + os.sep) and rel != ".." and not os.path.isabs(rel):
+                return Path(rel).as_posix()
+        return path
 
     def sha256(self, file: Path) -> str:
         """Full-file sha256 of `file` (hex), from the cache when still fresh."""
@@ -96,45 +126,50 @@ class HashCache:
 
     def hashes(self, file: Path) -> FileHashes:
         """Both hashes of `file`; hashes (and persists) only on a miss or a stale entry."""
-        key = os.path.abspath(file)
-        st = os.stat(key)
-        entry = self._fresh(key, st, ("sha256", "oldhash"))
+        key = self.key(file)
+        size, probe = fingerprint(Path(file))
+        entry = self._fresh(key, size, probe, ("sha256", "oldhash"))
         if entry is not None:
             return FileHashes(sha256=entry["sha256"], oldhash=entry["oldhash"])
-        logger.info("hashing %s (%.1f MiB)", key, st.st_size / HASH_BLOCK)
-        result = hash_file(Path(key))
-        self._entries[key] = {
-            "size": st.st_size,
-            "mtime": st.st_mtime_ns,
-            "sha256": result.sha256,
-            "oldhash": result.oldhash,
+        logger.info("hashing %s (%.1f MiB)", key, size / HASH_BLOCK)
+        result = hash_file(Path(file))
+        self.bytes_hashed += size
+        self.put(file, result)
+        return result
+
+    def put(self, file: Path, hashes: FileHashes) -> None:
+        """Record hashes computed elsewhere (e.g. while verifying a download) and persist."""
+        size, probe = fingerprint(Path(file))
+        self._entries[self.key(file)] = {
+            "size": size,
+            "probe": probe,
+            "sha256": hashes.sha256,
+            "oldhash": hashes.oldhash,
         }
         self._save()
-        return result
 
     def cached(self, file: Path, kind: str, compute: Callable[[Path], str]) -> str:
         """Another digest of `file` (e.g. a LoRA's addnet hash), cached the same way: kept
-        while size and mtime are unchanged, recomputed (and persisted) otherwise."""
-        path = os.path.abspath(file)
-        key = f"{path}#{kind}"
-        st = os.stat(path)
-        entry = self._fresh(key, st, ("value",))
+        while size and probe are unchanged, recomputed (and persisted) otherwise."""
+        key = f"{self.key(file)}#{kind}"
+        size, probe = fingerprint(Path(file))
+        entry = self._fresh(key, size, probe, ("value",))
         if entry is not None:
             return str(entry["value"])
-        value = compute(Path(path))
-        self._entries[key] = {"size": st.st_size, "mtime": st.st_mtime_ns, "value": value}
+        value = compute(Path(os.path.abspath(file)))
+        self._entries[key] = {"size": size, "probe": probe, "value": value}
         self._save()
         return value
 
     def _fresh(
-        self, key: str, st: os.stat_result, fields: tuple[str, ...]
+        self, key: str, size: int, probe: str, fields: tuple[str, ...]
     ) -> dict[str, Any] | None:
-        """The entry for `key` if it matches the file's size and mtime and holds `fields`."""
+        """The entry for `key` if it matches the file's size and probe and holds `fields`."""
         entry = self._entries.get(key)
         if (
             isinstance(entry, dict)
-            and entry.get("size") == st.st_size
-            and entry.get("mtime") == st.st_mtime_ns
+            and entry.get("size") == size
+            and entry.get("probe") == probe
             and all(isinstance(entry.get(f), str) for f in fields)
         ):
             return entry

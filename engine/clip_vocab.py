@@ -1,16 +1,16 @@
-"""CLIP tokenizer files, built offline from the BPE file that open-clip-torch ships.
+"""CLIP tokenizer files, built offline from the CLIP BPE file shipped in `engine/vocab/`.
 
 SD 1.x, SD 2.x and SDXL all tokenize with OpenAI CLIP's byte-level BPE (49408 tokens). The
-hub repos carry it as `vocab.json` + `merges.txt`; the same data ships inside the
-open-clip-torch wheel as `open_clip/bpe_simple_vocab_16e6.txt.gz`. We locate that file
-without importing open_clip (which would pull torchvision) and derive the two files from it
-(reference/loading.md records the recipe and the check against OpenAI's token ids).
+hub repos carry it as `vocab.json` + `merges.txt`; OpenAI's CLIP repository (MIT) carries the
+same data as `bpe_simple_vocab_16e6.txt.gz`. That file ships in this project (engine/vocab/,
+with its license), so no package is installed only for it and the Cog image needs no extra
+build step; we derive the two tokenizer files from it (reference/loading.md records the
+recipe and the check against OpenAI's token ids).
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -25,18 +25,17 @@ EOS = "<|endoftext|>"
 MAX_LENGTH = 77
 
 
+BPE_PATH = Path(__file__).resolve().parent / "vocab" / BPE_FILE
+
+
 def find_bpe_file() -> Path:
-    """Path of the BPE file inside the installed open-clip-torch package (not imported)."""
-    spec = importlib.util.find_spec("open_clip")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for folder in locations:
-        candidate = Path(folder) / BPE_FILE
-        if candidate.is_file():
-            return candidate
-    raise ModelLoadError(
-        f"The CLIP vocabulary file {BPE_FILE} was not found: install open-clip-torch "
-        "without its dependencies (`pip install --no-deps open-clip-torch==3.3.0`)."
-    )
+    """Path of the CLIP BPE file that ships with the engine."""
+    if not BPE_PATH.is_file():
+        raise ModelLoadError(
+            f"The CLIP vocabulary file {BPE_PATH} is missing: it is part of the project "
+            "(engine/vocab/); restore it from the repository."
+        )
+    return BPE_PATH
 
 
 def _byte_symbols() -> list[str]:

@@ -80,3 +80,26 @@ class ModelLoadError(EngineError):
 
 class GenerationError(EngineError):
     """Generation ran but could not produce a valid result."""
+
+
+# What a failed prediction's `error` starts with when the message has no "label: detail" shape.
+_PUBLIC_LABELS: tuple[tuple[type[EngineError], str], ...] = (
+    (RequestError, "Invalid request"),
+    (ModelLoadError, "Model could not be loaded"),
+    (GenerationError, "Generation failed"),
+    (EngineError, "Failed"),
+)
+
+
+def public_error(exc: EngineError) -> Exception:
+    """`exc` re-dressed for Cog, whose error text is `<class qualname>: <str>` (coglet formats
+    the Python exception that way): the message's head becomes the class name, so the text
+    reads as the one sentence we wrote, with no Python class name in it. For example
+    "Invalid request: steps: got 0; ..." comes out as exactly that."""
+    message = str(exc)
+    head, sep, tail = message.partition(": ")
+    if not sep or len(head) > 80:
+        label = next(text for kind, text in _PUBLIC_LABELS if isinstance(exc, kind))
+        head, tail = label, message
+    # A class named by the sentence's head: only its name and message are ever shown.
+    return type(head, (Exception,), {"__module__": "builtins"})(tail)

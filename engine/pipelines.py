@@ -9,8 +9,12 @@ over to the next request.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .catalog import Catalog, CheckpointInfo
 from .loading import LoadedCheckpoint, Placement, load_checkpoint
@@ -30,8 +34,35 @@ class PipelineCache:
     def load_all(self) -> None:
         """Load every checkpoint (setup). A file that fails to load fails setup."""
         for info in self.catalog.checkpoints:
-            self.loaded[info.title] = load_checkpoint(info, self.placement, self.cache_root)
+            started = time.perf_counter()
+            loaded = load_checkpoint(info, self.placement, self.cache_root)
+            self.loaded[info.title] = loaded
+            on_gpu = ""
+            if self.placement.device == "cuda":
+                on_gpu = f"; CUDA memory allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB"
+            log.info(
+                "loaded %s in %.2f s (%.1f MiB of weights on %s%s)",
+                info.title,
+                time.perf_counter() - started,
+                weight_bytes(loaded.pipe) / 2**20,
+                self.placement.device,
+                on_gpu,
+            )
         log.info("loaded %d checkpoint(s): %s", len(self.loaded), ", ".join(self.loaded))
 
     def get(self, info: CheckpointInfo) -> LoadedCheckpoint:
         return self.loaded[info.title]
+
+
+def weight_bytes(pipe: Any) -> int:
+    """Bytes of the parameters and buffers of a pipeline's modules (shared ones once)."""
+    seen: set[int] = set()
+    total = 0
+    for component in getattr(pipe, "components", {}).values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in [*component.parameters(), *component.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total

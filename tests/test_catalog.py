@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -237,20 +238,20 @@ def test_warm_cache_survives_restart_without_rehashing(
     put(models, "checkpoints/one.safetensors", b"one")
     put(models, "checkpoints/two.safetensors", b"two")
     cache_file = models / ".cache" / "hashes.json"
-    first = Catalog.scan(models, hash_cache=HashCache(cache_file))
+    first = Catalog.scan(models, hash_cache=HashCache(cache_file, root=models))
     assert len(counting.paths) == 2
     saved = json.loads(cache_file.read_text())
-    entry = saved[str(first.checkpoints[0].filename)]
+    # Keyed by the path inside the models folder: valid wherever the folder is copied.
+    entry = saved["checkpoints/one.safetensors"]
     assert entry["sha256"] == sha(b"one")
     assert entry["size"] == 3
-    assert entry["mtime"] == os.stat(first.checkpoints[0].filename).st_mtime_ns
 
-    second = Catalog.scan(models, hash_cache=HashCache(cache_file))  # a fresh process
+    second = Catalog.scan(models, hash_cache=HashCache(cache_file, root=models))  # a restart
     assert len(counting.paths) == 2
     assert second.checkpoints == first.checkpoints
 
 
-@pytest.mark.parametrize("change", ["content_and_size", "mtime_only"])
+@pytest.mark.parametrize("change", ["content_and_size", "same_size"])
 def test_touched_file_is_rehashed(models: Path, counting: CountingHash, change: str) -> None:
     path = put(models, "checkpoints/m.safetensors", b"old")
     cache_file = models / ".cache" / "hashes.json"
@@ -294,9 +295,7 @@ def test_cache_entry_with_wrong_hash_shape_is_recomputed(models: Path) -> None:
     path = put(models, "checkpoints/m.safetensors", b"m")
     st = os.stat(path)
     cache_file = models / "hashes.json"
-    cache_file.write_text(
-        json.dumps({str(path.absolute()): {"size": st.st_size, "mtime": st.st_mtime_ns}})
-    )
+    cache_file.write_text(json.dumps({str(path.absolute()): {"size": st.st_size, "probe": "x"}}))
     (info,) = Catalog.scan(models, hash_cache=HashCache(cache_file)).checkpoints
     assert info.sha256 == sha(b"m")
 
@@ -432,3 +431,36 @@ def test_checkpoint_info_is_frozen(two: Catalog) -> None:
     info: CheckpointInfo = two.checkpoints[0]
     with pytest.raises(AttributeError):
         info.name = "x"  # type: ignore[misc]
+
+
+def test_cache_moves_with_the_models_folder_and_ignores_mtime(
+    models: Path, tmp_path: Path, counting: CountingHash
+) -> None:
+    """What a built image gets: the folder (with its cache) copied elsewhere, new mtimes."""
+    put(models, "checkpoints/sub/a.safetensors", b"a" * 200_000)
+    Catalog.scan(models, hash_cache=HashCache(models / ".cache" / "hashes.json", root=models))
+    assert len(counting.paths) == 1
+    copy = tmp_path / "image" / "src"
+    shutil.copytree(models, copy)  # copytree keeps mtimes; move them on to be sure
+    target = copy / "checkpoints" / "sub" / "a.safetensors"
+    os.utime(target, ns=(1, 1))
+    cache = HashCache(copy / ".cache" / "hashes.json", root=copy)
+    (info,) = Catalog.scan(copy, hash_cache=cache).checkpoints
+    assert len(counting.paths) == 1 and info.sha256 == sha(b"a" * 200_000)
+    # Same size, different tail (two fine-tunes of one architecture): hashed again.
+    target.write_bytes(b"a" * 199_999 + b"b")
+    (info,) = Catalog.scan(copy, hash_cache=cache).checkpoints
+    assert len(counting.paths) == 2 and info.sha256 == sha(b"a" * 199_999 + b"b")
+
+
+def test_read_only_cache_file_is_still_used(models: Path, counting: CountingHash) -> None:
+    put(models, "checkpoints/m.safetensors", b"m")
+    cache_file = models / ".cache" / "hashes.json"
+    Catalog.scan(models, hash_cache=HashCache(cache_file, root=models))
+    cache_file.chmod(0o444)
+    cache_file.parent.chmod(0o555)
+    try:
+        Catalog.scan(models, hash_cache=HashCache(cache_file, root=models))
+    finally:
+        cache_file.parent.chmod(0o755)
+    assert len(counting.paths) == 1

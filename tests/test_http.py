@@ -6,6 +6,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from replicate.prediction import Prediction
 
+from .cog_schema import install_schema
 from .helpers import b64_png, box_mask, card_image, payload
 
 pytestmark = pytest.mark.http
@@ -66,8 +69,8 @@ class CogServer:
             status = self.health()
         return status
 
-    def predict(self, api_json: str, endpoint: str = "auto") -> dict[str, Any]:
-        body = {"input": {"api_json": api_json, "endpoint": endpoint}}
+    def predict(self, api_json: str, endpoint: str = "auto", **inputs: Any) -> dict[str, Any]:
+        body = {"input": {"api_json": api_json, "endpoint": endpoint, **inputs}}
         # coglet frees the slot a moment after it answers a sync prediction; a request sent in
         # that moment gets 409 "At capacity" (no queue): retry briefly, a bounded number of times.
         for _ in range(BUSY_RETRIES):
@@ -86,8 +89,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(models_dir: Path, log: Path) -> Iterator[tuple[CogServer, str]]:
-    """Start the Cog server over `models_dir`; yield it with its status once setup ended."""
+def running_server(
+    models_dir: Path, log: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[CogServer, str]]:
+    """Start the Cog server over `models_dir`; yield it with its status once setup ended.
+
+    The server validates inputs against the schema `cog build` would bake in (written to
+    .cog/openapi_schema.json first), as on Replicate."""
+    install_schema(REPO)
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -98,6 +107,7 @@ def running_server(models_dir: Path, log: Path) -> Iterator[tuple[CogServer, str
         # The worker is started as plain `python`: our interpreter must come first on PATH.
         PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
     )
+    env.update(extra_env or {})
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
@@ -166,7 +176,11 @@ def test_txt2img_prediction_succeeds_with_images_and_info(server: CogServer) -> 
     assert len(images) == 2 and all(d.startswith(b"\x89PNG") for d in images)
     info = json.loads(prediction["output"]["info"])
     assert info["all_seeds"] == [1234, 1235]
-    assert "step 4/4" in prediction["logs"]
+    assert prediction["output"]["seed"] == 1234
+    assert "Using seed: 1234" in prediction["logs"]
+    # Replicate's client turns the tqdm-shaped lines into prediction.progress.
+    progress = Prediction.Progress.parse(prediction["logs"])
+    assert progress is not None and (progress.current, progress.total) == (4, 4)
 
 
 def test_data_url_payload_as_cog_cli_sends_it(server: CogServer) -> None:
@@ -185,6 +199,7 @@ def test_malformed_json_fails_clearly_and_server_stays_ready(server: CogServer) 
     prediction = server.predict('{"prompt": "a cat",')
     assert prediction["status"] == "failed"
     assert "api_json" in prediction["error"] and "not valid JSON" in prediction["error"]
+    assert "Error:" not in prediction["error"]  # no Python class name
     assert server.settled_health() == "READY"
 
 
@@ -250,7 +265,7 @@ def test_cancelled_async_prediction_then_next_gives_expected_bytes(server: CogSe
                 break
             time.sleep(0.1)
         assert status == 202, reply
-        sink.wait_for(lambda e: "step " in (e.get("logs") or ""), timeout=60)
+        sink.wait_for(lambda e: "/150" in (e.get("logs") or ""), timeout=60)
         # One prediction at a time: a second request while this one runs is refused as busy.
         status, busy = server.call("POST", "/predictions", {"input": {"api_json": payload()}})
         assert status == 409, busy
@@ -262,7 +277,7 @@ def test_cancelled_async_prediction_then_next_gives_expected_bytes(server: CogSe
     finally:
         sink.close()
     assert final["status"] == "canceled", final
-    assert "step 150/150" not in (final.get("logs") or "")
+    assert "| 150/150" not in (final.get("logs") or "")
     assert server.settled_health(timeout=30) == "READY"
     assert image_bytes(server.predict(payload())) == golden
 
@@ -315,3 +330,83 @@ def test_controlnet_payload_as_clients_send_it(server: CogServer) -> None:
     prediction = server.predict(payload(alwayson_scripts={"ControlNet": {"args": [unit]}}))
     assert prediction["status"] == "succeeded", prediction.get("error")
     assert len(image_bytes(prediction)) == 2  # the image and the detected map
+
+
+# --------------------------------------------------------------------------- the playground
+
+
+def decoded(prediction: dict[str, Any]) -> list[Any]:
+    import io
+
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(data)) for data in image_bytes(prediction)]
+
+
+def test_playground_only_request_runs_end_to_end(server: CogServer) -> None:
+    """Typed inputs only, as a person fills them in on Replicate (api_json left at "{}")."""
+    body = {
+        "prompt": "a red barn",
+        "negative_prompt": "fog",
+        "width": 64,
+        "height": 96,
+        "steps": 3,
+        "seed": 42,
+        "sampler": "DPM++ 2M",
+        "scheduler": "Karras",
+        "cfg_scale": 5.5,
+        "output_format": "webp",
+    }
+    _, reply = server.call("POST", "/predictions", {"input": body})
+    assert reply["status"] == "succeeded", reply.get("error")
+    (image,) = decoded(reply)
+    assert image.format == "WEBP" and image.size == (64, 96)
+    assert reply["output"]["seed"] == 42 and "Using seed: 42" in reply["logs"]
+    info = json.loads(reply["output"]["info"])
+    assert info["prompt"] == "a red barn" and info["negative_prompt"] == "fog"
+    assert info["steps"] == 3 and info["cfg_scale"] == 5.5
+    assert info["sampler_name"] == "DPM++ 2M" and "Schedule type: Karras" in info["infotexts"][0]
+
+
+def test_playground_img2img_with_an_uploaded_file(server: CogServer) -> None:
+    url = "data:image/png;base64," + b64_png(card_image(64, 64))
+    body = {"prompt": "x", "init_image": url, "denoising_strength": 0.5, "steps": 4, "seed": 3}
+    _, reply = server.call("POST", "/predictions", {"input": body})
+    assert reply["status"] == "succeeded", reply.get("error")
+    assert json.loads(reply["output"]["info"])["denoising_strength"] == 0.5
+
+
+def test_api_json_wins_over_a_playground_input(server: CogServer) -> None:
+    prediction = server.predict(payload(steps=2), steps=3, seed=99)
+    info = json.loads(prediction["output"]["info"])
+    assert info["steps"] == 2 and info["seed"] == 1234
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("steps", 0), ("width", 4096), ("sampler", "Nope"), ("output_format", "gif"), ("seed", "7")],
+)
+def test_cog_refuses_out_of_range_and_unknown_choices_with_422(
+    server: CogServer, field: str, value: Any
+) -> None:
+    status, reply = server.call("POST", "/predictions", {"input": {field: value}})
+    assert status == 422, reply
+    assert any(d["loc"][-1] == field for d in reply["detail"]), reply
+
+
+def test_error_is_our_sentence_without_class_names(server: CogServer) -> None:
+    prediction = server.predict(payload(steps=0))
+    assert prediction["status"] == "failed"
+    error = prediction["error"]
+    # coglet itself prefixes "Prediction failed: " (twice, in 0.23.1); after that, our sentence.
+    sentence = error.split("Prediction failed: ")[-1]
+    assert sentence.startswith("Invalid request: steps: got 0; ")
+    assert "RequestError" not in error and "Exception" not in error
+
+
+def test_setup_log_names_device_dtype_attention_and_each_load_time(server: CogServer) -> None:
+    _, health = server.call("GET", "/health-check")
+    logs = health["setup"]["logs"]
+    assert "setup: device cpu, dtype float32, attention PyTorch SDPA" in logs
+    for name in ("tiny-sd15.safetensors", "tiny-sdxl.safetensors"):
+        assert re.search(rf"loaded {re.escape(name)} \[\w+\] in [\d.]+ s \([\d.]+ MiB", logs), name
