@@ -66,6 +66,7 @@ from .samplers import (
     effective_eta,
     eta_infotext_params,
     resolve_sampler,
+    sigma_infotext_params,
     uses_ensd,
 )
 from .sampling import (
@@ -177,7 +178,6 @@ class Plan:
     loras: list[list[LoraRequest]]  # per batch (webui reads the tags of each batch's first prompt)
     lora_manager: LoraManager | None
     embeddings: EmbeddingCatalog
-    used_embeddings: dict[str, str]  # filled while encoding: name -> hash (TI hashes)
     vae: VaeChoice
     effects: Effects  # what the request's alwayson_scripts extensions add
     width: int
@@ -212,12 +212,15 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     req = plan.request
     # 2. Generate batch by batch (n_iter batches of batch_size).
     pil_images: list[Any] = []
+    used: Embeddings = {}  # what text encoding learned: embedding name -> hash (TI hashes)
     with _out_of_memory_reported(plan):
         for batch in range(req.n_iter):
             lo, hi = batch * plan.batch_size, (batch + 1) * plan.batch_size
-            pil_images += run_batch(plan, lo, hi, progress)
+            batch_images, batch_used = run_batch(plan, lo, hi, progress)
+            pil_images += batch_images
+            used.update(batch_used)
     # 3. Infotext per image, encoded files, the info JSON.
-    infotexts = [image_infotext(plan, i) for i in range(len(pil_images))]
+    infotexts = [image_infotext(plan, i, used) for i in range(len(pil_images))]
     settings = parsed.settings
     images = [
         encode_image(
@@ -235,7 +238,7 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     ]
     if not req.send_images:
         images = []
-    info = info_json(build_info(plan, infotexts))
+    info = info_json(build_info(plan, infotexts, used))
     return Result(
         images=images, info=info, parameters=echo_parameters(parsed), warnings=plan.warnings
     )
@@ -339,7 +342,6 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         loras=loras,
         lora_manager=manager,
         embeddings=models.embeddings,
-        used_embeddings={},
         vae=vae,
         effects=effects,
         width=width,
@@ -374,7 +376,7 @@ def _rng_device(checkpoint: LoadedCheckpoint, source: str) -> str:
             source,
             'this server draws noise with torch\'s generators: "GPU" or "CPU"',
         )
-    on_cuda = str(checkpoint.pipe.device).startswith("cuda")
+    on_cuda = placement(checkpoint).device.type == "cuda"
     return "cuda" if source == "GPU" and on_cuda else "cpu"
 
 
@@ -653,8 +655,9 @@ def _same_family(base: LoadedCheckpoint, other: LoadedCheckpoint, field: str) ->
 # One batch
 
 
-def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
-    """One UNet batch: noise, first pass (txt2img or img2img), hires pass, decode, overlay."""
+def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> tuple[list[Any], Embeddings]:
+    """One UNet batch: noise, first pass (txt2img or img2img), hires pass, decode, overlay.
+    Returns the images and the embeddings the prompts used."""
     loaded = plan.checkpoint
     seeds, prompts, negatives = (
         plan.seeds[lo:hi],
@@ -665,7 +668,7 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
     spec = _noise_spec(plan, lo, hi)
     noise, generators = first_noise(spec, LATENT_CHANNELS, plan.height, plan.width)
     # Latents stay float32 between steps; only the UNet input is cast (CFGDenoiser).
-    noise = noise.to(device=loaded.pipe.device)
+    noise = noise.to(device=placement(loaded).device)
     batch_loras = plan.loras[lo // plan.batch_size] if plan.loras else []
     tiled = [m.pipe.unet for m in _models_used(plan)] + [plan.vae.vae]
     with (
@@ -675,14 +678,17 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
     ):
         # 2. The first pass.
         if plan.img2img is None:
-            latents = txt2img_pass(plan, seeds, noise, generators, prompts, negatives, progress)
+            latents, used = txt2img_pass(
+                plan, seeds, noise, generators, prompts, negatives, progress
+            )
         else:
-            latents = img2img_pass(
+            latents, used = img2img_pass(
                 plan, plan.img2img, lo, hi, noise, generators, prompts, negatives, progress
             )
         # 3. Hires fix: upscale, then img2img at the target size with fresh noise of the same seeds.
         if plan.hires is not None:
-            latents = hires_pass(plan, plan.hires, latents, lo, hi, progress)
+            latents, hires_used = hires_pass(plan, plan.hires, latents, lo, hi, progress)
+            used = {**used, **hires_used}
         # 4. Decode; NaN is an error, never a black picture.
         if has_non_finite(latents):
             raise GenerationError(
@@ -693,7 +699,7 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
     if plan.img2img is not None and plan.img2img.mask is not None:
         inits = _batch_inits(plan.img2img, hi - lo)
         images = [finish_image(img, init) for img, init in zip(images, inits, strict=True)]
-    return images
+    return images, used
 
 
 def _models_used(plan: Plan) -> list[LoadedCheckpoint]:
@@ -787,13 +793,15 @@ def _run(
     refiner: Refiner | None = None,
     hires_steps: int | None = None,
     hooks: Sequence[Any] = (),
-) -> torch.Tensor:
-    """One sampler pass over `loaded` (and the refiner, which takes over at its switch point)."""
+) -> Sampled:
+    """One sampler pass over `loaded` (and the refiner, which takes over at its switch point):
+    the final latents and the embeddings the prompts used."""
     width, height = size
     settings = plan.settings
     calls = spec.model_calls
     schedules = PromptSchedules.build(prompts, negatives, plan.request.steps, hires_steps)
     stages = []
+    conditioners = []
     models = [(loaded, None)] + ([(refiner.checkpoint, refiner.switch_at)] if refiner else [])
     for model, switch_at in models:
         conditioner = TextConditioner(
@@ -802,12 +810,13 @@ def _run(
             emphasis=settings.emphasis,
             comma_backtrack=settings.comma_padding_backtrack,
             embeddings=plan.embeddings,
-            used_embeddings=plan.used_embeddings,
         )
+        conditioners.append(conditioner)
         time_ids, uncond_time_ids = sdxl_time_ids(model, width, height)
         stages.append(
             Stage(
                 unet=model.pipe.unet,
+                dtype=placement(model).dtype,
                 # webui indexes the prompt schedule by the denoiser's call count.
                 schedule=step_conditioning(conditioner, schedules, calls, calls),
                 discretization=discretization(model),
@@ -831,7 +840,26 @@ def _run(
     latents = run_pass(spec, denoiser, noise, generators, seeds, plan.rng_device, init)
     if blend is not None:
         latents = blend.apply(latents)  # webui's final blend of the inpainted latent
-    return latents
+    used = {name: h for c in conditioners for name, h in c.used_embeddings.items()}
+    return latents, used
+
+
+@dataclass(frozen=True)
+class UNetPlacement:
+    """Where a checkpoint's UNet lives, read once per checkpoint: diffusers' `device` and
+    `dtype` properties walk every parameter on each access."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+def placement(loaded: LoadedCheckpoint) -> UNetPlacement:
+    cached = loaded.extra.get("placement")
+    if not isinstance(cached, UNetPlacement):
+        param = next(loaded.pipe.unet.parameters())
+        cached = UNetPlacement(param.device, param.dtype)
+        loaded.extra["placement"] = cached
+    return cached
 
 
 def discretization(loaded: LoadedCheckpoint) -> Discretization:
@@ -851,7 +879,7 @@ def txt2img_pass(
     prompts: list[str],
     negatives: list[str],
     progress: Progress,
-) -> torch.Tensor:
+) -> Sampled:
     loaded = plan.checkpoint
     steps = plan.request.steps
     spec = _sampler_pass(plan, plan.sampler, loaded, steps, steps, img2img=False)
@@ -885,7 +913,7 @@ def txt2img_inpaint_inputs(
     from PIL import Image
 
     grey = Image.new("RGB", (width, height), (127, 127, 127))
-    latent = encode_images(vae, [grey]).to(loaded.pipe.unet.dtype)
+    latent = encode_images(vae, [grey]).to(placement(loaded).dtype)
     ones = torch.ones_like(latent[:, :1])
     return torch.cat([ones, latent], dim=1).repeat(batch, 1, 1, 1)
 
@@ -907,7 +935,7 @@ def img2img_pass(
     prompts: list[str],
     negatives: list[str],
     progress: Progress,
-) -> torch.Tensor:
+) -> Sampled:
     loaded = plan.checkpoint
     inits = _batch_inits(job, hi - lo)
     noise = noise[: len(inits)]
@@ -930,7 +958,7 @@ def img2img_pass(
             init = init * (1 - repaint)
     # 3. webui's step window: nothing to run leaves the init latent as it is.
     if job.steps_run <= 0:
-        return init
+        return init, {}
     spec = _sampler_pass(
         plan, plan.sampler, loaded, job.schedule_steps, job.steps_run, img2img=True
     )
@@ -963,7 +991,6 @@ def img2img_inpaint_inputs(
 ) -> torch.Tensor:
     """webui img2img_image_conditioning for 9-channel models: [rounded mask, VAE(masked image)],
     the masked image lerped with the original by opts.inpainting_mask_weight."""
-    pipe = loaded.pipe
     width, height = inits[0].image.size
     if job.mask is not None and job.mask.mask is not None:
         mask = (
@@ -984,7 +1011,7 @@ def img2img_inpaint_inputs(
         Image.fromarray((m[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
         for m in masked
     ]
-    latents = encode_images(vae, masked_images).to(pipe.unet.dtype)
+    latents = encode_images(vae, masked_images).to(placement(loaded).dtype)
     small = torch.nn.functional.interpolate(cond_mask, size=latents.shape[-2:]).to(
         latents.device, latents.dtype
     )
@@ -993,9 +1020,8 @@ def img2img_inpaint_inputs(
 
 def hires_pass(
     plan: Plan, hires: Hires, latents: torch.Tensor, lo: int, hi: int, progress: Progress
-) -> torch.Tensor:
+) -> Sampled:
     loaded = hires.checkpoint
-    pipe = loaded.pipe
     target = hires.target
     # 1. Upscale: in latent space, or decode -> pixel upscaler -> encode.
     if hires.upscaler.latent:
@@ -1014,11 +1040,11 @@ def hires_pass(
         ]
         upscaled = encode_images(plan.vae.vae, resized).to(torch.float32)
     if hires.steps_run <= 0:
-        return upscaled  # webui decodes the upscaled latent as it is when denoising is 0
+        return upscaled, {}  # webui decodes the upscaled latent as it is when denoising is 0
     # 2. Fresh noise from the same seeds at the new size (webui makes a new ImageRNG).
     spec = _noise_spec(plan, lo, hi)
     noise, generators = first_noise(spec, LATENT_CHANNELS, target.height, target.width)
-    noise = noise.to(device=pipe.device)
+    noise = noise.to(device=placement(loaded).device)
     # 3. The second pass: img2img over webui's fixed-steps window.
     hires_pass_spec = _sampler_pass(
         plan, hires.sampler, loaded, hires.schedule_steps, hires.steps_run, img2img=True
@@ -1056,15 +1082,15 @@ def sdxl_time_ids(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """SDXL size conditioning as webui: original = target = (h, w), crop (0, 0). The refiner
     takes an aesthetic score instead of the target size (6.0, and 2.5 for the negative)."""
-    pipe = loaded.pipe
+    where = placement(loaded)
     if loaded.family is Family.SDXL:
         values = [[height, width, 0, 0, height, width]]
-        return torch.tensor(values, device=pipe.device, dtype=pipe.unet.dtype), None
+        return torch.tensor(values, device=where.device, dtype=where.dtype), None
     if loaded.family is Family.SDXL_REFINER:
 
         def ids(score: float) -> torch.Tensor:
             return torch.tensor(
-                [[height, width, 0, 0, score]], device=pipe.device, dtype=pipe.unet.dtype
+                [[height, width, 0, 0, score]], device=where.device, dtype=where.dtype
             )
 
         return ids(AESTHETIC_SCORE), ids(NEGATIVE_AESTHETIC_SCORE)
@@ -1075,7 +1101,7 @@ def sdxl_time_ids(
 # Response pieces
 
 
-def image_params(plan: Plan, index: int) -> ImageParams:
+def image_params(plan: Plan, index: int, used: Embeddings) -> ImageParams:
     req = plan.request
     info = plan.checkpoint.info
     settings = plan.settings
@@ -1107,31 +1133,40 @@ def image_params(plan: Plan, index: int) -> ImageParams:
         ),
         extra={
             **plan.extras,
-            **network_extras(plan),
+            **network_extras(used),
             **eta_infotext_params(plan.sampler, plan.eta),
+            **sigma_infotext_params(
+                plan.sampler,
+                s_churn=settings.s_churn,
+                s_tmin=settings.s_tmin,
+                s_tmax=settings.s_tmax,
+                s_noise=settings.s_noise,
+            ),
         },
         version=VERSION if settings.add_version_to_infotext else None,
     )
 
 
-def network_extras(plan: Plan) -> dict[str, Any]:
+def network_extras(used: Embeddings) -> dict[str, Any]:
     """webui's "TI hashes" entry, for the embeddings the prompts actually used."""
-    if not plan.used_embeddings:
+    if not used:
         return {}
-    return {"TI hashes": ", ".join(f"{n}: {h}" for n, h in plan.used_embeddings.items())}
+    return {"TI hashes": ", ".join(f"{n}: {h}" for n, h in used.items())}
 
 
-def image_infotext(plan: Plan, index: int) -> str:
+def image_infotext(plan: Plan, index: int, used: Embeddings) -> str:
     seed_index = min(index, len(plan.seeds) - 1)
     return create_infotext(
-        plan.prompts[seed_index], plan.negative_prompts[seed_index], image_params(plan, seed_index)
+        plan.prompts[seed_index],
+        plan.negative_prompts[seed_index],
+        image_params(plan, seed_index, used),
     )
 
 
-def build_info(plan: Plan, infotexts: list[str]) -> InfoRecord:
+def build_info(plan: Plan, infotexts: list[str], used: Embeddings) -> InfoRecord:
     req = plan.request
     ckpt = plan.checkpoint.info
-    extra = {"Schedule type": plan.sampler.schedule_label, **plan.extras, **network_extras(plan)}
+    extra = {"Schedule type": plan.sampler.schedule_label, **plan.extras, **network_extras(used)}
     extra.update(eta_infotext_params(plan.sampler, plan.eta))
     return InfoRecord(
         prompt=plan.prompts[0],

@@ -685,3 +685,151 @@ def sample_plms(
         if len(old_eps) >= 4:
             old_eps.pop(0)
     return x
+
+
+# ---------------------------------------------------------------------------------------------
+# UniPC (Zhao et al. 2023) as webui runs it: its port of the reference implementation with
+# webui's options (variant bh1, order 3, time-uniform skips, lower-order final steps), in
+# data-prediction mode over the discrete VP schedule of the model's alphas_cumprod.
+
+
+class _VPSchedule:
+    """NoiseScheduleVP("discrete"): log alpha(t) piecewise linear over t_n = (n + 1) / N."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.total_n = len(alphas_cumprod)
+        self.t_array = torch.linspace(0.0, 1.0, self.total_n + 1)[1:]
+        self.log_alpha_array = 0.5 * torch.log(alphas_cumprod.float().cpu())
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        xp, yp = self.t_array, self.log_alpha_array
+        flat = t.reshape(-1).cpu().float().contiguous()
+        # Segment of each t (the outer segments extend beyond the ends, as interpolate_fn).
+        idx = torch.searchsorted(xp, flat).clamp(1, len(xp) - 1)
+        x0, x1, y0, y1 = xp[idx - 1], xp[idx], yp[idx - 1], yp[idx]
+        out = y0 + (flat - x0) * (y1 - y0) / (x1 - x0)
+        return out.reshape(t.shape).to(t.device)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def std(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(1.0 - torch.exp(2.0 * self.log_alpha(t)))
+
+    def lam(self, t: torch.Tensor) -> torch.Tensor:
+        log_mean = self.log_alpha(t)
+        return log_mean - 0.5 * torch.log(1.0 - torch.exp(2.0 * log_mean))
+
+
+def sample_unipc(
+    model: EpsModel,
+    x: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    *,
+    t_start: float | None = None,
+    order: int = 3,
+    variant: str = "bh1",
+    lower_order_final: bool = True,
+) -> torch.Tensor:
+    """UniPC multistep (webui's `unipc` with its default options)."""
+    ns = _VPSchedule(alphas_cumprod)
+    if steps < order:
+        raise ValueError(f"UniPC order {order} must be < sampling steps ({steps})")
+
+    def data_prediction(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # webui UniPCCFG.get_model_input_time: (t - 1/N) * 1000, the UNet's timestep.
+        eps = model(x, (t - 1.0 / ns.total_n) * 1000.0)
+        alpha_t, sigma_t = ns.alpha(t), ns.std(t)
+        return (x - sigma_t.view(-1, 1, 1, 1) * eps) / alpha_t.view(-1, 1, 1, 1)
+
+    def update(
+        x: torch.Tensor,
+        models: list[torch.Tensor],
+        ts: list[torch.Tensor],
+        t: torch.Tensor,
+        order: int,
+        use_corrector: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t_prev_0 = ts[-1]
+        lambda_prev_0, lambda_t = ns.lam(t_prev_0), ns.lam(t)
+        model_prev_0 = models[-1]
+        sigma_prev_0, sigma_t = ns.std(t_prev_0), ns.std(t)
+        alpha_t = torch.exp(ns.log_alpha(t))
+        h = lambda_t - lambda_prev_0
+        rks: list[Any] = []
+        d1s: list[torch.Tensor] = []
+        for i in range(1, order):
+            rk = ((ns.lam(ts[-(i + 1)]) - lambda_prev_0) / h)[0]
+            rks.append(rk)
+            d1s.append((models[-(i + 1)] - model_prev_0) / rk)
+        rks.append(1.0)
+        rks_t = torch.tensor(rks, device=x.device)
+        hh = -h[0]  # data prediction
+        h_phi_1 = torch.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        factorial_i = 1
+        b_h = hh if variant == "bh1" else torch.expm1(hh)
+        r_rows, b_vals = [], []
+        for i in range(1, order + 1):
+            r_rows.append(torch.pow(rks_t, i - 1))
+            b_vals.append(h_phi_k * factorial_i / b_h)
+            factorial_i *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial_i
+        r_mat = torch.stack(r_rows)
+        b = torch.tensor(b_vals, device=x.device)
+        stacked = torch.stack(d1s, dim=1) if d1s else None
+        rhos_p = None
+        if stacked is not None:
+            rhos_p = (
+                torch.tensor([0.5], device=x.device)
+                if order == 2
+                else torch.linalg.solve(r_mat[:-1, :-1], b[:-1])
+            )
+        dims = (-1, 1, 1, 1)
+        x_t_ = (sigma_t / sigma_prev_0).view(dims) * x - (alpha_t * h_phi_1).view(
+            dims
+        ) * model_prev_0
+        pred_res: Any = torch.einsum("k,bkchw->bchw", rhos_p, stacked) if stacked is not None else 0
+        x_t = x_t_ - (alpha_t * b_h).view(dims) * pred_res
+        model_t = None
+        if use_corrector:
+            rhos_c = (
+                torch.tensor([0.5], device=x.device) if order == 1 else torch.linalg.solve(r_mat, b)
+            )
+            model_t = data_prediction(x_t, t)
+            corr_res: Any = (
+                torch.einsum("k,bkchw->bchw", rhos_c[:-1], stacked) if stacked is not None else 0
+            )
+            x_t = x_t_ - (alpha_t * b_h).view(dims) * (
+                corr_res + rhos_c[-1] * (model_t - model_prev_0)
+            )
+        return x_t, model_t
+
+    t_0 = 1.0 / ns.total_n
+    t_T = 1.0 if t_start is None else t_start
+    timesteps = torch.linspace(t_T, t_0, steps + 1).to(x.device)
+    batch = x.shape[0]
+    vec_t = timesteps[0].expand(batch)
+    models = [data_prediction(x, vec_t)]
+    ts = [vec_t]
+    for init_order in range(1, order):
+        vec_t = timesteps[init_order].expand(batch)
+        x, model_x = update(x, models, ts, vec_t, init_order, True)
+        if model_x is None:
+            model_x = data_prediction(x, vec_t)
+        models.append(model_x)
+        ts.append(vec_t)
+    for step in range(order, steps + 1):
+        vec_t = timesteps[step].expand(batch)
+        step_order = min(order, steps + 1 - step) if lower_order_final else order
+        x, model_x = update(x, models, ts, vec_t, step_order, step != steps)
+        for i in range(order - 1):
+            ts[i] = ts[i + 1]
+            models[i] = models[i + 1]
+        ts[-1] = vec_t
+        if step < steps:
+            if model_x is None:
+                model_x = data_prediction(x, vec_t)
+            models[-1] = model_x
+    return x

@@ -14,10 +14,14 @@ from typing import Any
 import torch
 
 from . import kdiffusion
+from .errors import RequestError
 from .kdiffusion import Noise, Options
 from .samplers import Kind, SamplerChoice
 from .sampling import CFGDenoiser
 from .schedules import Discretization, sigmas_for, timestep_grid
+
+# webui's UniPC options: uni_pc_order 3, variant bh1, time_uniform skips, lower-order final.
+UNIPC_ORDER = 3
 
 
 @dataclass(frozen=True)
@@ -151,10 +155,8 @@ def _timesteps_pass(
     draw: Callable[[], torch.Tensor],
     init: torch.Tensor | None,
 ) -> torch.Tensor:
-    """webui CompVisSampler: DDIM / DDIM CFG++ / PLMS over its integer timestep grid."""
+    """webui CompVisSampler: DDIM / DDIM CFG++ / PLMS / UniPC over its timestep grid."""
     row = spec.choice.row
-    if row.kind is Kind.UNIPC:
-        return _unipc_pass(spec, denoiser, model, noise, init)
     grid = timestep_grid(spec.schedule_steps).to(noise.device)
     x = noise
     if init is not None:
@@ -163,6 +165,19 @@ def _timesteps_pass(
         x = init.to(torch.float32) * alpha.sqrt() + noise * (1 - alpha).sqrt()
         grid = grid[:t_enc]
     alphas = model.alphas_cumprod.to(noise.device)
+    if row.kind is Kind.UNIPC:
+        # webui: as many UniPC steps as grid entries; img2img starts at the window's top.
+        t_start = float(grid[-1]) / 1000 + 1 / 1000 if init is not None else None
+        if len(grid) < UNIPC_ORDER:
+            raise RequestError.single(
+                "steps",
+                len(grid),
+                f"UniPC (order {UNIPC_ORDER}) needs at least {UNIPC_ORDER} sampling steps "
+                "in this pass, as in webui",
+            )
+        return kdiffusion.sample_unipc(
+            denoiser.eps, x, alphas, len(grid), t_start=t_start, order=UNIPC_ORDER
+        )
     randomness = Noise(draw)
     if row.function == "sample_plms":
         return kdiffusion.sample_plms(denoiser.eps, x, grid, alphas, randomness, spec.options)
@@ -177,49 +192,3 @@ def _timesteps_pass(
     return kdiffusion.sample_ddim(
         denoiser.eps, x, grid, alphas, randomness, spec.options, uncond_eps=uncond
     )
-
-
-def _unipc_pass(
-    spec: SamplerPass,
-    denoiser: CFGDenoiser,
-    model: Discretization,
-    noise: torch.Tensor,
-    init: torch.Tensor | None,
-) -> torch.Tensor:
-    """UniPC through diffusers' UniPCMultistepScheduler (bh2, order 3, predict_x0, lower-order
-    final) on webui's step count; webui runs its own bh1 port (README: where we differ)."""
-    from diffusers import UniPCMultistepScheduler
-
-    scheduler: Any = UniPCMultistepScheduler(
-        trained_betas=_betas(model.alphas_cumprod),
-        solver_type="bh2",
-        solver_order=3,
-        predict_x0=True,
-        lower_order_final=True,
-        timestep_spacing="linspace",
-        steps_offset=0,
-    )
-    steps = spec.schedule_steps if init is not None else len(timestep_grid(spec.schedule_steps))
-    scheduler.set_timesteps(steps, device=noise.device)
-    timesteps = list(scheduler.timesteps)
-    x = noise
-    if init is not None:
-        start = spec.schedule_steps - spec.steps_run
-        scheduler.set_begin_index(start)
-        timesteps = timesteps[start:]
-        if not timesteps:
-            return init.to(torch.float32)
-        x = scheduler.add_noise(
-            init.to(torch.float32), noise, torch.as_tensor([timesteps[0]]).repeat(noise.shape[0])
-        )
-    for t in timesteps:
-        batch_t = torch.full((x.shape[0],), float(t), device=x.device)
-        eps = denoiser.eps(x, batch_t)
-        x = scheduler.step(eps, t, x).prev_sample
-    return x
-
-
-def _betas(alphas_cumprod: torch.Tensor) -> list[float]:
-    alphas = alphas_cumprod.double()
-    previous = torch.cat([alphas.new_ones(1), alphas[:-1]])
-    return (1 - alphas / previous).tolist()

@@ -499,3 +499,21 @@ def uses_ensd(choice: SamplerChoice, eta: float | None) -> bool:
     noise is re-seeded with ENSD whatever the sampler; only the infotext depends on this)."""
     effective = 1.0 if eta is None else eta
     return effective != 0 and choice.row.uses_ensd
+
+
+def sigma_infotext_params(
+    choice: SamplerChoice, *, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float
+) -> dict[str, float]:
+    """webui Sampler.initialize: "Sigma churn/tmin/tmax/noise" for the settings this sampler
+    takes (its sampler_extra_params) when they differ from the defaults (s_tmax 0 = infinity)."""
+    values = {
+        "s_churn": ("Sigma churn", s_churn, 0.0),
+        "s_tmin": ("Sigma tmin", s_tmin, 0.0),
+        "s_tmax": ("Sigma tmax", s_tmax or float("inf"), float("inf")),
+        "s_noise": ("Sigma noise", s_noise, 1.0),
+    }
+    return {
+        key: value
+        for param, (key, value, default) in values.items()
+        if param in choice.row.extra_params and value != default
+    }

@@ -113,6 +113,7 @@ class Stage:
     uncond_time_ids: torch.Tensor | None = None  # the negative block's, when it differs
     hooks: tuple[UNetHook, ...] = ()
     switch_at: float | None = None
+    dtype: torch.dtype | None = None  # the UNet's, stored once (None: read from the UNet)
 
 
 @dataclass
@@ -189,7 +190,7 @@ class CFGDenoiser:
         cond = stage.schedule(index)
         copies = 1 + len(cond.conds)
         batch = model_in.shape[0]
-        dtype = stage.unet.dtype
+        dtype = stage.dtype if stage.dtype is not None else stage.unet.dtype
         unet_in = torch.cat([model_in] * copies).to(dtype)
         if self.inpaint_inputs is not None:
             extra = torch.cat([self.inpaint_inputs] * copies).to(dtype)

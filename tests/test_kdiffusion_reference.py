@@ -11,21 +11,24 @@ final latents must agree to a relative error of 1e-4.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import types
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from engine.api import Engine
+from engine.errors import RequestError
 from engine.loading import LoadedCheckpoint
 from engine.runner import SamplerPass, run_pass
 from engine.samplers import resolve_sampler
 from engine.sampling import CFGDenoiser, CondPart, Stage, StepConditioning
 from engine.schedules import Discretization
-from tests.helpers import SD1
+from tests.helpers import SD1, payload, pixels
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchsde's float tolerance
 
@@ -215,3 +218,40 @@ def test_discretization_matches_compvis_denoiser(hijacked: Any, sd1: LoadedCheck
     sigma = torch.tensor([14.6, 3.3, 0.5, 0.03])
     torch.testing.assert_close(ours.sigma_to_t(sigma), denoiser.sigma_to_t(sigma))
     torch.testing.assert_close(ours.get_sigmas(10), denoiser.get_sigmas(10))
+
+
+# --------------------------------------------------------------------------------------------
+# Through the engine's front door: what webui's sampler settings do to a request.
+
+
+def _run(engine: Engine, body: str) -> tuple[list[bytes], dict[str, Any]]:
+    response = engine.handle("auto", body, lambda step, total: None)
+    return [image.data for image in response.images], json.loads(response.info)
+
+
+def _mean_level_difference(a: bytes, b: bytes) -> float:
+    left = np.asarray(pixels(a), dtype=np.float32)
+    right = np.asarray(pixels(b), dtype=np.float32)
+    return float(np.abs(left - right).mean())
+
+
+def test_eta_is_honoured_and_written_like_webui(engine: Engine) -> None:
+    """webui's API test sends eta 0: Euler a then adds no noise; the infotext says "Eta: 0.0"."""
+    one, _ = _run(engine, payload(sampler_name="Euler a"))
+    zero, info = _run(engine, payload(sampler_name="Euler a", eta=0))
+    assert _mean_level_difference(one[0], zero[0]) > 1.0  # levels, out of 255
+    assert "Eta: 0.0" in info["infotexts"][0]
+    assert "Eta:" not in _run(engine, payload(sampler_name="Euler a"))[1]["infotexts"][0]
+    # With eta 0, Euler a's ancestral step is a plain Euler step (same sigmas, no noise).
+    euler, _ = _run(engine, payload(sampler_name="Euler"))
+    assert _mean_level_difference(euler[0], zero[0]) < 1.0
+
+
+def test_nv_randn_source_is_refused(engine: Engine) -> None:
+    with pytest.raises(RequestError, match="randn_source"):
+        _run(engine, payload(override_settings={"randn_source": "NV"}))
+
+
+def test_unipc_with_too_few_steps_is_a_clear_error(engine: Engine) -> None:
+    with pytest.raises(RequestError, match="UniPC"):
+        _run(engine, payload(sampler_name="UniPC", steps=2))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import types
+from typing import Any
 
 import pytest
+import torch
 
-from engine.errors import RequestError, UnknownName
+from engine.errors import GenerationError, RequestError, UnknownName
 from engine.samplers import (
     AUTOMATIC,
     SAMPLERS,
@@ -19,6 +22,8 @@ from engine.samplers import (
     resolve_sampler,
     supported_sampler_names,
 )
+from engine.sampling import decode_latents
+from engine.schedules import AYS_SD1, AYS_SDXL, Discretization, sigmas_for, timestep_grid
 
 # numpy 2 deprecation chatter from inside diffusers' schedulers, thousands per run.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -236,3 +241,85 @@ def test_row_flags():
     assert rows["Heun"].second_order
     assert rows["DPM++ 2M"].default_schedule == "karras"
     assert rows["Euler"].default_schedule is None
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules, grids and 8-bit conversion
+
+
+def test_timestep_grid_is_webuis():
+    """webui CompVisSampler.get_timesteps: range(0, 1000, 1000 // steps) + 1 (15 steps give 16
+    timesteps, the case diffusers' "leading" spacing got wrong)."""
+    assert timestep_grid(20).tolist() == [t + 1 for t in range(0, 1000, 50)]
+    assert timestep_grid(15).tolist() == [t + 1 for t in range(0, 1000, 66)]
+    assert len(timestep_grid(15)) == 16
+
+
+def test_discard_penultimate_sigma():
+    model = Discretization.from_config(SD1)
+    plain = sigmas_for("karras", 5, model)
+    discarded = sigmas_for("karras", 5, model, discard_penultimate=True)
+    assert len(plain) == len(discarded) == 6
+    six = sigmas_for("karras", 6, model)
+    assert discarded.tolist() == [*six[:-2].tolist(), 0.0]
+
+
+@pytest.mark.parametrize("schedule", [r.name for r in SCHEDULES[1:]])
+def test_every_schedule_spans_the_model_and_ends_at_zero(schedule: str):
+    """webui's quirks kept: the DDIM schedule steps every 1000 // n training sigmas from t=1, so
+    it can run more steps than asked (7 -> 8); KL Optimal ends at sigma_min, not 0."""
+    model = Discretization.from_config(SD1)
+    for steps in (1, 7, 20):
+        sigmas = sigmas_for(schedule, steps, model)
+        if schedule == "ddim":
+            assert len(sigmas) == len(range(1, 1000, 1000 // steps)) + 1
+        else:
+            assert len(sigmas) == steps + 1
+        if schedule == "kl_optimal":
+            assert float(sigmas[-1]) == pytest.approx(model.sigma_min, rel=1e-5)
+        else:
+            assert sigmas[-1] == 0
+        assert sigmas.dtype == torch.float32
+        assert bool((sigmas[:-1] > 0).all()) and bool((sigmas[:-2] >= sigmas[1:-1]).all())
+        assert float(sigmas[0]) <= SIGMA_MAX + 1e-3
+
+
+def test_align_your_steps_uses_the_published_tables():
+    """11 steps use NVIDIA's 11 sigmas as they are; other counts interpolate them log-linearly."""
+    model = Discretization.from_config(SD1)
+    assert sigmas_for("align_your_steps", 11, model)[:-1].tolist() == pytest.approx(AYS_SD1)
+    assert sigmas_for("align_your_steps", 11, model, sdxl=True)[:-1].tolist() == pytest.approx(
+        AYS_SDXL
+    )
+    five = sigmas_for("align_your_steps", 5, model)
+    assert len(five) == 6 and float(five[0]) == pytest.approx(AYS_SD1[0])
+    assert float(five[-2]) == pytest.approx(AYS_SD1[-1])
+
+
+class _PixelsVAE:
+    """Stands in for a VAE in a unit test of the 8-bit conversion only."""
+
+    dtype = torch.float32
+
+    class config:
+        scaling_factor = 1.0
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+
+    def decode(self, latents: torch.Tensor) -> Any:
+        return types.SimpleNamespace(sample=self.pixels)
+
+
+def test_8bit_conversion_truncates_like_webui():
+    # (x + 1) / 2 * 255: 0.999 -> 254.87 and -0.5 -> 63.75; webui's astype(uint8) truncates.
+    pixels = torch.tensor([0.999, -0.5, 2.0, -3.0]).view(1, 1, 2, 2).repeat(1, 3, 1, 1)
+    image = decode_latents(_PixelsVAE(pixels), torch.zeros(1, 4, 1, 1))[0]
+    assert list(image.getdata())[:4] == [(254,) * 3, (63,) * 3, (255,) * 3, (0,) * 3]
+
+
+def test_nan_in_decoded_pixels_is_an_error():
+    pixels = torch.zeros(1, 3, 2, 2)
+    pixels[0, 1, 1, 1] = float("nan")
+    with pytest.raises(GenerationError, match="NaN"):
+        decode_latents(_PixelsVAE(pixels), torch.zeros(1, 4, 1, 1))
