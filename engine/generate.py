@@ -63,6 +63,7 @@ from .prompt_parser import extract_extra_networks, lora_weights
 from .runner import SamplerPass, run_pass
 from .samplers import (
     SamplerChoice,
+    discard_infotext_params,
     effective_eta,
     eta_infotext_params,
     resolve_sampler,
@@ -772,6 +773,7 @@ def _sampler_pass(
         # webui: s_tmax 0 means infinity.
         s_tmax=settings.s_tmax or float("inf"),
         sdxl=loaded.family.latent_space == "sdxl",
+        always_discard=settings.always_discard_next_to_last_sigma,
     )
 
 
@@ -1135,6 +1137,9 @@ def image_params(plan: Plan, index: int, used: Embeddings) -> ImageParams:
             **plan.extras,
             **network_extras(used),
             **eta_infotext_params(plan.sampler, plan.eta),
+            **discard_infotext_params(
+                plan.sampler, plan.settings.always_discard_next_to_last_sigma
+            ),
             **sigma_infotext_params(
                 plan.sampler,
                 s_churn=settings.s_churn,

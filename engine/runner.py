@@ -38,6 +38,13 @@ class SamplerPass:
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
     sdxl: bool = False
+    # opts.always_discard_next_to_last_sigma: every sampler drops the penultimate sigma
+    # (timestep samplers take one grid step more), as the DPM2 samplers always do.
+    always_discard: bool = False
+
+    @property
+    def discard_penultimate(self) -> bool:
+        return self.always_discard or self.choice.row.discard_penultimate
 
     @property
     def options(self) -> Options:
@@ -120,7 +127,7 @@ def run_pass(
         schedule,
         spec.schedule_steps,
         model,
-        discard_penultimate=row.discard_penultimate,
+        discard_penultimate=spec.discard_penultimate,
         sdxl=spec.sdxl,
     ).to(noise.device)
     if init is None:
@@ -157,7 +164,8 @@ def _timesteps_pass(
 ) -> torch.Tensor:
     """webui CompVisSampler: DDIM / DDIM CFG++ / PLMS / UniPC over its timestep grid."""
     row = spec.choice.row
-    grid = timestep_grid(spec.schedule_steps).to(noise.device)
+    grid_steps = spec.schedule_steps + (1 if spec.discard_penultimate else 0)
+    grid = timestep_grid(grid_steps).to(noise.device)
     x = noise
     if init is not None:
         t_enc = spec.steps_run

@@ -517,3 +517,11 @@ def sigma_infotext_params(
         for param, (key, value, default) in values.items()
         if param in choice.row.extra_params and value != default
     }
+
+
+def discard_infotext_params(choice: SamplerChoice, always_discard: bool) -> dict[str, bool]:
+    """webui get_sigmas / get_timesteps: "Discard penultimate sigma: True" when the option
+    makes a sampler discard that does not always do it."""
+    if always_discard and not choice.row.discard_penultimate:
+        return {"Discard penultimate sigma": True}
+    return {}

@@ -15,11 +15,13 @@ from engine.samplers import (
     SAMPLERS,
     SCHEDULES,
     ScheduleRow,
+    discard_infotext_params,
     effective_eta,
     eta_infotext_params,
     list_samplers,
     list_schedulers,
     resolve_sampler,
+    sigma_infotext_params,
     supported_sampler_names,
 )
 from engine.sampling import decode_latents
@@ -323,3 +325,18 @@ def test_nan_in_decoded_pixels_is_an_error():
     pixels[0, 1, 1, 1] = float("nan")
     with pytest.raises(GenerationError, match="NaN"):
         decode_latents(_PixelsVAE(pixels), torch.zeros(1, 4, 1, 1))
+
+
+def test_sigma_and_discard_infotext_follow_webui():
+    """webui prints "Sigma *" only for the samplers whose function takes the setting."""
+    euler = resolve_sampler("Euler", None, None)
+    euler_a = resolve_sampler("Euler a", None, None)
+    values = {"s_churn": 0.5, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.003}
+    assert sigma_infotext_params(euler, **values) == {"Sigma churn": 0.5, "Sigma noise": 1.003}
+    assert sigma_infotext_params(euler_a, **values) == {}  # Euler a takes none of them
+    assert sigma_infotext_params(resolve_sampler("DPM2 a", None, None), **values) == {
+        "Sigma noise": 1.003
+    }
+    assert discard_infotext_params(euler, True) == {"Discard penultimate sigma": True}
+    assert discard_infotext_params(resolve_sampler("DPM2", None, None), True) == {}
+    assert discard_infotext_params(euler, False) == {}
