@@ -11,6 +11,7 @@ final latents must agree to a relative error of 1e-4.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import sys
 import types
@@ -146,7 +147,7 @@ def _reference(kd: Any, sd1: LoadedCheckpoint, conds: Any, sampler: str, schedul
     s.torch = _Hijack(SEEDS)
     kwargs: dict[str, Any] = {"disable": True}
     fn = getattr(s, row.function)
-    params = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    params = inspect.signature(fn).parameters  # through torch.no_grad's wrapper
     if "eta" in params:
         kwargs["eta"] = 1.0  # webui's opts.eta_ancestral
     if row.brownian:
