@@ -203,7 +203,10 @@ class TextConditioner:
                 pooled = encoded[0][1]  # webui: the pooled output of the first chunk
         # Both SDXL encoders chunk the same token ids, so their lengths agree.
         length = max(t.shape[1] for t in per_slot)
-        per_slot = [_pad_to(t, length, torch.zeros_like(t[:, :77])) for t in per_slot]
+        per_slot = [
+            _pad_to(t, length, lambda t=t: torch.zeros_like(t[:, :77]))  # type: ignore[misc]
+            for t in per_slot
+        ]
         embeds = torch.cat(per_slot, dim=-1)
         if self.loaded.family is Family.SDXL and negative and text == "":
             embeds = torch.zeros_like(embeds)
@@ -213,9 +216,9 @@ class TextConditioner:
         return result
 
 
-def _pad_to(t: torch.Tensor, length: int, filler: torch.Tensor) -> torch.Tensor:
+def _pad_to(t: torch.Tensor, length: int, filler: Callable[[], torch.Tensor]) -> torch.Tensor:
     while t.shape[1] < length:
-        t = torch.cat([t, filler], dim=1)
+        t = torch.cat([t, filler()], dim=1)
     return t
 
 
@@ -295,14 +298,15 @@ def step_conditioning(
             for j, texts in enumerate(parts)
         ]
         current.clear()  # keep only the texts in use now
-        current[key] = _assemble(negative, positives, conditioner.encode("").embeds)
+        # The empty-chunk filler is encoded only when lengths differ (cached by the encoder).
+        current[key] = _assemble(negative, positives, lambda: conditioner.encode("").embeds)
         return current[key]
 
     return at
 
 
 def _stack(
-    encoded: list[Encoded], length: int, filler: torch.Tensor
+    encoded: list[Encoded], length: int, filler: Callable[[], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     embeds = torch.cat([_pad_to(e.embeds, length, filler) for e in encoded])
     pooled = None
@@ -314,7 +318,7 @@ def _stack(
 def _assemble(
     negative: list[Encoded],
     positives: list[tuple[list[Encoded], list[float]]],
-    filler: torch.Tensor,
+    filler: Callable[[], torch.Tensor],
 ) -> StepConditioning:
     # Every tensor of one UNet batch needs the same length: the shorter ones are padded with
     # the encoding of an empty chunk (webui runs cond and uncond separately by default, which

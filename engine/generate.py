@@ -60,24 +60,26 @@ from .payload import (
 )
 from .pipelines import PipelineCache
 from .prompt_parser import extract_extra_networks, lora_weights
+from .runner import SamplerPass, run_pass
 from .samplers import (
     SamplerChoice,
-    build_scheduler,
+    discard_infotext_params,
     effective_eta,
     eta_infotext_params,
-    eta_warning,
     resolve_sampler,
-    sampler_call_kwargs,
+    sigma_infotext_params,
+    uses_ensd,
 )
 from .sampling import (
-    DenoiseJob,
+    CFGDenoiser,
     MaskBlend,
+    Stage,
     circular_padding,
     decode_latents,
-    denoise,
     encode_images,
     has_non_finite,
 )
+from .schedules import Discretization
 from .seeds import NoiseSpec, first_noise, fix_seed, request_seeds
 from .vae import VaeCatalog, VaeChoice
 
@@ -87,6 +89,8 @@ VERSION = f"cog-webui-sd-v{__version__}"
 LATENT_CHANNELS = 4
 Progress = Callable[[int, int], None]
 _OFF = (None, "", "None", "none")
+Embeddings = dict[str, str]  # textual-inversion name -> hash, as text encoding found them
+Sampled = tuple[torch.Tensor, Embeddings]  # a pass's final latents and the embeddings it used
 
 
 @dataclass
@@ -175,7 +179,6 @@ class Plan:
     loras: list[list[LoraRequest]]  # per batch (webui reads the tags of each batch's first prompt)
     lora_manager: LoraManager | None
     embeddings: EmbeddingCatalog
-    used_embeddings: dict[str, str]  # filled while encoding: name -> hash (TI hashes)
     vae: VaeChoice
     effects: Effects  # what the request's alwayson_scripts extensions add
     width: int
@@ -210,12 +213,15 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     req = plan.request
     # 2. Generate batch by batch (n_iter batches of batch_size).
     pil_images: list[Any] = []
+    used: Embeddings = {}  # what text encoding learned: embedding name -> hash (TI hashes)
     with _out_of_memory_reported(plan):
         for batch in range(req.n_iter):
             lo, hi = batch * plan.batch_size, (batch + 1) * plan.batch_size
-            pil_images += run_batch(plan, lo, hi, progress)
+            batch_images, batch_used = run_batch(plan, lo, hi, progress)
+            pil_images += batch_images
+            used.update(batch_used)
     # 3. Infotext per image, encoded files, the info JSON.
-    infotexts = [image_infotext(plan, i) for i in range(len(pil_images))]
+    infotexts = [image_infotext(plan, i, used) for i in range(len(pil_images))]
     settings = parsed.settings
     images = [
         encode_image(
@@ -233,7 +239,7 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     ]
     if not req.send_images:
         images = []
-    info = info_json(build_info(plan, infotexts))
+    info = info_json(build_info(plan, infotexts, used))
     return Result(
         images=images, info=info, parameters=echo_parameters(parsed), warnings=plan.warnings
     )
@@ -273,8 +279,6 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     eta = effective_eta(
         sampler, req.eta, eta_ancestral=settings.eta_ancestral, eta_ddim=settings.eta_ddim
     )
-    if note := eta_warning(sampler, eta):
-        warnings.append(note)
     clip_skip = settings.CLIP_stop_at_last_layers
     if checkpoint.family is Family.SD1:
         check_clip_skip(checkpoint.pipe.text_encoder, clip_skip)
@@ -340,7 +344,6 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         loras=loras,
         lora_manager=manager,
         embeddings=models.embeddings,
-        used_embeddings={},
         vae=vae,
         effects=effects,
         width=width,
@@ -366,8 +369,16 @@ def _checkpoint(models: Models, name: str | None, field: str) -> LoadedCheckpoin
 
 
 def _rng_device(checkpoint: LoadedCheckpoint, source: str) -> str:
-    """webui's randn_source: "GPU" draws on CUDA when the model is there, "CPU" always on CPU."""
-    on_cuda = str(checkpoint.pipe.device).startswith("cuda")
+    """webui's randn_source: "GPU" draws on CUDA when the model is there, "CPU" always on CPU.
+    "NV" (webui's Philox imitation of CUDA's generator on the CPU) is not reproduced here, so
+    it is refused rather than silently drawn elsewhere while the infotext says NV."""
+    if source == "NV":
+        raise RequestError.single(
+            "override_settings.randn_source",
+            source,
+            'this server draws noise with torch\'s generators: "GPU" or "CPU"',
+        )
+    on_cuda = placement(checkpoint).device.type == "cuda"
     return "cuda" if source == "GPU" and on_cuda else "cpu"
 
 
@@ -651,8 +662,9 @@ def _same_family(base: LoadedCheckpoint, other: LoadedCheckpoint, field: str) ->
 # One batch
 
 
-def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
-    """One UNet batch: noise, first pass (txt2img or img2img), hires pass, decode, overlay."""
+def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> tuple[list[Any], Embeddings]:
+    """One UNet batch: noise, first pass (txt2img or img2img), hires pass, decode, overlay.
+    Returns the images and the embeddings the prompts used."""
     loaded = plan.checkpoint
     seeds, prompts, negatives = (
         plan.seeds[lo:hi],
@@ -662,7 +674,8 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
     # 1. Per-image noise from per-image generators (webui ImageRNG).
     spec = _noise_spec(plan, lo, hi)
     noise, generators = first_noise(spec, LATENT_CHANNELS, plan.height, plan.width)
-    noise = noise.to(device=loaded.pipe.device, dtype=loaded.pipe.unet.dtype)
+    # Latents stay float32 between steps; only the UNet input is cast (CFGDenoiser).
+    noise = noise.to(device=placement(loaded).device)
     batch_loras = plan.loras[lo // plan.batch_size] if plan.loras else []
     tiled = [m.pipe.unet for m in _models_used(plan)] + [plan.vae.vae]
     with (
@@ -672,14 +685,17 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
     ):
         # 2. The first pass.
         if plan.img2img is None:
-            latents = txt2img_pass(plan, seeds, noise, generators, prompts, negatives, progress)
+            latents, used = txt2img_pass(
+                plan, seeds, noise, generators, prompts, negatives, progress
+            )
         else:
-            latents = img2img_pass(
+            latents, used = img2img_pass(
                 plan, plan.img2img, lo, hi, noise, generators, prompts, negatives, progress
             )
         # 3. Hires fix: upscale, then img2img at the target size with fresh noise of the same seeds.
         if plan.hires is not None:
-            latents = hires_pass(plan, plan.hires, latents, lo, hi, progress)
+            latents, hires_used = hires_pass(plan, plan.hires, latents, lo, hi, progress)
+            used = {**used, **hires_used}
         # 4. Decode; NaN is an error, never a black picture.
         if has_non_finite(latents):
             raise GenerationError(
@@ -692,7 +708,7 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> list[Any]:
     if plan.img2img is not None and plan.img2img.mask is not None:
         inits = _batch_inits(plan.img2img, hi - lo)
         images = [finish_image(img, init) for img, init in zip(images, inits, strict=True)]
-    return images
+    return images, used
 
 
 def _models_used(plan: Plan) -> list[LoadedCheckpoint]:
@@ -724,99 +740,145 @@ def _noise_spec(plan: Plan, lo: int, hi: int) -> NoiseSpec:
         subseeds=plan.subseeds[lo:hi],
         subseed_strength=req.subseed_strength,
         seed_resize_from=resize if min(resize) > 0 else None,
-        ensd=_ensd(plan),
+        # webui's ImageRNG re-seeds with seed + ENSD after the first draw, whatever the sampler.
+        ensd=int(plan.settings.eta_noise_seed_delta or 0),
         device=plan.rng_device,
     )
 
 
 def _ensd(plan: Plan) -> int:
-    """webui applies ENSD only where later noise is drawn: ancestral/SDE samplers with eta != 0."""
+    """The infotext's ENSD: webui prints it only for samplers that use it (eta != 0)."""
     delta = plan.settings.eta_noise_seed_delta
-    row = plan.sampler.row
-    if delta and getattr(row, "uses_ensd", False) and (plan.eta is None or plan.eta != 0):
+    if delta and uses_ensd(plan.sampler, plan.eta):
         return int(delta)
     return 0
 
 
-def _scheduler(
-    plan: Plan, sampler: SamplerChoice, loaded: LoadedCheckpoint, seeds: Sequence[int]
-) -> Any:
-    scheduler: Any = build_scheduler(sampler, loaded.scheduler_config, eta=plan.eta, seeds=seeds)
-    return scheduler
-
-
-def _window(scheduler: Any, schedule_steps: int, steps_run: int, device: Any) -> list[Any]:
-    """The last `steps_run` steps of a `schedule_steps` schedule (webui's img2img window)."""
-    scheduler.set_timesteps(schedule_steps, device=device)
-    start = (schedule_steps - steps_run) * scheduler.order
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start)
-    return list(scheduler.timesteps[start:])
+def _sampler_pass(
+    plan: Plan,
+    choice: SamplerChoice,
+    loaded: LoadedCheckpoint,
+    schedule_steps: int,
+    steps_run: int,
+    img2img: bool,
+) -> SamplerPass:
+    settings = plan.settings
+    eta = effective_eta(
+        choice,
+        plan.request.eta,
+        eta_ancestral=settings.eta_ancestral,
+        eta_ddim=settings.eta_ddim,
+    )
+    return SamplerPass(
+        choice=choice,
+        schedule_steps=schedule_steps,
+        steps_run=steps_run,
+        img2img=img2img,
+        eta=eta,
+        s_noise=settings.s_noise,
+        s_churn=settings.s_churn,
+        s_tmin=settings.s_tmin,
+        # webui: s_tmax 0 means infinity.
+        s_tmax=settings.s_tmax or float("inf"),
+        sdxl=loaded.family.latent_space == "sdxl",
+        always_discard=settings.always_discard_next_to_last_sigma,
+    )
 
 
 def _run(
     plan: Plan,
     loaded: LoadedCheckpoint,
-    scheduler: Any,
-    timesteps: list[Any],
-    latents: torch.Tensor,
+    spec: SamplerPass,
+    noise: torch.Tensor,
     prompts: list[str],
     negatives: list[str],
     generators: list[torch.Generator],
+    seeds: Sequence[int],
     size: tuple[int, int],
     progress: Progress,
     *,
+    init: torch.Tensor | None = None,
     inpaint_inputs: torch.Tensor | None = None,
     blend: MaskBlend | None = None,
     refiner: Refiner | None = None,
-    steps_run: int | None = None,
     hires_steps: int | None = None,
     hooks: Sequence[Any] = (),
-) -> torch.Tensor:
-    """Denoise over `timesteps`, switching to the refiner at its fraction of the steps."""
+) -> Sampled:
+    """One sampler pass over `loaded` (and the refiner, which takes over at its switch point):
+    the final latents and the embeddings the prompts used."""
     width, height = size
-    steps_run = steps_run or plan.request.steps
-    stops = [len(timesteps)]
-    models = [loaded]
-    if refiner is not None:
-        switch = max(1, min(len(timesteps), int(len(timesteps) * refiner.switch_at)))
-        stops = [switch, len(timesteps)]
-        models = [loaded, refiner.checkpoint]
-    first = 0
     settings = plan.settings
+    calls = spec.model_calls
     schedules = PromptSchedules.build(prompts, negatives, plan.request.steps, hires_steps)
-    for model, stop in zip(models, stops, strict=True):
+    stages = []
+    conditioners = []
+    models = [(loaded, None)] + ([(refiner.checkpoint, refiner.switch_at)] if refiner else [])
+    for model, switch_at in models:
         conditioner = TextConditioner(
             model,
             plan.clip_skip,
             emphasis=settings.emphasis,
             comma_backtrack=settings.comma_padding_backtrack,
             embeddings=plan.embeddings,
-            used_embeddings=plan.used_embeddings,
         )
-        job = DenoiseJob(
-            unet=model.pipe.unet,
-            scheduler=scheduler,
-            timesteps=timesteps,
-            latents=latents,
-            cfg_scale=plan.request.cfg_scale,
-            schedule=step_conditioning(conditioner, schedules, steps_run, len(timesteps)),
-            generators=generators,
-            time_ids=sdxl_time_ids(model, width, height)[0],
-            uncond_time_ids=sdxl_time_ids(model, width, height)[1],
-            inpaint_inputs=inpaint_inputs,
-            blend=blend,
-            eta=sampler_call_kwargs(plan.sampler, plan.eta).get("eta"),
-            progress=progress,
-            # Extension hooks run with the request's model only (a refiner is another model).
-            hooks=list(hooks) if model is loaded else [],
-            cfg_hooks=list(plan.effects.cfg_hooks),
-            first=first,
-            stop=stop,
+        conditioners.append(conditioner)
+        time_ids, uncond_time_ids = sdxl_time_ids(model, width, height)
+        stages.append(
+            Stage(
+                unet=model.pipe.unet,
+                dtype=placement(model).dtype,
+                # webui indexes the prompt schedule by the denoiser's call count.
+                schedule=step_conditioning(conditioner, schedules, calls, calls),
+                discretization=discretization(model),
+                prediction_type=model.prediction_type,
+                time_ids=time_ids,
+                uncond_time_ids=uncond_time_ids,
+                # Extension hooks run with the request's model only (a refiner is another model).
+                hooks=tuple(hooks) if model is loaded else (),
+                switch_at=switch_at,
+            )
         )
-        latents = denoise(job)
-        first = stop
-    return latents
+    denoiser = CFGDenoiser(
+        stages=stages,
+        cfg_scale=plan.request.cfg_scale,
+        total=calls,
+        inpaint_inputs=inpaint_inputs,
+        blend=blend,
+        cfg_hooks=tuple(plan.effects.cfg_hooks),
+        progress=progress,
+    )
+    latents = run_pass(spec, denoiser, noise, generators, seeds, plan.rng_device, init)
+    if blend is not None:
+        latents = blend.apply(latents)  # webui's final blend of the inpainted latent
+    used = {name: h for c in conditioners for name, h in c.used_embeddings.items()}
+    return latents, used
+
+
+@dataclass(frozen=True)
+class UNetPlacement:
+    """Where a checkpoint's UNet lives, read once per checkpoint: diffusers' `device` and
+    `dtype` properties walk every parameter on each access."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+def placement(loaded: LoadedCheckpoint) -> UNetPlacement:
+    cached = loaded.extra.get("placement")
+    if not isinstance(cached, UNetPlacement):
+        param = next(loaded.pipe.unet.parameters())
+        cached = UNetPlacement(param.device, param.dtype)
+        loaded.extra["placement"] = cached
+    return cached
+
+
+def discretization(loaded: LoadedCheckpoint) -> Discretization:
+    """The checkpoint's sigmas, computed once per checkpoint."""
+    cached = loaded.extra.get("discretization")
+    if not isinstance(cached, Discretization):
+        cached = Discretization.from_config(loaded.scheduler_config)
+        loaded.extra["discretization"] = cached
+    return cached
 
 
 def txt2img_pass(
@@ -827,12 +889,10 @@ def txt2img_pass(
     prompts: list[str],
     negatives: list[str],
     progress: Progress,
-) -> torch.Tensor:
+) -> Sampled:
     loaded = plan.checkpoint
-    # The batch's own seeds: SDE samplers seed their Brownian noise with them.
-    scheduler = _scheduler(plan, plan.sampler, loaded, seeds)
-    scheduler.set_timesteps(plan.request.steps, device=loaded.pipe.device)
-    latents = noise * scheduler.init_noise_sigma
+    steps = plan.request.steps
+    spec = _sampler_pass(plan, plan.sampler, loaded, steps, steps, img2img=False)
     inpaint_inputs = None
     if loaded.is_inpainting:
         inpaint_inputs = txt2img_inpaint_inputs(
@@ -841,12 +901,12 @@ def txt2img_pass(
     return _run(
         plan,
         loaded,
-        scheduler,
-        list(scheduler.timesteps),
-        latents,
+        spec,
+        noise,
         prompts,
         negatives,
         generators,
+        seeds,
         (plan.width, plan.height),
         progress,
         inpaint_inputs=inpaint_inputs,
@@ -863,7 +923,7 @@ def txt2img_inpaint_inputs(
     from PIL import Image
 
     grey = Image.new("RGB", (width, height), (127, 127, 127))
-    latent = encode_images(vae, [grey]).to(loaded.pipe.unet.dtype)
+    latent = encode_images(vae, [grey]).to(placement(loaded).dtype)
     ones = torch.ones_like(latent[:, :1])
     return torch.cat([ones, latent], dim=1).repeat(batch, 1, 1, 1)
 
@@ -885,13 +945,12 @@ def img2img_pass(
     prompts: list[str],
     negatives: list[str],
     progress: Progress,
-) -> torch.Tensor:
+) -> Sampled:
     loaded = plan.checkpoint
-    pipe = loaded.pipe
     inits = _batch_inits(job, hi - lo)
     noise = noise[: len(inits)]
     # 1. Init latents (resize_mode 3: encoded at the original size, then the latent resized).
-    init = encode_images(plan.vae.vae, [i.image for i in inits]).to(pipe.unet.dtype)
+    init = encode_images(plan.vae.vae, [i.image for i in inits]).to(torch.float32)
     if init.shape[-2:] != noise.shape[-2:]:
         init = resize_latent(init, plan.width, plan.height)
     # 2. The mask at latent size (1 = repaint) and webui's masked-content fill.
@@ -907,36 +966,33 @@ def img2img_pass(
             init = init * (1 - repaint) + noise * repaint
         elif job.inpainting_fill == 3:  # latent nothing
             init = init * (1 - repaint)
-    # 3. The schedule window and the noised start.
-    scheduler = _scheduler(plan, plan.sampler, loaded, plan.seeds[lo:hi])
-    timesteps = _window(scheduler, job.schedule_steps, job.steps_run, pipe.device)
-    if not timesteps:
-        return init
-    start_noise = noise * job.noise_multiplier
-    latents = scheduler.add_noise(
-        init, start_noise, torch.as_tensor([timesteps[0]]).repeat(init.shape[0])
+    # 3. webui's step window: nothing to run leaves the init latent as it is.
+    if job.steps_run <= 0:
+        return init, {}
+    spec = _sampler_pass(
+        plan, plan.sampler, loaded, job.schedule_steps, job.steps_run, img2img=True
     )
     # 4. Inpainting conditioning (9-channel) and the per-step blend with the original.
     inpaint_inputs = None
     if loaded.is_inpainting:
         inpaint_inputs = img2img_inpaint_inputs(plan.vae.vae, loaded, inits, job)
-    blend = MaskBlend(init, start_noise, 1 - repaint) if repaint is not None else None
+    blend = MaskBlend(init.to(torch.float32), 1 - repaint) if repaint is not None else None
     return _run(
         plan,
         loaded,
-        scheduler,
-        timesteps,
-        latents,
+        spec,
+        noise * job.noise_multiplier,
         prompts,
         negatives,
         generators,
+        plan.seeds[lo:hi],
         (plan.width, plan.height),
         progress,
+        init=init,
         inpaint_inputs=inpaint_inputs,
         blend=blend,
         refiner=plan.refiner,
         hooks=plan.effects.unet_hooks,
-        steps_run=job.steps_run,
     )
 
 
@@ -945,7 +1001,6 @@ def img2img_inpaint_inputs(
 ) -> torch.Tensor:
     """webui img2img_image_conditioning for 9-channel models: [rounded mask, VAE(masked image)],
     the masked image lerped with the original by opts.inpainting_mask_weight."""
-    pipe = loaded.pipe
     width, height = inits[0].image.size
     if job.mask is not None and job.mask.mask is not None:
         mask = (
@@ -966,7 +1021,7 @@ def img2img_inpaint_inputs(
         Image.fromarray((m[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
         for m in masked
     ]
-    latents = encode_images(vae, masked_images).to(pipe.unet.dtype)
+    latents = encode_images(vae, masked_images).to(placement(loaded).dtype)
     small = torch.nn.functional.interpolate(cond_mask, size=latents.shape[-2:]).to(
         latents.device, latents.dtype
     )
@@ -975,9 +1030,8 @@ def img2img_inpaint_inputs(
 
 def hires_pass(
     plan: Plan, hires: Hires, latents: torch.Tensor, lo: int, hi: int, progress: Progress
-) -> torch.Tensor:
+) -> Sampled:
     loaded = hires.checkpoint
-    pipe = loaded.pipe
     target = hires.target
     # 1. Upscale: in latent space, or decode -> pixel upscaler -> encode.
     if hires.upscaler.latent:
@@ -994,18 +1048,16 @@ def hires_pass(
             )
             for img in images
         ]
-        upscaled = encode_images(plan.vae.vae, resized).to(pipe.unet.dtype)
+        upscaled = encode_images(plan.vae.vae, resized).to(torch.float32)
     if hires.steps_run <= 0:
-        return upscaled  # webui decodes the upscaled latent as it is when denoising is 0
+        return upscaled, {}  # webui decodes the upscaled latent as it is when denoising is 0
     # 2. Fresh noise from the same seeds at the new size (webui makes a new ImageRNG).
     spec = _noise_spec(plan, lo, hi)
     noise, generators = first_noise(spec, LATENT_CHANNELS, target.height, target.width)
-    noise = noise.to(device=pipe.device, dtype=pipe.unet.dtype)
+    noise = noise.to(device=placement(loaded).device)
     # 3. The second pass: img2img over webui's fixed-steps window.
-    scheduler = _scheduler(plan, hires.sampler, loaded, plan.seeds[lo:hi])
-    timesteps = _window(scheduler, hires.schedule_steps, hires.steps_run, pipe.device)
-    start = scheduler.add_noise(
-        upscaled, noise, torch.as_tensor([timesteps[0]]).repeat(upscaled.shape[0])
+    hires_pass_spec = _sampler_pass(
+        plan, hires.sampler, loaded, hires.schedule_steps, hires.steps_run, img2img=True
     )
     inpaint_inputs = None
     if loaded.is_inpainting:
@@ -1015,16 +1067,16 @@ def hires_pass(
     return _run(
         plan,
         loaded,
-        scheduler,
-        timesteps,
-        start,
+        hires_pass_spec,
+        noise,
         [extract_extra_networks(p)[0] for p in hires.prompts[lo:hi]],
         hires.negative_prompts[lo:hi],
         generators,
+        plan.seeds[lo:hi],
         (target.width, target.height),
         progress,
+        init=upscaled,
         inpaint_inputs=inpaint_inputs,
-        steps_run=hires.steps_run,
         hooks=plan.effects.hires_unet_hooks,
         hires_steps=hires.steps_run,
     )
@@ -1040,15 +1092,15 @@ def sdxl_time_ids(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """SDXL size conditioning as webui: original = target = (h, w), crop (0, 0). The refiner
     takes an aesthetic score instead of the target size (6.0, and 2.5 for the negative)."""
-    pipe = loaded.pipe
+    where = placement(loaded)
     if loaded.family is Family.SDXL:
         values = [[height, width, 0, 0, height, width]]
-        return torch.tensor(values, device=pipe.device, dtype=pipe.unet.dtype), None
+        return torch.tensor(values, device=where.device, dtype=where.dtype), None
     if loaded.family is Family.SDXL_REFINER:
 
         def ids(score: float) -> torch.Tensor:
             return torch.tensor(
-                [[height, width, 0, 0, score]], device=pipe.device, dtype=pipe.unet.dtype
+                [[height, width, 0, 0, score]], device=where.device, dtype=where.dtype
             )
 
         return ids(AESTHETIC_SCORE), ids(NEGATIVE_AESTHETIC_SCORE)
@@ -1059,7 +1111,7 @@ def sdxl_time_ids(
 # Response pieces
 
 
-def image_params(plan: Plan, index: int) -> ImageParams:
+def image_params(plan: Plan, index: int, used: Embeddings) -> ImageParams:
     req = plan.request
     info = plan.checkpoint.info
     settings = plan.settings
@@ -1091,31 +1143,43 @@ def image_params(plan: Plan, index: int) -> ImageParams:
         ),
         extra={
             **plan.extras,
-            **network_extras(plan),
+            **network_extras(used),
             **eta_infotext_params(plan.sampler, plan.eta),
+            **discard_infotext_params(
+                plan.sampler, plan.settings.always_discard_next_to_last_sigma
+            ),
+            **sigma_infotext_params(
+                plan.sampler,
+                s_churn=settings.s_churn,
+                s_tmin=settings.s_tmin,
+                s_tmax=settings.s_tmax,
+                s_noise=settings.s_noise,
+            ),
         },
         version=VERSION if settings.add_version_to_infotext else None,
     )
 
 
-def network_extras(plan: Plan) -> dict[str, Any]:
+def network_extras(used: Embeddings) -> dict[str, Any]:
     """webui's "TI hashes" entry, for the embeddings the prompts actually used."""
-    if not plan.used_embeddings:
+    if not used:
         return {}
-    return {"TI hashes": ", ".join(f"{n}: {h}" for n, h in plan.used_embeddings.items())}
+    return {"TI hashes": ", ".join(f"{n}: {h}" for n, h in used.items())}
 
 
-def image_infotext(plan: Plan, index: int) -> str:
+def image_infotext(plan: Plan, index: int, used: Embeddings) -> str:
     seed_index = min(index, len(plan.seeds) - 1)
     return create_infotext(
-        plan.prompts[seed_index], plan.negative_prompts[seed_index], image_params(plan, seed_index)
+        plan.prompts[seed_index],
+        plan.negative_prompts[seed_index],
+        image_params(plan, seed_index, used),
     )
 
 
-def build_info(plan: Plan, infotexts: list[str]) -> InfoRecord:
+def build_info(plan: Plan, infotexts: list[str], used: Embeddings) -> InfoRecord:
     req = plan.request
     ckpt = plan.checkpoint.info
-    extra = {"Schedule type": plan.sampler.schedule_label, **plan.extras, **network_extras(plan)}
+    extra = {"Schedule type": plan.sampler.schedule_label, **plan.extras, **network_extras(used)}
     extra.update(eta_infotext_params(plan.sampler, plan.eta))
     return InfoRecord(
         prompt=plan.prompts[0],

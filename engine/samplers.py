@@ -1,31 +1,21 @@
-"""Webui sampler + schedule type -> a diffusers scheduler: two tables and a resolver.
+"""Webui sampler names and schedule types -> the sampler functions and sigma schedules.
 
-`SAMPLERS` lists webui 1.10's samplers in `/sdapi/v1/samplers` order, each with the diffusers
-class and settings that emulate it (reference/webui-api.md §4.4), or with the reason we cannot
-run it. `SCHEDULES` lists webui's "Schedule type" choices and the scheduler settings that
-emulate each. `resolve_sampler` applies webui's name rules (§4.3) but never falls back silently;
-`build_scheduler` turns the result into a fresh diffusers scheduler for one request.
-
-Initial noise: webui starts k-diffusion sampling from `x = noise * sigma_max` (SGM noise
-multiplier off). Diffusers' Euler-family `init_noise_sigma` is `sigma_max` for "linspace" and
-"trailing" spacing, which is why every k-diffusion schedule below sets the spacing explicitly
-(a checkpoint's own "leading" config would give `sqrt(sigma_max**2 + 1)` instead).
-DPMSolverMultistep and UniPC work in the variance-preserving form with `init_noise_sigma=1`,
-equal to webui's start up to sigma/sqrt(1 + sigma**2) (about 0.998 at sigma_max).
+`SAMPLERS` lists webui 1.10's samplers in `/sdapi/v1/samplers` order, each with its webui
+options, the function in engine/kdiffusion.py that runs it and how webui drives it (`kind`).
+`SCHEDULES` lists webui's "Schedule type" choices; engine/schedules.py computes them. Every
+k-diffusion sampler takes every schedule type, as in webui; DDIM, DDIM CFG++, PLMS and UniPC
+never read the schedule. `resolve_sampler` applies webui's name rules but never falls back
+silently.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
 from typing import Any
-
-from diffusers import SchedulerMixin
 
 from engine.errors import Problem, RequestError, UnknownName, show_choices
 
@@ -41,49 +31,62 @@ MODEL_DEFAULT_SCHEDULE = "uniform"
 
 
 class Eta(Enum):
-    """How a sampler uses eta, in webui and here."""
+    """How a sampler takes eta in webui."""
 
-    IGNORED = "ignored"  # webui's sampler takes no eta: Euler, DPM++ 2M, PLMS, UniPC, LCM, ...
-    CALL = "call"  # DDIM: honoured through the pipeline's `eta` call kwarg (opts.eta_ddim = 0)
-    FIXED_ONE = "fixed_one"  # ancestral/SDE: webui default 1.0 (opts.eta_ancestral); the diffusers
-    # class has no eta setting and always runs as eta = 1
+    IGNORED = "ignored"  # no eta parameter: Euler, Heun, DPM++ 2M, PLMS, UniPC, LCM, ...
+    ANCESTRAL = "ancestral"  # k-diffusion `eta`: request eta, else opts.eta_ancestral (1.0)
+    DDIM = "ddim"  # webui's DDIM / DDIM CFG++: request eta, else opts.eta_ddim (0.0)
+
+
+class Kind(Enum):
+    """How webui hands the schedule to a sampler function."""
+
+    SIGMAS = "sigmas"  # k-diffusion: an explicit list of sigmas
+    DPM = "dpm"  # DPM fast / adaptive: sigma_min, sigma_max (and n)
+    TIMESTEPS = "timesteps"  # webui's DDIM / PLMS grid of integer timesteps
+    UNIPC = "unipc"  # UniPC over the timestep range (run by diffusers' UniPC, see README)
 
 
 @dataclass(frozen=True)
 class ScheduleRow:
-    """One webui "Schedule type" and how to get it from a diffusers scheduler."""
+    """One webui "Schedule type"."""
 
     name: str
     label: str
     aliases: tuple[str, ...] | None = None  # None, not (), because webui's API prints null
     default_rho: float = -1.0
     need_inner_model: bool = False
-    # Scheduler settings that produce this schedule; None: no diffusers setting computes it.
-    apply: Kwargs | None = None
-    requires: tuple[str, ...] = ()  # Python packages the settings need at run time
+    requires: tuple[str, ...] = ()  # Python packages the schedule needs at run time
 
     @property
     def computable(self) -> bool:
-        """Whether this server can produce the schedule (settings exist, packages installed)."""
-        return self.apply is not None and _installed(self.requires)
+        """Whether this server can produce the schedule (its packages are installed)."""
+        return _installed(self.requires)
 
 
 @dataclass(frozen=True)
 class SamplerRow:
-    """One webui sampler and the diffusers scheduler that emulates it."""
+    """One webui sampler and the function that runs it."""
 
     name: str
     aliases: tuple[str, ...]
     options: Kwargs  # webui's options dict, as `/sdapi/v1/samplers` prints it
-    scheduler_class: str | None  # diffusers class name; None: no diffusers equivalent
-    class_kwargs: Kwargs = ()
-    # Schedule names this class can run (webui's "Automatic" resolves to `default_schedule`).
-    schedules: tuple[str, ...] = ()
-    # Webui's timestep samplers (DDIM, PLMS, UniPC) never read the schedule field.
-    ignores_schedule: bool = False
+    function: str  # sample_* in engine/kdiffusion.py
+    kind: Kind = Kind.SIGMAS
     eta: Eta = Eta.IGNORED
-    requires: tuple[str, ...] = ()  # Python packages the diffusers class needs
-    unsupported_reason: str = ""  # why scheduler_class is None
+    # webui's sampler_extra_params: the s_* settings this sampler's function takes.
+    extra_params: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # Python packages the function needs
+
+    @property
+    def schedules(self) -> tuple[str, ...]:
+        """Schedule names this sampler runs: all of them, unless it never reads one."""
+        return () if self.ignores_schedule else tuple(r.name for r in SCHEDULES[1:])
+
+    @property
+    def ignores_schedule(self) -> bool:
+        """webui's timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC) never read the schedule."""
+        return self.kind in (Kind.TIMESTEPS, Kind.UNIPC)
 
     @property
     def default_schedule(self) -> str | None:
@@ -98,12 +101,12 @@ class SamplerRow:
 
     @property
     def ancestral(self) -> bool:
-        """Adds fresh noise every step (webui's `uses_ensd`: ENSD applies)."""
+        """webui's `uses_ensd` option: the infotext prints ENSD for these samplers."""
         return bool(dict(self.options).get("uses_ensd", False))
 
     @property
     def uses_ensd(self) -> bool:
-        """Webui prints ENSD in the infotext only for these samplers."""
+        """Webui prints ENSD in the infotext only for these samplers (when eta != 0)."""
         return self.ancestral
 
     @property
@@ -112,150 +115,76 @@ class SamplerRow:
         return bool(dict(self.options).get("second_order", False))
 
     @property
+    def discard_penultimate(self) -> bool:
+        return bool(dict(self.options).get("discard_next_to_last_sigma", False))
+
+    @property
+    def brownian(self) -> bool:
+        """SDE samplers: webui's Brownian-tree noise seeded from the batch's seeds."""
+        return bool(dict(self.options).get("brownian_noise", False))
+
+    @property
     def runnable(self) -> bool:
         """Whether this server can run the sampler."""
-        return self.scheduler_class is not None and _installed(self.requires)
+        return _installed(self.requires)
 
-
-# Settings the table owns: reset on every build so that a checkpoint config which already
-# carries, say, use_karras_sigmas or "leading" spacing does not leak into another sampler.
-# Keys a class does not accept are dropped by `from_config` (passed as kwargs, silently).
-_RESET: Kwargs = (
-    ("use_karras_sigmas", False),
-    ("use_exponential_sigmas", False),
-    ("use_beta_sigmas", False),
-    ("use_lu_lambdas", False),
-    ("timestep_spacing", "linspace"),
-    ("steps_offset", 0),
-    # k-diffusion always ends at sigma 0; diffusers' "sigma_min" would stop one step short.
-    ("final_sigmas_type", "zero"),
-    ("interpolation_type", "linear"),
-)
-
-_LINSPACE: Kwargs = (("timestep_spacing", "linspace"), ("steps_offset", 0))
 
 SCHEDULES: tuple[ScheduleRow, ...] = (
     ScheduleRow("automatic", "Automatic"),
-    # k-diffusion get_sigmas(n): t = linspace(999, 0, n) plus a final 0 == diffusers "linspace".
-    ScheduleRow("uniform", "Uniform", need_inner_model=True, apply=_LINSPACE),
-    # Euler/Heun/KDPM2/LMS take sigma_min/max from the already spaced sigmas, so "linspace"
-    # (which keeps t=999 and t=0) is needed for webui's extremes.
-    ScheduleRow(
-        "karras", "Karras", default_rho=7.0, apply=(*_LINSPACE, ("use_karras_sigmas", True))
-    ),
-    ScheduleRow("exponential", "Exponential", apply=(*_LINSPACE, ("use_exponential_sigmas", True))),
-    # Needs explicit `sigmas=`; no scheduler setting produces it.
+    ScheduleRow("uniform", "Uniform", need_inner_model=True),
+    ScheduleRow("karras", "Karras", default_rho=7.0),
+    ScheduleRow("exponential", "Exponential"),
     ScheduleRow("polyexponential", "Polyexponential", default_rho=1.0),
-    # linspace(t_max, t_min, n + 1)[:-1] == diffusers "trailing".
-    ScheduleRow(
-        "sgm_uniform",
-        "SGM Uniform",
-        aliases=("SGMUniform",),
-        need_inner_model=True,
-        apply=(("timestep_spacing", "trailing"), ("steps_offset", 0)),
-    ),
+    ScheduleRow("sgm_uniform", "SGM Uniform", aliases=("SGMUniform",), need_inner_model=True),
     ScheduleRow("kl_optimal", "KL Optimal"),
     ScheduleRow("align_your_steps", "Align Your Steps"),
-    # Every (1000/n)-th training sigma counted from the end == "trailing".
-    ScheduleRow(
-        "simple",
-        "Simple",
-        need_inner_model=True,
-        apply=(("timestep_spacing", "trailing"), ("steps_offset", 0)),
-    ),
-    # linspace(t_max, t_min, n) plus 0: the same as uniform.
-    ScheduleRow("normal", "Normal", need_inner_model=True, apply=_LINSPACE),
-    # Training sigmas 1, 1 + 1000//n, ... reversed == "leading" with steps_offset 1.
-    ScheduleRow(
-        "ddim",
-        "DDIM",
-        need_inner_model=True,
-        apply=(("timestep_spacing", "leading"), ("steps_offset", 1)),
-    ),
-    # webui's opts.beta_dist_alpha = beta = 0.6, diffusers' use_beta_sigmas uses the same.
-    ScheduleRow(
-        "beta",
-        "Beta",
-        need_inner_model=True,
-        apply=(*_LINSPACE, ("use_beta_sigmas", True)),
-        requires=("scipy",),
-    ),
+    ScheduleRow("simple", "Simple", need_inner_model=True),
+    ScheduleRow("normal", "Normal", need_inner_model=True),
+    ScheduleRow("ddim", "DDIM", need_inner_model=True),
+    # webui's opts.beta_dist_alpha = beta = 0.6, the beta distribution from scipy.
+    ScheduleRow("beta", "Beta", need_inner_model=True, requires=("scipy",)),
 )
 
-# Schedules a class with use_karras/exponential/beta_sigmas and timestep_spacing can run.
-_SIGMA_FLAG_SCHEDULES = (
-    "uniform",
-    "karras",
-    "exponential",
-    "beta",
-    "sgm_uniform",
-    "simple",
-    "normal",
-    "ddim",
-)
-# Classes with timestep_spacing only (no sigma-shaping flag).
-_SPACING_SCHEDULES = ("uniform", "sgm_uniform", "simple", "normal", "ddim")
-
-_DPMPP = (("algorithm_type", "dpmsolver++"), ("solver_order", 2), ("solver_type", "midpoint"))
-_DPMPP_SDE = (("algorithm_type", "sde-dpmsolver++"), ("solver_type", "midpoint"))
-# k-diffusion's multistep solvers take a first-order last step down to sigma 0; diffusers does
-# the same with final_sigmas_type="zero" and lower_order_final.
-_MULTISTEP_FINAL = (("lower_order_final", True), ("euler_at_final", False))
-_NO_EQUIVALENT = "diffusers has no equivalent scheduler"
+_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+_NOISE = ("s_noise",)
 
 SAMPLERS: tuple[SamplerRow, ...] = (
-    SamplerRow(
-        "DPM++ 2M",
-        ("k_dpmpp_2m",),
-        (("scheduler", "karras"),),
-        "DPMSolverMultistepScheduler",
-        (*_DPMPP, *_MULTISTEP_FINAL),
-        _SIGMA_FLAG_SCHEDULES,
-    ),
-    # DPMSolverSDEScheduler is the port of k-diffusion's dpmpp_sde with a Brownian tree (the
-    # diffusers docs' DPMSolverSinglestepScheduler is deterministic, not this sampler).
+    SamplerRow("DPM++ 2M", ("k_dpmpp_2m",), (("scheduler", "karras"),), "sample_dpmpp_2m"),
     SamplerRow(
         "DPM++ SDE",
         ("k_dpmpp_sde",),
         (("scheduler", "karras"), ("second_order", True), ("brownian_noise", True)),
-        "DPMSolverSDEScheduler",
-        (),
-        _SIGMA_FLAG_SCHEDULES,
-        eta=Eta.FIXED_ONE,
+        "sample_dpmpp_sde",
+        eta=Eta.ANCESTRAL,
+        extra_params=_NOISE,
         requires=("torchsde",),
     ),
     SamplerRow(
         "DPM++ 2M SDE",
         ("k_dpmpp_2m_sde",),
         (("scheduler", "exponential"), ("brownian_noise", True)),
-        "DPMSolverMultistepScheduler",
-        (*_DPMPP_SDE, ("solver_order", 2), *_MULTISTEP_FINAL),
-        _SIGMA_FLAG_SCHEDULES,
-        eta=Eta.FIXED_ONE,
+        "sample_dpmpp_2m_sde",
+        eta=Eta.ANCESTRAL,
+        extra_params=_NOISE,
+        requires=("torchsde",),
     ),
     SamplerRow(
         "DPM++ 2M SDE Heun",
         ("k_dpmpp_2m_sde_heun",),
         (("scheduler", "exponential"), ("brownian_noise", True), ("solver_type", "heun")),
-        "DPMSolverMultistepScheduler",
-        (
-            ("algorithm_type", "sde-dpmsolver++"),
-            ("solver_type", "heun"),
-            ("solver_order", 2),
-            *_MULTISTEP_FINAL,
-        ),
-        _SIGMA_FLAG_SCHEDULES,
-        eta=Eta.FIXED_ONE,
+        "sample_dpmpp_2m_sde",
+        eta=Eta.ANCESTRAL,
+        extra_params=_NOISE,
+        requires=("torchsde",),
     ),
     SamplerRow(
         "DPM++ 2S a",
         ("k_dpmpp_2s_a",),
         (("scheduler", "karras"), ("uses_ensd", True), ("second_order", True)),
-        None,
-        unsupported_reason="diffusers has no ancestral single-step DPM-Solver++ "
-        "(DPMSolverSinglestepScheduler is deterministic)",
+        "sample_dpmpp_2s_ancestral",
+        eta=Eta.ANCESTRAL,
+        extra_params=_NOISE,
     ),
-    # webui also discards the penultimate sigma for 3M SDE; diffusers does not (approximate).
     SamplerRow(
         "DPM++ 3M SDE",
         ("k_dpmpp_3m_sde",),
@@ -264,47 +193,27 @@ SAMPLERS: tuple[SamplerRow, ...] = (
             ("discard_next_to_last_sigma", True),
             ("brownian_noise", True),
         ),
-        "DPMSolverMultistepScheduler",
-        (*_DPMPP_SDE, ("solver_order", 3), *_MULTISTEP_FINAL),
-        _SIGMA_FLAG_SCHEDULES,
-        eta=Eta.FIXED_ONE,
+        "sample_dpmpp_3m_sde",
+        eta=Eta.ANCESTRAL,
+        extra_params=_NOISE,
+        requires=("torchsde",),
     ),
-    # EulerAncestralDiscreteScheduler has no sigma-shaping flag (checked in 0.42): spacing only.
     SamplerRow(
         "Euler a",
         ("k_euler_a", "k_euler_ancestral"),
         (("uses_ensd", True),),
-        "EulerAncestralDiscreteScheduler",
-        (),
-        _SPACING_SCHEDULES,
-        eta=Eta.FIXED_ONE,
+        "sample_euler_ancestral",
+        eta=Eta.ANCESTRAL,
     ),
-    SamplerRow("Euler", ("k_euler",), (), "EulerDiscreteScheduler", (), _SIGMA_FLAG_SCHEDULES),
-    SamplerRow(
-        "LMS",
-        ("k_lms",),
-        (),
-        "LMSDiscreteScheduler",
-        (),
-        _SIGMA_FLAG_SCHEDULES,
-        requires=("scipy",),
-    ),
-    SamplerRow(
-        "Heun",
-        ("k_heun",),
-        (("second_order", True),),
-        "HeunDiscreteScheduler",
-        (),
-        _SIGMA_FLAG_SCHEDULES,
-    ),
-    # webui discards the penultimate sigma for DPM2 / DPM2 a; KDPM2 does not (approximate).
+    SamplerRow("Euler", ("k_euler",), (), "sample_euler", extra_params=_CHURN),
+    SamplerRow("LMS", ("k_lms",), (), "sample_lms", requires=("scipy",)),
+    SamplerRow("Heun", ("k_heun",), (("second_order", True),), "sample_heun", extra_params=_CHURN),
     SamplerRow(
         "DPM2",
         ("k_dpm_2",),
         (("scheduler", "karras"), ("discard_next_to_last_sigma", True), ("second_order", True)),
-        "KDPM2DiscreteScheduler",
-        (),
-        _SIGMA_FLAG_SCHEDULES,
+        "sample_dpm_2",
+        extra_params=_CHURN,
     ),
     SamplerRow(
         "DPM2 a",
@@ -315,92 +224,37 @@ SAMPLERS: tuple[SamplerRow, ...] = (
             ("uses_ensd", True),
             ("second_order", True),
         ),
-        "KDPM2AncestralDiscreteScheduler",
-        (),
-        _SIGMA_FLAG_SCHEDULES,
-        eta=Eta.FIXED_ONE,
+        "sample_dpm_2_ancestral",
+        eta=Eta.ANCESTRAL,
+        extra_params=_NOISE,
     ),
     SamplerRow(
         "DPM fast",
         ("k_dpm_fast",),
         (("uses_ensd", True),),
-        None,
-        unsupported_reason=_NO_EQUIVALENT,
+        "sample_dpm_fast",
+        kind=Kind.DPM,
+        eta=Eta.ANCESTRAL,
+        extra_params=_NOISE,
     ),
     SamplerRow(
         "DPM adaptive",
         ("k_dpm_ad",),
         (("uses_ensd", True),),
-        None,
-        unsupported_reason=_NO_EQUIVALENT + " (it is adaptive and ignores the step count)",
+        "sample_dpm_adaptive",
+        kind=Kind.DPM,
+        eta=Eta.ANCESTRAL,
     ),
     SamplerRow(
-        "Restart",
-        ("restart",),
-        (("scheduler", "karras"), ("second_order", True)),
-        None,
-        unsupported_reason=_NO_EQUIVALENT,
+        "Restart", ("restart",), (("scheduler", "karras"), ("second_order", True)), "sample_restart"
     ),
-    # webui: timesteps range(0, 1000, 1000 // steps) + 1, no clipping, alpha_prev of t=0 is
-    # alphas_cumprod[0]; eta from opts.eta_ddim = 0.
+    SamplerRow("DDIM", ("ddim",), (), "sample_ddim", kind=Kind.TIMESTEPS, eta=Eta.DDIM),
     SamplerRow(
-        "DDIM",
-        ("ddim",),
-        (),
-        "DDIMScheduler",
-        (
-            ("timestep_spacing", "leading"),
-            ("steps_offset", 1),
-            ("set_alpha_to_one", False),
-            ("clip_sample", False),
-        ),
-        ignores_schedule=True,
-        eta=Eta.CALL,
+        "DDIM CFG++", ("ddim_cfgpp",), (), "sample_ddim_cfgpp", kind=Kind.TIMESTEPS, eta=Eta.DDIM
     ),
-    SamplerRow("DDIM CFG++", ("ddim_cfgpp",), (), None, unsupported_reason=_NO_EQUIVALENT),
-    SamplerRow(
-        "PLMS",
-        ("plms",),
-        (),
-        "PNDMScheduler",
-        (
-            ("skip_prk_steps", True),
-            ("set_alpha_to_one", False),
-            ("timestep_spacing", "leading"),
-            ("steps_offset", 1),
-        ),
-        ignores_schedule=True,
-    ),
-    # webui opts: uni_pc_variant bh1, uni_pc_order 3, skip_type time_uniform (~ "linspace"),
-    # lower_order_final on; diffusers' defaults are bh2 / order 2. We run bh2: diffusers 0.42.1's
-    # bh1 path returns NaN on SD's schedule at any step count (checked with random eps, and
-    # tests/test_txt2img.py::test_every_listed_sampler_runs caught it), so the variant differs.
-    SamplerRow(
-        "UniPC",
-        ("unipc",),
-        (),
-        "UniPCMultistepScheduler",
-        (
-            ("solver_type", "bh2"),
-            ("solver_order", 3),
-            ("predict_x0", True),
-            ("lower_order_final", True),
-            ("timestep_spacing", "linspace"),
-            ("steps_offset", 0),
-        ),
-        ignores_schedule=True,
-    ),
-    # webui runs k-diffusion's sample_lcm on the uniform schedule (t = 999 ... 0). With
-    # original_inference_steps=1000 LCMScheduler's grid is every training step, so its picks are
-    # evenly spaced too and any step count works (the diffusers default of 50 caps steps at 50).
-    SamplerRow(
-        "LCM",
-        ("k_lcm",),
-        (),
-        "LCMScheduler",
-        (("original_inference_steps", 1000),),
-        ("uniform",),
-    ),
+    SamplerRow("PLMS", ("plms",), (), "sample_plms", kind=Kind.TIMESTEPS),
+    SamplerRow("UniPC", ("unipc",), (), "sample_unipc", kind=Kind.UNIPC),
+    SamplerRow("LCM", ("k_lcm",), (), "sample_lcm"),
 )
 
 
@@ -423,7 +277,7 @@ class UnsupportedSampler(UnknownName):
     def __init__(self, field: str, value: Any, row: SamplerRow, choices: Iterable[str]):
         self.choices = list(choices)
         self.row = row
-        reason = row.unsupported_reason or _missing_packages_text(row.requires)
+        reason = _missing_packages_text(row.requires)
         RequestError.__init__(
             self,
             [
@@ -557,17 +411,9 @@ def _runnable_schedules(row: SamplerRow) -> list[str]:
 def _check_combination(
     row: SamplerRow, schedule: ScheduleRow, fields: dict[str, str | None]
 ) -> None:
-    if schedule.name in row.schedules and schedule.computable:
+    if schedule.computable:
         return
-    if schedule.apply is None:
-        why = f"{schedule.label!r} is a webui schedule type this server cannot compute"
-    elif not _installed(schedule.requires):
-        why = f"schedule type {schedule.label!r} {_missing_packages_text(schedule.requires)}"
-    else:
-        why = (
-            f"sampler {row.name!r} cannot run schedule type {schedule.label!r} "
-            f"(diffusers' {row.scheduler_class} has no such option)"
-        )
+    why = f"schedule type {schedule.label!r} {_missing_packages_text(schedule.requires)}"
     raise RequestError.single(
         "/".join(fields),
         fields,
@@ -625,82 +471,57 @@ def resolve_sampler(
     return SamplerChoice(row.name, requested_name, label, row, schedule)
 
 
-def _scheduler_class(row: SamplerRow) -> type[SchedulerMixin]:
-    if row.scheduler_class is None:
-        raise ValueError(f"{row.name!r} has no diffusers scheduler")
-    cls: type[SchedulerMixin] = getattr(importlib.import_module("diffusers"), row.scheduler_class)
-    return cls
-
-
-def build_scheduler(
-    choice: SamplerChoice,
-    base_config: Mapping[str, Any],
-    *,
-    eta: float | None = None,
-    seeds: Sequence[int] | None = None,
-) -> SchedulerMixin:
-    """A new diffusers scheduler for `choice`, on top of the checkpoint's scheduler config.
-
-    The model's training schedule and prediction_type come from `base_config`; the sampler's
-    and schedule's settings are laid over it (keys the class does not take are dropped by
-    `from_config`). `eta` is accepted for symmetry but no class here takes it at construction
-    (DDIM's eta goes through `sampler_call_kwargs`). `seeds`: the per-image seeds of the batch;
-    DPM++ SDE seeds its Brownian-tree noise with them, as webui does (otherwise it would draw
-    a seed from torch's global RNG and not be reproducible).
-    """
-    del eta  # see docstring
-    row = choice.row
-    overrides: dict[str, Any] = {**dict(_RESET), **dict(row.class_kwargs)}
-    if choice.schedule is not None and choice.schedule.apply is not None:
-        overrides.update(choice.schedule.apply)
-    if seeds and row.scheduler_class == "DPMSolverSDEScheduler":
-        overrides["noise_sampler_seed"] = seeds[0] if len(seeds) == 1 else list(seeds)
-    cls = _scheduler_class(row)
-    # Keep only what this class takes: from_config would drop the rest anyway, but would log a
-    # warning per request and carry the dropped keys along as hidden config entries.
-    accepted = inspect.signature(cls.__init__).parameters
-    config = {k: v for k, v in base_config.items() if k in accepted and k not in overrides}
-    return cls.from_config(config, **overrides)
-
-
-def sampler_call_kwargs(choice: SamplerChoice, eta: float | None) -> dict[str, Any]:
-    """Extra pipeline call kwargs: `{"eta": ...}` for DDIM (webui default 0.0), else `{}`."""
-    if choice.row.eta is Eta.CALL:
-        return {"eta": 0.0 if eta is None else float(eta)}
-    return {}
-
-
-def eta_warning(choice: SamplerChoice, eta: float | None) -> str | None:
-    """A warning text when the request's eta cannot be honoured, else None.
-
-    Pass the effective eta the client asked for (request `eta`, or override_settings
-    eta_ancestral / eta_ddim when set), None for webui's defaults.
-    """
-    if eta is None or choice.row.eta is not Eta.FIXED_ONE or float(eta) == 1.0:
-        return None
-    return (
-        f"eta: got {eta!r}; sampler {choice.sampler!r} runs here with eta 1.0 only "
-        "(the diffusers scheduler has no eta setting), so the image was made with eta 1.0"
-    )
-
-
-def eta_infotext_params(choice: SamplerChoice, eta: float | None) -> dict[str, float]:
-    """Webui's infotext keys for the eta that actually ran: "Eta DDIM" when DDIM's eta != 0.
-
-    Ancestral/SDE samplers run with eta 1.0 here, which webui does not print.
-    """
-    if choice.row.eta is Eta.CALL:
-        value = sampler_call_kwargs(choice, eta)["eta"]
-        if value != 0.0:
-            return {"Eta DDIM": value}
-    return {}
-
-
 def effective_eta(
     choice: SamplerChoice, request_eta: float | None, *, eta_ancestral: float, eta_ddim: float
 ) -> float | None:
-    """The eta webui would use: the request's, else the option for this kind of sampler
-    (opts.eta_ddim for DDIM, opts.eta_ancestral for ancestral/SDE); None where eta is unused."""
+    """The eta webui runs: the request's, else the option for this kind of sampler
+    (opts.eta_ddim for DDIM, opts.eta_ancestral for the others that take one); None where
+    the sampler has no eta."""
+    if choice.row.eta is Eta.IGNORED:
+        return None
     if request_eta is not None:
-        return request_eta
-    return {Eta.CALL: eta_ddim, Eta.FIXED_ONE: eta_ancestral}.get(choice.row.eta)
+        return float(request_eta)
+    return eta_ddim if choice.row.eta is Eta.DDIM else eta_ancestral
+
+
+def eta_infotext_params(choice: SamplerChoice, eta: float | None) -> dict[str, float]:
+    """webui Sampler.initialize: "Eta" (ancestral, default 1) or "Eta DDIM" (default 0) when
+    the eta that ran differs from the sampler's default."""
+    if eta is None:
+        return {}
+    if choice.row.eta is Eta.DDIM:
+        return {"Eta DDIM": eta} if eta != 0.0 else {}
+    return {"Eta": eta} if eta != 1.0 else {}
+
+
+def uses_ensd(choice: SamplerChoice, eta: float | None) -> bool:
+    """webui is_sampler_using_eta_noise_seed_delta: whether the infotext prints ENSD (the
+    noise is re-seeded with ENSD whatever the sampler; only the infotext depends on this)."""
+    effective = 1.0 if eta is None else eta
+    return effective != 0 and choice.row.uses_ensd
+
+
+def sigma_infotext_params(
+    choice: SamplerChoice, *, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float
+) -> dict[str, float]:
+    """webui Sampler.initialize: "Sigma churn/tmin/tmax/noise" for the settings this sampler
+    takes (its sampler_extra_params) when they differ from the defaults (s_tmax 0 = infinity)."""
+    values = {
+        "s_churn": ("Sigma churn", s_churn, 0.0),
+        "s_tmin": ("Sigma tmin", s_tmin, 0.0),
+        "s_tmax": ("Sigma tmax", s_tmax or float("inf"), float("inf")),
+        "s_noise": ("Sigma noise", s_noise, 1.0),
+    }
+    return {
+        key: value
+        for param, (key, value, default) in values.items()
+        if param in choice.row.extra_params and value != default
+    }
+
+
+def discard_infotext_params(choice: SamplerChoice, always_discard: bool) -> dict[str, bool]:
+    """webui get_sigmas / get_timesteps: "Discard penultimate sigma: True" when the option
+    makes a sampler discard that does not always do it."""
+    if always_discard and not choice.row.discard_penultimate:
+        return {"Discard penultimate sigma": True}
+    return {}

@@ -1,21 +1,22 @@
-"""The denoising loop, written out so that webui's per-step semantics fit in it.
+"""The per-step denoiser the sampler functions call (webui's CFGDenoiser), and the VAE.
 
-diffusers supplies the models and the schedulers (scale_model_input / step / add_noise); the
-loop itself is ours because webui needs things a stock pipeline cannot do: a different
-conditioning per step (prompt editing, alternation), several conditionings combined in one
-CFG step (composable `AND`), inpainting blends, and extension hooks (ControlNet residuals).
+diffusers supplies the models; the sampler functions (engine/kdiffusion.py) and this denoiser
+are ours because webui needs things a stock pipeline cannot do: a different conditioning per
+step (prompt editing, alternation), several conditionings combined in one CFG step
+(composable `AND`), inpainting blends, and extension hooks (ControlNet residuals).
 Everything here works on values passed in; nothing is stored on the shared models.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .schedules import Discretization
 
 
 @dataclass(frozen=True)
@@ -68,53 +69,6 @@ UNetHook = Callable[[torch.Tensor, Any, dict[str, Any], StepInfo], UNetExtras]
 CFGHook = Callable[[torch.Tensor, torch.Tensor, "StepConditioning", StepInfo], torch.Tensor]
 
 
-@dataclass
-class MaskBlend:
-    """Inpainting with a regular UNet: after every step, keep the original outside the mask.
-
-    `keep` is 1 where the original is kept, 0 where the model repaints (latent resolution)."""
-
-    init_latents: torch.Tensor
-    noise: torch.Tensor
-    keep: torch.Tensor
-
-
-@dataclass
-class DenoiseJob:
-    unet: Any
-    scheduler: Any
-    timesteps: Sequence[Any]
-    latents: torch.Tensor
-    cfg_scale: float
-    schedule: Schedule
-    generators: list[torch.Generator]
-    time_ids: torch.Tensor | None = None  # SDXL size conditioning, (1, 6); refiner (1, 5)
-    uncond_time_ids: torch.Tensor | None = None  # the negative block's, when it differs (refiner)
-    inpaint_inputs: torch.Tensor | None = None  # 9-channel UNets: [mask, masked-image latents]
-    blend: MaskBlend | None = None
-    eta: float | None = None
-    hooks: list[UNetHook] = field(default_factory=list)
-    cfg_hooks: list[CFGHook] = field(default_factory=list)
-    progress: Progress | None = None
-    # The slice of `timesteps` this job runs (a refiner switch splits one schedule in two jobs
-    # that share the scheduler); step indices stay absolute for schedules and progress.
-    first: int = 0
-    stop: int | None = None
-
-
-def step_kwargs(
-    scheduler: Any, generators: list[torch.Generator], eta: float | None
-) -> dict[str, Any]:
-    """The optional arguments this scheduler's step() accepts (as diffusers pipelines do)."""
-    accepted = set(inspect.signature(scheduler.step).parameters)
-    kwargs: dict[str, Any] = {}
-    if "generator" in accepted:
-        kwargs["generator"] = generators
-    if "eta" in accepted and eta is not None:
-        kwargs["eta"] = eta
-    return kwargs
-
-
 def combine_cfg(outputs: torch.Tensor, cond: StepConditioning, cfg_scale: float) -> torch.Tensor:
     """webui CFGDenoiser.combine_denoised: uncond + sum_i w_i * cfg * (cond_i - uncond)."""
     parts = outputs.chunk(1 + len(cond.conds))
@@ -134,42 +88,136 @@ def _batched(cond: StepConditioning) -> tuple[torch.Tensor, torch.Tensor | None]
     return embeds, pooled
 
 
-@torch.no_grad()
-def denoise(job: DenoiseJob) -> torch.Tensor:
-    """Run the sampler over job.timesteps and return the final latents."""
-    latents = job.latents
-    extra = step_kwargs(job.scheduler, job.generators, job.eta)
-    total = len(job.timesteps)
-    stop = total if job.stop is None else job.stop
-    for index in range(job.first, stop):
-        t = job.timesteps[index]
-        cond = job.schedule(index)
+@dataclass(frozen=True)
+class MaskBlend:
+    """Inpainting with a regular UNet, as webui's CFGDenoiser: at every step the prediction
+    keeps the original latent outside the mask, and so does the final latent.
+
+    `keep` is 1 where the original is kept, 0 where the model repaints (latent resolution)."""
+
+    init_latents: torch.Tensor
+    keep: torch.Tensor
+
+    def apply(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents * (1 - self.keep) + self.init_latents * self.keep
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One model behind the denoiser; a refiner is a second stage that takes over once the
+    sampler has completed `switch_at` of the noise range (webui's apply_refiner)."""
+
+    unet: Any
+    schedule: Schedule
+    discretization: Discretization
+    prediction_type: str = "epsilon"
+    time_ids: torch.Tensor | None = None  # SDXL size conditioning, (1, 6); refiner (1, 5)
+    uncond_time_ids: torch.Tensor | None = None  # the negative block's, when it differs
+    hooks: tuple[UNetHook, ...] = ()
+    switch_at: float | None = None
+    dtype: torch.dtype | None = None  # the UNet's, stored once (None: read from the UNet)
+
+
+@dataclass
+class CFGDenoiser:
+    """webui's CFGDenoiser: one call per sampler step, CFG over the negative and every positive
+    AND-part, extension hooks, inpainting inputs and blends, the refiner switch.
+
+    k-diffusion samplers call it with sigmas and get the denoised latent (CompVis(V)Denoiser:
+    input scaled by 1/sqrt(sigma^2+1), the fractional timestep of sigma to the UNet); webui's
+    timestep samplers call `eps` with integer timesteps and get the noise prediction. Latents
+    stay float32 between steps; only the UNet input is cast to the model's dtype."""
+
+    stages: Sequence[Stage]
+    cfg_scale: float
+    total: int  # expected model calls, for hooks and progress
+    inpaint_inputs: torch.Tensor | None = None  # 9-channel UNets: [mask, masked-image latents]
+    blend: MaskBlend | None = None
+    cfg_hooks: Sequence[CFGHook] = ()
+    progress: Progress | None = None
+    cond_scale_multiplier: float = 1.0  # DDIM CFG++ maps CFG onto 0..1
+    calls: int = 0
+    stage_index: int = 0
+    last_uncond: torch.Tensor | None = None
+
+    @property
+    def stage(self) -> Stage:
+        return self.stages[self.stage_index]
+
+    def _switch(self, timestep: int) -> None:
+        """webui apply_refiner: switch once (999 - t) / 1000 reaches the next stage's fraction."""
+        if self.stage_index + 1 >= len(self.stages):
+            return
+        upcoming = self.stages[self.stage_index + 1]
+        assert upcoming.switch_at is not None
+        if (999 - timestep) / 1000 >= upcoming.switch_at:
+            self.stage_index += 1
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Denoised prediction at noise level sigma (B,), float32."""
+        sigmas = self.stage.discretization.sigmas
+        self._switch(int(torch.argmin((sigmas - sigma.max().cpu()).abs())))
+        model = self.stage.discretization
+        sig = sigma.to(torch.float32).view(-1, 1, 1, 1)
+        c_in = 1 / (sig**2 + 1) ** 0.5
+        t = model.sigma_to_t(sigma.cpu()).to(x.device)
+        out = self._guided(x * c_in, t)
+        if self.stage.prediction_type == "v_prediction":
+            denoised = out * (-sig / (sig**2 + 1) ** 0.5) + x * (1 / (sig**2 + 1))
+        else:
+            denoised = x + out * -sig
+        if self.blend is not None:
+            denoised = self.blend.apply(denoised)
+        return denoised
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Noise prediction at integer timesteps t (B,) for webui's timestep samplers, which
+        blend the original in before the model call (mask_before_denoising)."""
+        self._switch(int(t.max()))
+        if self.blend is not None:
+            x = self.blend.apply(x)
+        out = self._guided(x, t.to(torch.float32))
+        if self.stage.prediction_type == "v_prediction":
+            alphas = self.stage.discretization.alphas_cumprod
+            a_t = alphas[t.to(torch.long).cpu()].view(-1, 1, 1, 1).to(x.device)
+            out = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+            if self.last_uncond is not None:
+                self.last_uncond = a_t.sqrt() * self.last_uncond + (1 - a_t).sqrt() * x
+        return out
+
+    def _guided(self, model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The UNet over [negative, positives...] and the CFG sum, in the model's output space."""
+        stage = self.stage
+        index = self.calls
+        cond = stage.schedule(index)
         copies = 1 + len(cond.conds)
-        model_in = job.scheduler.scale_model_input(torch.cat([latents] * copies), t)
-        if job.inpaint_inputs is not None:
-            model_in = torch.cat([model_in, torch.cat([job.inpaint_inputs] * copies)], dim=1)
+        batch = model_in.shape[0]
+        dtype = stage.dtype if stage.dtype is not None else stage.unet.dtype
+        unet_in = torch.cat([model_in] * copies).to(dtype)
+        if self.inpaint_inputs is not None:
+            extra = torch.cat([self.inpaint_inputs] * copies).to(dtype)
+            unet_in = torch.cat([unet_in, extra], dim=1)
+        t_in = torch.cat([t] * copies)
         embeds, pooled = _batched(cond)
         kwargs: dict[str, Any] = {"encoder_hidden_states": embeds}
-        if pooled is not None and job.time_ids is not None:
-            batch = latents.shape[0]
-            first = job.time_ids if job.uncond_time_ids is None else job.uncond_time_ids
+        if pooled is not None and stage.time_ids is not None:
+            first = stage.time_ids if stage.uncond_time_ids is None else stage.uncond_time_ids
             time_ids = torch.cat(
-                [first.repeat(batch, 1), job.time_ids.repeat(batch * (copies - 1), 1)]
+                [first.repeat(batch, 1), stage.time_ids.repeat(batch * (copies - 1), 1)]
             )
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-        batch, channels = latents.shape[:2]
-        info = StepInfo(index, total, batch, copies, t, model_in[:batch, :channels])
-        _apply_unet_hooks(job.hooks, model_in, t, kwargs, info)
-        outputs = job.unet(model_in, t, **kwargs).sample
-        eps = combine_cfg(outputs, cond, job.cfg_scale)
-        for cfg_hook in job.cfg_hooks:
-            eps = cfg_hook(eps, outputs, cond, info)
-        latents = job.scheduler.step(eps, t, latents, **extra).prev_sample
-        if job.blend is not None:
-            latents = _apply_blend(job, latents, index)
-        if job.progress is not None:
-            job.progress(index + 1, total)
-    return latents
+        info = StepInfo(index, self.total, batch, copies, t.reshape(-1)[0], model_in)
+        _apply_unet_hooks(list(stage.hooks), unet_in, t_in, kwargs, info)
+        outputs = stage.unet(unet_in, t_in, **kwargs).sample.to(torch.float32)
+        if self.cond_scale_multiplier != 1.0:
+            self.last_uncond = outputs[:batch].clone()
+        guided = combine_cfg(outputs, cond, self.cfg_scale * self.cond_scale_multiplier)
+        for cfg_hook in self.cfg_hooks:
+            guided = cfg_hook(guided, outputs, cond, info)
+        self.calls += 1
+        if self.progress is not None:
+            self.progress(min(self.calls, self.total), self.total)
+        return guided
 
 
 def _apply_unet_hooks(
@@ -201,32 +249,25 @@ def _apply_unet_hooks(
         kwargs["mid_block_additional_residual"] = mid
 
 
-def _apply_blend(job: DenoiseJob, latents: torch.Tensor, index: int) -> torch.Tensor:
-    blend = job.blend
-    assert blend is not None
-    if index + 1 < len(job.timesteps):
-        next_t = job.timesteps[index + 1]
-        original = job.scheduler.add_noise(
-            blend.init_latents, blend.noise, torch.as_tensor([next_t])
-        )
-    else:
-        original = blend.init_latents
-    return original * blend.keep + latents * (1 - blend.keep)
-
-
 # ---------------------------------------------------------------------------------------------
 # VAE
 
 
 @torch.no_grad()
 def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
-    """Latents -> PIL images (the VAE's own dtype; SDXL's VAE is kept in fp32 at load)."""
+    """Latents -> PIL images, converted to 8 bits as webui does: clamp((x + 1) / 2) * 255,
+    truncated (`astype(uint8)`), not rounded. A NaN or Inf in the decoded pixels is an error,
+    never a black picture."""
     from PIL import Image
+
+    from .errors import GenerationError
 
     scaled = latents.to(dtype=vae.dtype) / vae.config.scaling_factor
     pixels = vae.decode(scaled).sample
-    pixels = (pixels / 2 + 0.5).clamp(0, 1)
-    arrays = (pixels.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    if has_non_finite(pixels):
+        raise GenerationError("the VAE produced NaN or Inf values; no image is returned")
+    pixels = torch.clamp(pixels.float() * 0.5 + 0.5, min=0.0, max=1.0)
+    arrays = (255.0 * pixels.permute(0, 2, 3, 1).cpu().numpy()).astype("uint8")
     return [Image.fromarray(a) for a in arrays]
 
 

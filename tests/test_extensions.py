@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ from engine.api import Engine, EngineConfig
 from engine.catalog import Catalog
 from engine.errors import ModelLoadError, RequestError, UnknownName
 from engine.extensions import ExtensionRegistry, GenerationContext
+from engine.kdiffusion import Noise, Options, sample_euler
 from engine.loading import LoadedCheckpoint, Placement
-from engine.sampling import CondPart, DenoiseJob, StepConditioning, StepInfo, denoise
+from engine.sampling import CFGDenoiser, CondPart, Stage, StepConditioning, StepInfo
+from engine.schedules import Discretization
 from extensions.cfg_rescale import CFGRescaleExtension, RescaleArgs, rescale_cfg
 from extensions.controlnet import ControlNetExtension
 from extensions.controlnet.extension import fit_map, pixel_perfect_resolution
@@ -421,26 +424,34 @@ def test_control_map_resize_modes() -> None:
 # The hook on the tiny SD1 UNet
 
 
-def _job(engine: Engine, hooks: list[Any], batch: int = 1) -> DenoiseJob:
-    from diffusers import DDIMScheduler
-
+def _job(engine: Engine, hooks: list[Any], batch: int = 1) -> Job:
     sd1 = loaded(engine, SD1)
-    scheduler = DDIMScheduler.from_config(sd1.scheduler_config)
-    scheduler.set_timesteps(4)
     gen = torch.Generator().manual_seed(0)
     dim = sd1.pipe.unet.config.cross_attention_dim
     uncond = CondPart(torch.randn(batch, 4, dim, generator=gen))
     cond = CondPart(torch.randn(batch, 4, dim, generator=gen))
-    return DenoiseJob(
+    stage = Stage(
         unet=sd1.pipe.unet,
-        scheduler=scheduler,
-        timesteps=list(scheduler.timesteps),
-        latents=torch.randn(batch, 4, 8, 8, generator=gen),
-        cfg_scale=7.0,
         schedule=lambda i: StepConditioning(uncond, (cond,)),
-        generators=[torch.Generator().manual_seed(1) for _ in range(batch)],
-        hooks=hooks,
+        discretization=Discretization.from_config(sd1.scheduler_config),
+        hooks=tuple(hooks),
     )
+    return Job(CFGDenoiser([stage], 7.0, 4), torch.randn(batch, 4, 8, 8, generator=gen))
+
+
+@dataclass
+class Job:
+    """A 4-step Euler run of the tiny SD1 UNet through the engine's denoiser."""
+
+    denoiser: CFGDenoiser
+    latents: torch.Tensor
+
+
+def denoise(job: Job) -> torch.Tensor:
+    sigmas = job.denoiser.stage.discretization.get_sigmas(4)
+    noise = Noise(lambda: torch.zeros_like(job.latents))
+    with torch.no_grad():
+        return sample_euler(job.denoiser, job.latents * sigmas[0], sigmas, noise, Options())
 
 
 def _hook(controlnet: ControlNetExtension, **changes: Any) -> ControlNetHook:
@@ -533,7 +544,7 @@ def test_cfg_rescale_changes_the_prediction_only_when_enabled(engine: Engine) ->
     assert effects.infotext == {"CFG Rescale": 0.7}
     plain = _job(engine, [])
     rescaled = _job(engine, [])
-    rescaled.cfg_hooks = effects.cfg_hooks
+    rescaled.denoiser.cfg_hooks = tuple(effects.cfg_hooks)
     assert not torch.allclose(denoise(plain), denoise(rescaled))
 
 

@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import importlib.util
-import math
+import types
 from typing import Any
 
 import pytest
 import torch
 
-from engine.errors import RequestError, UnknownName
+from engine.errors import GenerationError, RequestError, UnknownName
 from engine.samplers import (
     AUTOMATIC,
     SAMPLERS,
     SCHEDULES,
-    SamplerRow,
     ScheduleRow,
-    UnsupportedSampler,
-    build_scheduler,
+    discard_infotext_params,
+    effective_eta,
     eta_infotext_params,
-    eta_warning,
     list_samplers,
     list_schedulers,
     resolve_sampler,
-    sampler_call_kwargs,
+    sigma_infotext_params,
     supported_sampler_names,
 )
+from engine.sampling import decode_latents
+from engine.schedules import AYS_SD1, AYS_SDXL, Discretization, sigmas_for, timestep_grid
 
 # numpy 2 deprecation chatter from inside diffusers' schedulers, thousands per run.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -52,137 +52,6 @@ SIGMA_MAX, SIGMA_MIN = 14.6146, 0.0292  # SD1/SDXL training extremes
 STEPS = 20
 
 SCHEDULE_BY_NAME = {s.name: s for s in SCHEDULES}
-
-
-def _build(choice: Any, base: dict) -> Any:
-    """build_scheduler, typed loosely: SchedulerMixin declares none of the scheduler methods."""
-    return build_scheduler(choice, base)
-
-
-def _installed(packages: tuple[str, ...]) -> bool:
-    return all(importlib.util.find_spec(p) is not None for p in packages)
-
-
-def _expected_timesteps(class_name: str, n: int) -> int:
-    """How many timesteps each class documents for n steps."""
-    if class_name in {
-        "HeunDiscreteScheduler",
-        "KDPM2DiscreteScheduler",
-        "KDPM2AncestralDiscreteScheduler",
-        "DPMSolverSDEScheduler",
-    }:
-        return 2 * n - 1  # second-order: two model calls per step except the last
-    if class_name == "PNDMScheduler":
-        return n + 1  # PLMS warm-up repeats one timestep
-    return n
-
-
-def _cases() -> list:
-    cases = []
-    for row in SAMPLERS:
-        if row.scheduler_class is None:
-            continue
-        schedules = [AUTOMATIC] if row.ignores_schedule else [AUTOMATIC, *row.schedules]
-        for schedule in schedules:
-            for base in (SD1, V_PRED):
-                cases.append(
-                    pytest.param(
-                        row, schedule, base, id=f"{row.name}-{schedule}-{base['prediction_type']}"
-                    )
-                )
-    return cases
-
-
-@pytest.mark.parametrize(("row", "schedule", "base"), _cases())
-def test_every_row_and_schedule_builds_and_steps(row: SamplerRow, schedule: str, base: dict):
-    needs = row.requires + SCHEDULE_BY_NAME[schedule].requires
-    if not _installed(needs):
-        pytest.skip(f"needs {needs}")
-    choice = resolve_sampler(row.name, None, schedule)
-    scheduler = _build(choice, base)
-
-    assert type(scheduler).__name__ == row.scheduler_class
-    assert scheduler.config.prediction_type == base["prediction_type"]
-    assert scheduler.config.beta_schedule == "scaled_linear"
-    # The class really took the sampler's and the schedule's settings (none silently dropped).
-    applied = dict(row.class_kwargs)
-    if choice.schedule is not None and choice.schedule.apply is not None:
-        applied.update(choice.schedule.apply)
-    for key, value in applied.items():
-        assert scheduler.config[key] == value, key
-
-    scheduler.set_timesteps(STEPS)
-    assert len(scheduler.timesteps) == _expected_timesteps(row.scheduler_class, STEPS)
-
-
-def _sigmas(sampler: str, schedule: str | None) -> torch.Tensor:
-    scheduler = _build(resolve_sampler(sampler, None, schedule), SD1)
-    scheduler.set_timesteps(STEPS)
-    return scheduler.sigmas
-
-
-@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Heun", "DPM2", "DPM++ 2M SDE"])
-def test_karras_and_exponential_change_the_sigmas(sampler: str):
-    uniform = _sigmas(sampler, "uniform")
-    karras = _sigmas(sampler, "karras")
-    exponential = _sigmas(sampler, "exponential")
-    for shaped in (karras, exponential):
-        assert shaped.shape == uniform.shape
-        assert not torch.allclose(shaped, uniform, atol=1e-3)
-        # Same webui extremes: start at sigma_max, end at 0.
-        assert shaped[0].item() == pytest.approx(SIGMA_MAX, rel=1e-3)
-        assert shaped[-1].item() == 0.0
-    assert not torch.allclose(karras, exponential, atol=1e-3)
-
-
-def test_euler_karras_and_exponential_match_k_diffusion_formulas():
-    n = STEPS
-    ramp = [i / (n - 1) for i in range(n)]
-    rho = 7.0
-    hi, lo = SIGMA_MAX ** (1 / rho), SIGMA_MIN ** (1 / rho)
-    karras = [(hi + r * (lo - hi)) ** rho for r in ramp]
-    exponential = [
-        math.exp(math.log(SIGMA_MAX) + r * (math.log(SIGMA_MIN) - math.log(SIGMA_MAX)))
-        for r in ramp
-    ]
-    assert _sigmas("Euler", "karras")[:-1].tolist() == pytest.approx(karras, rel=2e-3)
-    assert _sigmas("Euler", "exponential")[:-1].tolist() == pytest.approx(exponential, rel=2e-3)
-
-
-def test_euler_uniform_spans_webui_extremes_and_starts_at_sigma_max():
-    """webui: x = noise * sigma_max; diffusers' init_noise_sigma must agree."""
-    for base in (SD1, SDXL_LIKE):
-        scheduler = _build(resolve_sampler("Euler", None, None), base)
-        scheduler.set_timesteps(STEPS)
-        assert scheduler.sigmas[0].item() == pytest.approx(SIGMA_MAX, rel=1e-3)
-        assert scheduler.sigmas[-2].item() == pytest.approx(SIGMA_MIN, rel=1e-2)
-        assert scheduler.sigmas[-1].item() == 0.0
-        assert float(scheduler.init_noise_sigma) == pytest.approx(SIGMA_MAX, rel=1e-3)
-
-
-def test_checkpoint_config_does_not_leak_schedule_flags():
-    scheduler = _build(resolve_sampler("Euler", None, None), SDXL_LIKE)
-    assert scheduler.config.timestep_spacing == "linspace"
-    assert scheduler.config.use_karras_sigmas is False
-    # Keys the class does not take are not carried along.
-    assert "skip_prk_steps" not in scheduler.config
-
-
-def test_ddim_and_plms_use_webui_timesteps():
-    expected = [t + 1 for t in range(0, 1000, 1000 // STEPS)][::-1]
-    ddim = _build(resolve_sampler("DDIM", None, None), SDXL_LIKE)
-    ddim.set_timesteps(STEPS)
-    assert ddim.timesteps.tolist() == expected
-    plms = _build(resolve_sampler("PLMS", None, None), SD1)
-    plms.set_timesteps(STEPS)
-    assert sorted(set(plms.timesteps.tolist()), reverse=True) == expected
-
-
-def test_lcm_runs_more_than_fifty_steps():
-    scheduler = _build(resolve_sampler("LCM", None, None), SD1)
-    scheduler.set_timesteps(60)
-    assert len(scheduler.timesteps) == 60
-    assert scheduler.timesteps[0].item() == 999
 
 
 @pytest.mark.parametrize(
@@ -272,32 +141,6 @@ def test_unknown_sampler_uses_the_given_field_name():
         resolve_sampler("Nope", None, None, sampler_field="hr_sampler_name")
 
 
-@pytest.mark.parametrize(
-    "name", ["DPM fast", "dpm adaptive", "Restart", "DDIM CFG++", "DPM++ 2S a", "DPM++ 2S a Karras"]
-)
-def test_webui_sampler_we_cannot_run_says_so(name: str):
-    with pytest.raises(UnsupportedSampler) as info:
-        resolve_sampler(name, None, None)
-    assert isinstance(info.value, UnknownName)
-    message = str(info.value)
-    assert "sampler_name" in message and repr(name) in message
-    assert "webui sampler this server cannot run" in message
-    assert "'Euler'" in message
-
-
-@pytest.mark.parametrize(
-    ("name", "package"),
-    [(row.name, row.requires) for row in SAMPLERS if row.scheduler_class and row.requires],
-)
-def test_sampler_with_missing_package_is_refused_and_unlisted(name: str, package: tuple[str, ...]):
-    if _installed(package):
-        assert name in supported_sampler_names()
-        return
-    assert name not in supported_sampler_names()
-    with pytest.raises(UnsupportedSampler, match=package[0]):
-        resolve_sampler(name, None, None)
-
-
 def test_unknown_scheduler_lists_scheduler_names():
     with pytest.raises(UnknownName) as info:
         resolve_sampler("Euler", None, "Karras2", scheduler_field="hr_scheduler")
@@ -306,30 +149,8 @@ def test_unknown_scheduler_lists_scheduler_names():
     assert "'karras'" in message and "'sgm_uniform'" in message
 
 
-@pytest.mark.parametrize(
-    ("sampler", "scheduler", "reason"),
-    [
-        ("Euler a", "karras", "no such option"),
-        ("Euler a Karras", None, "no such option"),
-        ("LCM", "exponential", "no such option"),
-        ("Euler", "kl_optimal", "cannot compute"),
-        ("DPM++ 2M", "Align Your Steps", "cannot compute"),
-        ("Euler", "polyexponential", "cannot compute"),
-    ],
-)
-def test_unsupported_combination_names_both_fields(sampler, scheduler, reason):
-    with pytest.raises(RequestError) as info:
-        resolve_sampler(sampler, None, scheduler)
-    assert not isinstance(info.value, UnknownName)
-    message = str(info.value)
-    assert "sampler_name" in message and "scheduler" in message
-    assert repr(sampler) in message
-    assert reason in message
-    assert "'automatic'" in message  # lists what this sampler supports
-
-
 def test_beta_schedule_follows_scipy():
-    if _installed(("scipy",)):
+    if importlib.util.find_spec("scipy") is not None:
         assert resolve_sampler("Euler", None, "beta").schedule_label == "Beta"
     else:
         with pytest.raises(RequestError, match="scipy"):
@@ -370,10 +191,8 @@ def test_table_is_consistent():
         for text in (row.name, *row.aliases):
             assert owner.setdefault(text.casefold(), row.name) == row.name, text
         assert set(row.schedules) <= set(SCHEDULE_BY_NAME)
-        if row.scheduler_class is not None and not row.ignores_schedule:
+        if not row.ignores_schedule:
             assert row.effective_default in row.schedules, row.name
-        if row.scheduler_class is None:
-            assert row.unsupported_reason
     schedule_keys: set[str] = set()
     for schedule in SCHEDULES:
         assert isinstance(schedule, ScheduleRow)
@@ -382,65 +201,39 @@ def test_table_is_consistent():
     assert len(schedule_keys) >= len(SCHEDULES)
 
 
-def test_every_build_is_a_fresh_object():
-    choice = resolve_sampler("DPM++ 2M", None, None)
-    first = _build(choice, SD1)
-    second = _build(choice, SD1)
-    assert first is not second
-    first.set_timesteps(5)
-    first.register_to_config(solver_order=1)
-    second.set_timesteps(STEPS)
-    assert len(second.timesteps) == STEPS
-    assert second.config.solver_order == 2
-    assert _build(choice, SD1).config.solver_order == 2
-
-
-def test_base_config_is_not_mutated():
-    base = dict(SDXL_LIKE)
-    _build(resolve_sampler("DDIM", None, None), base)
-    assert base == SDXL_LIKE
-
-
-@pytest.mark.parametrize(
-    ("sampler", "eta", "kwargs"),
-    [
-        ("DDIM", None, {"eta": 0.0}),
-        ("DDIM", 0.3, {"eta": 0.3}),
-        ("Euler a", None, {}),
-        ("Euler a", 0.5, {}),
-        ("Euler", 0.5, {}),
-        ("UniPC", 0.5, {}),
-    ],
-)
-def test_sampler_call_kwargs(sampler, eta, kwargs):
-    assert sampler_call_kwargs(resolve_sampler(sampler, None, None), eta) == kwargs
-
-
-@pytest.mark.parametrize(
-    ("sampler", "eta", "warns"),
-    [
-        ("Euler a", None, False),
-        ("Euler a", 1.0, False),
-        ("Euler a", 0.5, True),
-        ("Euler a", 0.0, True),
-        ("DPM2 a", 0.7, True),
-        ("DPM++ 2M SDE", 0.2, True),
-        ("DDIM", 0.5, False),  # honoured through the call kwarg
-        ("Euler", 0.5, False),  # webui ignores eta for Euler too
-        ("DPM++ 2M", 0.5, False),
-    ],
-)
-def test_eta_warning(sampler, eta, warns):
-    warning = eta_warning(resolve_sampler(sampler, None, None), eta)
-    assert (warning is not None) == warns
-    if warning is not None:
-        assert "eta" in warning and repr(sampler) in warning and str(eta) in warning
-
-
 def test_eta_infotext_params_follow_what_ran():
-    assert eta_infotext_params(resolve_sampler("DDIM", None, None), None) == {}
+    """webui Sampler.initialize prints the eta when it differs from the sampler's default."""
+    assert eta_infotext_params(resolve_sampler("DDIM", None, None), 0.0) == {}
     assert eta_infotext_params(resolve_sampler("DDIM", None, None), 0.4) == {"Eta DDIM": 0.4}
-    assert eta_infotext_params(resolve_sampler("Euler a", None, None), 0.4) == {}
+    assert eta_infotext_params(resolve_sampler("Euler a", None, None), 1.0) == {}
+    assert eta_infotext_params(resolve_sampler("Euler a", None, None), 0.4) == {"Eta": 0.4}
+    assert eta_infotext_params(resolve_sampler("Euler", None, None), None) == {}
+
+
+@pytest.mark.parametrize(
+    ("sampler", "request_eta", "expected"),
+    [
+        ("Euler a", None, 1.0),  # opts.eta_ancestral
+        ("Euler a", 0.0, 0.0),  # webui's own test request sends eta 0
+        ("DPM++ 2M SDE", 0.3, 0.3),
+        ("DDIM", None, 0.0),  # opts.eta_ddim
+        ("DDIM", 0.5, 0.5),
+        ("Euler", 0.5, None),  # no eta parameter
+        ("DPM++ 2M", 0.5, None),
+    ],
+)
+def test_effective_eta(sampler, request_eta, expected):
+    choice = resolve_sampler(sampler, None, None)
+    assert effective_eta(choice, request_eta, eta_ancestral=1.0, eta_ddim=0.0) == expected
+
+
+def test_every_webui_sampler_and_schedule_is_listed():
+    """All 20 webui 1.10 samplers and 12 schedule types run here (Beta needs scipy)."""
+    assert len(supported_sampler_names()) == 20
+    assert len(list_schedulers()) == 12
+    for row in SAMPLERS:
+        for schedule in SCHEDULES:
+            resolve_sampler(row.name, None, schedule.name)
 
 
 def test_row_flags():
@@ -450,3 +243,100 @@ def test_row_flags():
     assert rows["Heun"].second_order
     assert rows["DPM++ 2M"].default_schedule == "karras"
     assert rows["Euler"].default_schedule is None
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules, grids and 8-bit conversion
+
+
+def test_timestep_grid_is_webuis():
+    """webui CompVisSampler.get_timesteps: range(0, 1000, 1000 // steps) + 1 (15 steps give 16
+    timesteps, the case diffusers' "leading" spacing got wrong)."""
+    assert timestep_grid(20).tolist() == [t + 1 for t in range(0, 1000, 50)]
+    assert timestep_grid(15).tolist() == [t + 1 for t in range(0, 1000, 66)]
+    assert len(timestep_grid(15)) == 16
+
+
+def test_discard_penultimate_sigma():
+    model = Discretization.from_config(SD1)
+    plain = sigmas_for("karras", 5, model)
+    discarded = sigmas_for("karras", 5, model, discard_penultimate=True)
+    assert len(plain) == len(discarded) == 6
+    six = sigmas_for("karras", 6, model)
+    assert discarded.tolist() == [*six[:-2].tolist(), 0.0]
+
+
+@pytest.mark.parametrize("schedule", [r.name for r in SCHEDULES[1:]])
+def test_every_schedule_spans_the_model_and_ends_at_zero(schedule: str):
+    """webui's quirks kept: the DDIM schedule steps every 1000 // n training sigmas from t=1, so
+    it can run more steps than asked (7 -> 8); KL Optimal ends at sigma_min, not 0."""
+    model = Discretization.from_config(SD1)
+    for steps in (1, 7, 20):
+        sigmas = sigmas_for(schedule, steps, model)
+        if schedule == "ddim":
+            assert len(sigmas) == len(range(1, 1000, 1000 // steps)) + 1
+        else:
+            assert len(sigmas) == steps + 1
+        if schedule == "kl_optimal":
+            assert float(sigmas[-1]) == pytest.approx(model.sigma_min, rel=1e-5)
+        else:
+            assert sigmas[-1] == 0
+        assert sigmas.dtype == torch.float32
+        assert bool((sigmas[:-1] > 0).all()) and bool((sigmas[:-2] >= sigmas[1:-1]).all())
+        assert float(sigmas[0]) <= SIGMA_MAX + 1e-3
+
+
+def test_align_your_steps_uses_the_published_tables():
+    """11 steps use NVIDIA's 11 sigmas as they are; other counts interpolate them log-linearly."""
+    model = Discretization.from_config(SD1)
+    assert sigmas_for("align_your_steps", 11, model)[:-1].tolist() == pytest.approx(AYS_SD1)
+    assert sigmas_for("align_your_steps", 11, model, sdxl=True)[:-1].tolist() == pytest.approx(
+        AYS_SDXL
+    )
+    five = sigmas_for("align_your_steps", 5, model)
+    assert len(five) == 6 and float(five[0]) == pytest.approx(AYS_SD1[0])
+    assert float(five[-2]) == pytest.approx(AYS_SD1[-1])
+
+
+class _PixelsVAE:
+    """Stands in for a VAE in a unit test of the 8-bit conversion only."""
+
+    dtype = torch.float32
+
+    class config:
+        scaling_factor = 1.0
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+
+    def decode(self, latents: torch.Tensor) -> Any:
+        return types.SimpleNamespace(sample=self.pixels)
+
+
+def test_8bit_conversion_truncates_like_webui():
+    # (x + 1) / 2 * 255: 0.999 -> 254.87 and -0.5 -> 63.75; webui's astype(uint8) truncates.
+    pixels = torch.tensor([0.999, -0.5, 2.0, -3.0]).view(1, 1, 2, 2).repeat(1, 3, 1, 1)
+    image = decode_latents(_PixelsVAE(pixels), torch.zeros(1, 4, 1, 1))[0]
+    assert list(image.getdata())[:4] == [(254,) * 3, (63,) * 3, (255,) * 3, (0,) * 3]
+
+
+def test_nan_in_decoded_pixels_is_an_error():
+    pixels = torch.zeros(1, 3, 2, 2)
+    pixels[0, 1, 1, 1] = float("nan")
+    with pytest.raises(GenerationError, match="NaN"):
+        decode_latents(_PixelsVAE(pixels), torch.zeros(1, 4, 1, 1))
+
+
+def test_sigma_and_discard_infotext_follow_webui():
+    """webui prints "Sigma *" only for the samplers whose function takes the setting."""
+    euler = resolve_sampler("Euler", None, None)
+    euler_a = resolve_sampler("Euler a", None, None)
+    values = {"s_churn": 0.5, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.003}
+    assert sigma_infotext_params(euler, **values) == {"Sigma churn": 0.5, "Sigma noise": 1.003}
+    assert sigma_infotext_params(euler_a, **values) == {}  # Euler a takes none of them
+    assert sigma_infotext_params(resolve_sampler("DPM2 a", None, None), **values) == {
+        "Sigma noise": 1.003
+    }
+    assert discard_infotext_params(euler, True) == {"Discard penultimate sigma": True}
+    assert discard_infotext_params(resolve_sampler("DPM2", None, None), True) == {}
+    assert discard_infotext_params(euler, False) == {}
