@@ -427,14 +427,18 @@ def _tuner_layer_class() -> type:
 
 
 def _set_active(layer: Any, names: list[str]) -> None:
-    """Make `names` the active adapters of one peft layer, through peft's public API.
+    """Make `names` the active adapters of one peft layer.
 
-    `inference_mode=True` keeps every adapter's weights frozen (they were frozen at load);
-    peft's sweep over the layer's cached adapters is O(cached adapters) per layer, measured
-    by scripts/bench_lora.py (README: Benchmarks)."""
+    This is peft's `BaseTunerLayer.set_adapter(names, inference_mode=True)` without its
+    requires_grad sweep over every adapter the layer holds: that sweep is O(cached adapters)
+    per layer (tens of ms for a full SDXL LoRA with a few cached), and inference needs no
+    gradients (they are switched off once, at load). The attribute is the one peft's own
+    `active_adapter` property reads; tests/test_networks.py checks that through the property.
+    (peft 0.21's public `set_adapter` was tried here and hung the LoRA tests: see issue 13.)
+    """
     if layer.disable_adapters:  # someone called disable_lora(); we switch per layer instead
         layer.enable_adapters(True)
-    layer.set_adapter(names, inference_mode=True)
+    layer._active_adapter = names
 
 
 def _brief(exc: BaseException, limit: int = 300) -> str:
@@ -546,10 +550,13 @@ class LoraManager:
             # 4. Generate.
             yield pairs
         finally:
-            # 5. Always (errors, cancellation: BaseException too): back to the base model.
-            self._deactivate()
-            self._trim()
-            self._busy.release()
+            # 5. Always (errors, cancellation: BaseException too): back to the base model, and
+            # the lock is released even if that fails, or every later request would hang.
+            try:
+                self._deactivate()
+                self._trim()
+            finally:
+                self._busy.release()
 
     def cached(self) -> list[str]:
         """Names of the LoRAs held as adapters, least recently used first."""

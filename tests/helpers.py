@@ -78,3 +78,29 @@ def box_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Image.I
     mask = Image.new("L", (width, height), 0)
     ImageDraw.Draw(mask).rectangle(box, fill=255)
     return mask
+
+
+# A "this changes the image" assertion compares decoded pixels: two PNGs always differ in bytes
+# once their infotexts differ. A change counts when the mean absolute difference over every
+# channel of every image is at least this many 8-bit levels (a feature that does nothing gives
+# exactly 0; the tiny random-weight models move pictures by whole levels).
+MIN_CHANGE_LEVELS = 0.25
+
+
+def mean_pixel_change(a: list[bytes], b: list[bytes]) -> float:
+    """Mean absolute difference in 8-bit levels between two equally long lists of images."""
+    import numpy as np
+
+    assert len(a) == len(b) and a, (len(a), len(b))
+    diffs = [
+        np.abs(
+            np.asarray(pixels(x), dtype=np.float64) - np.asarray(pixels(y), dtype=np.float64)
+        ).mean()
+        for x, y in zip(a, b, strict=True)
+    ]
+    return float(np.mean(diffs))
+
+
+def assert_pixels_changed(a: list[bytes], b: list[bytes]) -> None:
+    change = mean_pixel_change(a, b)
+    assert change >= MIN_CHANGE_LEVELS, f"pixels changed by {change:.3f} levels on average"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,16 @@ from engine.errors import RequestError, UnknownName
 from engine.generate import make_plan
 from engine.payload import choose_mode, decode_api_json, parse_request
 
-from .helpers import SDXL, b64_png, box_mask, card_image, payload, pixels
+from .helpers import (
+    SDXL,
+    assert_pixels_changed,
+    b64_png,
+    box_mask,
+    card_image,
+    mean_pixel_change,
+    payload,
+    pixels,
+)
 
 
 def run(engine: Engine, body: str) -> tuple[list[bytes], dict[str, Any]]:
@@ -70,7 +80,9 @@ def test_init_image_content_lands_where_webui_puts_it(engine: Engine, mode: int)
 def test_denoising_changes_the_image_and_more_denoising_changes_more(engine: Engine) -> None:
     low, _ = run(engine, i2i(denoising_strength=0.2, steps=10))
     high, _ = run(engine, i2i(denoising_strength=0.9, steps=10))
-    assert low != high
+    assert_pixels_changed(low, high)
+    init = [base64.b64decode(b64_png(INIT.resize(pixels(low[0]).size)))]
+    assert mean_pixel_change(high, init) > mean_pixel_change(low, init)
 
 
 def test_webui_step_rule_for_img2img(engine: Engine) -> None:
@@ -166,11 +178,13 @@ def test_each_inpainting_fill_gives_a_distinct_first_latent(
     class Stop(Exception):
         pass
 
-    def capture(job: Any) -> Any:
-        seen.append(job.latents.clone())
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        init = kwargs.get("init", args[6] if len(args) > 6 else None)
+        assert init is not None
+        seen.append(init.clone())  # the latent the sampler starts from, before its noise
         raise Stop
 
-    monkeypatch.setattr(generate_module, "denoise", capture)
+    monkeypatch.setattr(generate_module, "run_pass", capture)
     for fill in range(4):
         with pytest.raises(Stop):
             run(engine, inpaint(inpainting_fill=fill, inpaint_full_res=False))
@@ -287,7 +301,8 @@ def test_refiner_switches_checkpoints_at_its_fraction(two_sd1_engine: Engine) ->
     only_refiner, _ = run(
         engine, payload(steps=6, override_settings={"sd_model_checkpoint": "b-refiner"})
     )
-    assert refined != plain and refined != only_refiner
+    assert_pixels_changed(refined, plain)
+    assert_pixels_changed(refined, only_refiner)
     assert "Refiner: b-refiner [" in info["infotexts"][0]
     assert "Refiner switch at: 0.5" in info["infotexts"][0]
     for off in ("", "None"):
@@ -355,7 +370,8 @@ def test_ensd_changes_ancestral_samplers_only(engine: Engine) -> None:
     euler_a_ensd, info = run(
         engine, payload(sampler_name="Euler a", override_settings={"eta_noise_seed_delta": 31337})
     )
-    assert euler_a != euler_a_ensd and "ENSD: 31337" in info["infotexts"][0]
+    assert_pixels_changed(euler_a, euler_a_ensd)
+    assert "ENSD: 31337" in info["infotexts"][0]
     euler, _ = run(engine, payload(sampler_name="Euler"))
     euler_ensd, info = run(
         engine, payload(sampler_name="Euler", override_settings={"eta_noise_seed_delta": 31337})
@@ -370,7 +386,8 @@ def test_ensd_changes_ancestral_samplers_only(engine: Engine) -> None:
 def test_tiling_makes_seamless_images_and_leaves_nothing_behind(engine: Engine) -> None:
     plain, _ = run(engine, payload())
     tiled, info = run(engine, payload(tiling=True))
-    assert tiled != plain and "Tiling: True" in info["infotexts"][0]
+    assert_pixels_changed(tiled, plain)
+    assert "Tiling: True" in info["infotexts"][0]
     # Seamless: the jump across the wrap-around edge is like the jumps inside the image.
     arr = np.asarray(pixels(tiled[0]), dtype=np.float32)
     wrap = np.abs(arr[:, 0] - arr[:, -1]).mean()
@@ -385,7 +402,8 @@ def test_tiling_makes_seamless_images_and_leaves_nothing_behind(engine: Engine) 
 def test_initial_noise_multiplier(engine: Engine) -> None:
     plain, _ = run(engine, i2i())
     scaled, info = run(engine, i2i(initial_noise_multiplier=0.5))
-    assert scaled != plain and "Noise multiplier: 0.5" in info["infotexts"][0]
+    assert_pixels_changed(scaled, plain)
+    assert "Noise multiplier: 0.5" in info["infotexts"][0]
 
 
 def test_legacy_firstphase_size_is_the_first_pass(engine: Engine) -> None:
@@ -415,7 +433,7 @@ def test_sdxl_base_with_the_sdxl_refiner(engine: Engine) -> None:
             refiner_switch_at=0.5,
         ),
     )
-    assert refined != plain
+    assert_pixels_changed(refined, plain)
     assert "Refiner: tiny-sdxl_refiner [" in info["infotexts"][0]
     alone, _ = run(
         engine, payload(steps=6, override_settings={"sd_model_checkpoint": "tiny-sdxl_refiner"})
