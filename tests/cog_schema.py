@@ -19,12 +19,21 @@ REPO = Path(__file__).resolve().parent.parent
 TOOL = Path("shared") / "tools" / "cog_static_schema.py"
 
 
-def find_tool() -> Path:
-    """shared/tools/ beside the checkout (CI) or beside one of its parents (worktrees)."""
+# A verbatim copy of the team's tool, for checkouts with no shared/ folder above them (a clean CI
+# clone elsewhere); tests/test_deploy_schema.py keeps it identical to shared/tools when present.
+VENDORED = REPO / "tests" / "tools" / "cog_static_schema.py"
+
+
+def shared_tool() -> Path | None:
+    """shared/tools/ beside the checkout or beside one of its parents (worktrees)."""
     for folder in REPO.parents:
         if (folder / TOOL).is_file():
             return folder / TOOL
-    raise FileNotFoundError(f"{TOOL} not found beside {REPO} or any folder above it")
+    return None
+
+
+def find_tool() -> Path:
+    return shared_tool() or VENDORED
 
 
 def static_schema(project: Path = REPO) -> tuple[dict[str, Any], list[str]]:

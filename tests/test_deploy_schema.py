@@ -75,3 +75,12 @@ def test_playground_bounds_lie_within_the_engines_limits(name: str) -> None:
     assert bound is not None
     limit = bound.get(LIMITS)
     assert limit.lo <= field.ge and field.le <= limit.hi
+
+
+def test_the_vendored_schema_tool_is_the_teams_tool() -> None:
+    from .cog_schema import VENDORED, shared_tool
+
+    shared = shared_tool()
+    if shared is None:
+        pytest.skip("no shared/tools folder above this checkout: the vendored copy is used")
+    assert VENDORED.read_bytes() == shared.read_bytes()
