@@ -38,13 +38,15 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import make_tiny_models as tiny  # noqa: E402
 
+# The maker's run time is checked with a hang guard only (see its test).
+HANG_GUARD_S = 300.0
+
 # mypy does not see diffusers' ModelMixin as an nn.Module, so its models are typed Any here.
 Model = Any
 
 # ------------------------------------------------------------------------------------------------
 # diffusers / transformers configs with the same dims as the tiny files
 # ------------------------------------------------------------------------------------------------
-
 
 def unet_config(d: tiny.UNetDims) -> dict:
     levels = range(len(d.block_channels))
@@ -263,7 +265,9 @@ def test_cli_writes_the_layout_quickly_and_small(tmp_path):
         assert (tmp_path / rel).is_file(), rel
     assert "total" in result.stdout
     assert total < 175e6, f"{total / 1e6:.1f} MB"
-    assert elapsed < 30, f"{elapsed:.1f} s"
+    # A hang guard, not a speed claim: "seconds" is ~2 s on a quiet 2-core machine, and a busy
+    # CI machine must not turn a slow run into a failure.
+    assert elapsed < HANG_GUARD_S, f"{elapsed:.1f} s"
 
 
 @pytest.mark.parametrize(
