@@ -48,6 +48,7 @@ Model = Any
 # diffusers / transformers configs with the same dims as the tiny files
 # ------------------------------------------------------------------------------------------------
 
+
 def unet_config(d: tiny.UNetDims) -> dict:
     levels = range(len(d.block_channels))
     has_attn = [d.transformer_depth[lv] > 0 for lv in levels]
