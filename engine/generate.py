@@ -369,15 +369,8 @@ def _checkpoint(models: Models, name: str | None, field: str) -> LoadedCheckpoin
 
 
 def _rng_device(checkpoint: LoadedCheckpoint, source: str) -> str:
-    """webui's randn_source: "GPU" draws on CUDA when the model is there, "CPU" always on CPU.
-    "NV" (webui's Philox imitation of CUDA's generator on the CPU) is not reproduced here, so
-    it is refused rather than silently drawn elsewhere while the infotext says NV."""
-    if source == "NV":
-        raise RequestError.single(
-            "override_settings.randn_source",
-            source,
-            'this server draws noise with torch\'s generators: "GPU" or "CPU"',
-        )
+    """webui's randn_source: "GPU" draws on CUDA when the model is there, "CPU" always on CPU
+    ("NV" is refused by the request parser: engine/payload.py)."""
     on_cuda = placement(checkpoint).device.type == "cuda"
     return "cuda" if source == "GPU" and on_cuda else "cpu"
 

@@ -435,12 +435,17 @@ class OptionSpec:
     range: Range | None = None
     choices: tuple[str, ...] | None = None
     normalise: Callable[[Any], Any] | None = None
+    # Values webui offers that this server refuses, each with the reason (said in the error).
+    refused: Mapping[str, str] | None = None
 
     def validate(self, value: Any) -> Any:
         """The normalised value, or _Bad saying what is allowed."""
         value = self.check(value)
         if self.normalise is not None:
             value = self.normalise(value)
+        if self.refused and value in self.refused:
+            allowed = ", ".join(repr(c) for c in self.choices or ())
+            raise _Bad(f"{self.refused[value]}; allowed: {allowed}")
         if self.range is not None and value not in self.range:
             noun = _NOUNS.get(self.check, "a value")
             raise _Bad(f"must be {noun} {self.range.describe()}")
@@ -483,7 +488,16 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     # Known, validated, not honoured yet: a value other than the default gets a warning.
     _opt("sd_vae", _check_str, "Automatic", True),
     _opt("eta_noise_seed_delta", _check_int, 0, True, range=ENSD_RANGE),
-    _opt("randn_source", _check_str, "GPU", True, choices=("GPU", "CPU", "NV")),
+    # webui's "NV" imitates CUDA's Philox generator on the CPU; that is not reproduced here, so
+    # it is refused rather than drawn elsewhere while the infotext would say NV.
+    _opt(
+        "randn_source",
+        _check_str,
+        "GPU",
+        True,
+        choices=("GPU", "CPU"),
+        refused={"NV": "webui's NV (Philox) noise source is not reproduced by this server"},
+    ),
     _opt(
         "emphasis", _check_str, "Original", True, choices=("Original", "No norm", "Ignore", "None")
     ),

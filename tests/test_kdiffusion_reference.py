@@ -253,11 +253,6 @@ def test_eta_is_honoured_and_written_like_webui(engine: Engine) -> None:
     assert _mean_level_difference(euler[0], zero[0]) < 1.0
 
 
-def test_nv_randn_source_is_refused(engine: Engine) -> None:
-    with pytest.raises(RequestError, match="randn_source"):
-        _run(engine, payload(override_settings={"randn_source": "NV"}))
-
-
 def test_unipc_with_too_few_steps_is_a_clear_error(engine: Engine) -> None:
     with pytest.raises(RequestError, match="UniPC"):
         _run(engine, payload(sampler_name="UniPC", steps=2))

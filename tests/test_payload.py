@@ -861,3 +861,13 @@ def test_readme_limits_table_lists_every_variable_with_its_default():
         value = getattr(defaults, name)
         default = value.hi if kind == "range" else value
         assert f"| {int(default)}" in row, (var, default, row)
+
+
+def test_nv_randn_source_is_refused_before_model_work_with_the_reason():
+    # webui offers "NV" (its Philox imitation of CUDA noise); drawing elsewhere while the
+    # infotext says NV would break same-seed reproduction, so the parser refuses it.
+    error = problems_of({"override_settings": {"randn_source": "NV"}})
+    [problem] = error.problems
+    assert problem.field == "override_settings.randn_source"
+    assert "Philox" in problem.allowed and "'GPU', 'CPU'" in problem.allowed
+    assert txt(override_settings={"randn_source": "CPU"}).settings.randn_source == "CPU"
