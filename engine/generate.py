@@ -10,10 +10,10 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from .images import EncodedImage, encode_image
 from .infotext import ImageParams, InfoRecord, create_infotext, info_json, job_timestamp
 from .inputs import decode_image_list, decode_mask
 from .loading import Family, LoadedCheckpoint
-from .networks import LoraCatalog, LoraManager, LoraRequest, lora_hashes
+from .networks import LoraCatalog, LoraInfo, LoraManager, LoraRequest, lora_hashes
 from .payload import (
     Img2ImgRequest,
     ParsedRequest,
@@ -125,6 +125,21 @@ class Result:
 
 
 @dataclass(frozen=True)
+class PassLoras:
+    """The LoRAs of one pass: per batch (webui reads the tags of each batch's first prompt),
+    applied through the LoRA manager of the checkpoint that pass runs on."""
+
+    per_batch: list[list[LoraRequest]]
+    manager: LoraManager | None
+
+    def of_batch(self, batch: int) -> list[LoraRequest]:
+        return self.per_batch[batch] if self.manager is not None else []
+
+
+NO_LORAS: Final = PassLoras([], None)
+
+
+@dataclass(frozen=True)
 class Hires:
     """The hires-fix second pass, decided up front."""
 
@@ -137,6 +152,9 @@ class Hires:
     denoise: float
     prompts: list[str]
     negative_prompts: list[str]
+    # webui parses hr_prompt's own extra-network tags and activates them for the second pass
+    # (processing.py: hr_extra_network_data); hr_prompt defaults to the prompt, tags included.
+    loras: PassLoras = NO_LORAS
 
 
 @dataclass(frozen=True)
@@ -176,8 +194,7 @@ class Plan:
     prompts: list[str]
     negative_prompts: list[str]
     cond_prompts: list[str]  # the prompts without their extra-network tags
-    loras: list[list[LoraRequest]]  # per batch (webui reads the tags of each batch's first prompt)
-    lora_manager: LoraManager | None
+    loras: PassLoras  # of the first pass (the hires pass has its own: Hires.loras)
     embeddings: EmbeddingCatalog
     vae: VaeChoice
     effects: Effects  # what the request's alwayson_scripts extensions add
@@ -304,9 +321,10 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     extras: dict[str, Any] = {}
     comments: list[str] = []
     # 5. Extra-network tags: stripped from every prompt, LoRAs resolved before any model work.
-    cond_prompts, loras, manager = _plan_networks(
-        models, req, checkpoint, prompts, batch_size, extras, warnings
+    cond_prompts, loras = _plan_networks(
+        models, req, checkpoint, prompts, batch_size, "prompt", warnings
     )
+    lora_pairs = _resolved(loras)
     # 6. The VAE (override_settings.sd_vae), loaded on first use, never swapped into the model.
     vae = (
         models.vaes.choose(settings.sd_vae, checkpoint)
@@ -318,11 +336,16 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     hires = img2img = None
     if isinstance(req, Txt2ImgRequest):
         width, height, hires = _plan_hires(
-            models, req, settings, checkpoint, sampler, prompts, negatives, extras
+            models, req, settings, checkpoint, sampler, prompts, negatives, extras, warnings
         )
+        if hires is not None:
+            # webui's Lora hashes: the first pass's, then the hires pass's added (is_hr_pass).
+            lora_pairs += _resolved(hires.loras)
     else:
         assert decoded is not None
         img2img = _plan_img2img(req, decoded, settings, sampler, extras, comments)
+    if hashes := lora_hashes(lora_pairs):
+        extras["Lora hashes"] = hashes
     refiner = _plan_refiner(models, req, checkpoint, extras)
     # 8. alwayson_scripts extensions: parsed and prepared now, so their errors come first too.
     effects = _plan_extensions(models, req, checkpoint, width, height, batch_size, decoded)
@@ -342,7 +365,6 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         negative_prompts=negatives,
         cond_prompts=cond_prompts,
         loras=loras,
-        lora_manager=manager,
         embeddings=models.embeddings,
         vae=vae,
         effects=effects,
@@ -384,6 +406,7 @@ def _plan_hires(
     prompts: list[str],
     negatives: list[str],
     extras: dict[str, Any],
+    warnings: list[str],
 ) -> tuple[int, int, Hires | None]:
     width, height = req.width, req.height
     if req.firstphase_width > 0 or req.firstphase_height > 0:
@@ -449,6 +472,9 @@ def _plan_hires(
         denoise=req.denoising_strength,
         prompts=hr_prompts,
         negative_prompts=hr_negatives,
+        loras=_plan_networks(
+            models, req, hr_checkpoint, hr_prompts, req.batch_size, "hr_prompt", warnings
+        )[1],
     )
     return width, height, hires
 
@@ -493,28 +519,36 @@ def _plan_networks(
     checkpoint: LoadedCheckpoint,
     prompts: list[str],
     batch_size: int,
-    extras: dict[str, Any],
+    field: str,
     warnings: list[str],
-) -> tuple[list[str], list[list[LoraRequest]], LoraManager | None]:
-    """Strip `<kind:...>` tags; LoRA requests per batch from its first prompt (webui)."""
+) -> tuple[list[str], PassLoras]:
+    """Strip `<kind:...>` tags; LoRA requests per batch from its first prompt (webui). Every
+    named LoRA is resolved now (unknown names are errors naming `field`)."""
     stripped, tags = zip(*(extract_extra_networks(p) for p in prompts), strict=True)
     per_batch: list[list[LoraRequest]] = []
     for first in range(0, len(prompts), batch_size):
         requests = []
         for tag in tags[first]:
             if tag.kind != "lora":
-                warnings.append(f"prompt: <{tag.kind}:...> networks are not supported; tag ignored")
+                warnings.append(
+                    f"{field}: <{tag.kind}:...> networks are not supported; tag ignored"
+                )
                 continue
-            te, unet = lora_weights(tag, field="prompt")
+            te, unet = lora_weights(tag, field=field)
             requests.append(LoraRequest(tag.name, te, unet))
         per_batch.append([] if req.disable_extra_networks else requests)
     if not any(per_batch):
-        return list(stripped), per_batch, None
-    manager = models.lora_manager(checkpoint)
-    pairs = [pair for requests in per_batch for pair in manager.resolve(requests, "prompt")]
-    if hashes := lora_hashes(pairs):
-        extras["Lora hashes"] = hashes
-    return list(stripped), per_batch, manager
+        return list(stripped), PassLoras(per_batch, None)
+    loras = PassLoras(per_batch, models.lora_manager(checkpoint))
+    _resolved(loras, field)  # every error before model work
+    return list(stripped), loras
+
+
+def _resolved(loras: PassLoras, field: str = "prompt") -> list[tuple[LoraInfo, LoraRequest]]:
+    """(file, tag) pairs of every batch, in mention order (for the Lora hashes infotext)."""
+    if loras.manager is None:
+        return []
+    return [pair for batch in loras.per_batch for pair in loras.manager.resolve(batch, field)]
 
 
 def _decode_img2img(req: Img2ImgRequest) -> tuple[list[Any], Any]:
@@ -669,14 +703,15 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> tuple[list[An
     noise, generators = first_noise(spec, LATENT_CHANNELS, plan.height, plan.width)
     # Latents stay float32 between steps; only the UNet input is cast (CFGDenoiser).
     noise = noise.to(device=placement(loaded).device)
-    batch_loras = plan.loras[lo // plan.batch_size] if plan.loras else []
+    batch = lo // plan.batch_size
     tiled = [m.pipe.unet for m in _models_used(plan)] + [plan.vae.vae]
     with (
         torch.inference_mode(),
-        _loras_applied(plan, batch_loras),
         circular_padding(tiled, bool(plan.request.tiling)),
+        LoraSwitch() as loras,
     ):
-        # 2. The first pass.
+        # 2. The first pass, with the prompt's LoRAs.
+        loras.switch(plan.loras, batch)
         if plan.img2img is None:
             latents, used = txt2img_pass(
                 plan, seeds, noise, generators, prompts, negatives, progress
@@ -687,6 +722,7 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> tuple[list[An
             )
         # 3. Hires fix: upscale, then img2img at the target size with fresh noise of the same seeds.
         if plan.hires is not None:
+            loras.switch(plan.hires.loras, batch)  # hr_prompt's LoRAs (kept when the same)
             latents, hires_used = hires_pass(plan, plan.hires, latents, lo, hi, progress)
             used = {**used, **hires_used}
         # 4. Decode; NaN is an error, never a black picture.
@@ -715,14 +751,24 @@ def _models_used(plan: Plan) -> list[LoadedCheckpoint]:
     return used
 
 
-@contextmanager
-def _loras_applied(plan: Plan, requests: list[LoraRequest]) -> Iterator[None]:
-    """The batch's LoRAs active on the shared models for the body only (networks.py)."""
-    if plan.lora_manager is None or not requests:
-        yield
-        return
-    with plan.lora_manager.applied(requests):
-        yield
+class LoraSwitch(ExitStack):
+    """The LoRAs active on the shared models, pass by pass; none once the batch ends (also on
+    errors). Switching to the set already active keeps it (no deactivate/activate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._active: tuple[LoraManager | None, list[LoraRequest]] = (None, [])
+
+    def switch(self, loras: PassLoras, batch: int) -> None:
+        wanted = (loras.manager, loras.of_batch(batch))
+        if wanted == self._active:
+            return
+        self.close()  # the previous pass's adapters off, its manager's lock released
+        self._active = (None, [])
+        manager, requests = wanted
+        if manager is not None and requests:
+            self.enter_context(manager.applied(requests))
+            self._active = wanted
 
 
 def _noise_spec(plan: Plan, lo: int, hi: int) -> NoiseSpec:

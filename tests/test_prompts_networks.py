@@ -12,7 +12,7 @@ from engine.api import Engine
 from engine.conditioning import TextConditioner, apply_emphasis, run_encoder
 from engine.errors import RequestError, UnknownName
 
-from .helpers import SD1, SDXL, payload, pixels, with_model
+from .helpers import SD1, SDXL, assert_pixels_changed, payload, pixels, with_model
 
 
 def run(engine: Engine, body: str) -> tuple[list[bytes], dict[str, Any]]:
@@ -187,6 +187,51 @@ def test_disable_extra_networks(engine: Engine) -> None:
         disable_extra_networks=True,
     )
     assert disabled == plain
+
+
+# -- LoRAs of the hires pass: webui parses hr_prompt's own tags (hr_extra_network_data) and
+# activates them for the second pass; hr_prompt defaults to the prompt, tags included.
+
+HIRES: dict[str, Any] = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.6}
+BASE = "a lighthouse on a cliff"
+TAG = " <lora:tiny-lora-sd15:1>"
+
+
+def test_hr_prompt_lora_changes_the_second_pass_only(engine: Engine) -> None:
+    plain, _ = run(engine, payload(prompt=BASE, **HIRES))
+    with_hr_lora, info = run(engine, payload(prompt=BASE, hr_prompt=BASE + TAG, **HIRES))
+    assert_pixels_changed(plain, with_hr_lora)
+    text = info["infotexts"][0]
+    assert 'Lora hashes: "tiny-lora-sd15: ' in text
+    assert f'Hires prompt: "{BASE}{TAG}"' in text
+    # With denoising 0 the second pass does not run: the hires LoRA must change nothing, so
+    # the first pass never saw it.
+    still = {**HIRES, "denoising_strength": 0}
+    unrun = run(engine, payload(prompt=BASE, hr_prompt=BASE + TAG, **still))[0]
+    assert (
+        pixels(unrun[0]).tobytes()
+        == pixels(run(engine, payload(prompt=BASE, **still))[0][0]).tobytes()
+    )
+    assert run(engine, payload(prompt=BASE, **HIRES))[0] == plain  # nothing left behind
+
+
+def test_hr_prompt_without_the_tag_runs_the_second_pass_without_the_lora(
+    engine: Engine,
+) -> None:
+    both, _ = run(engine, payload(prompt=BASE + TAG, **HIRES))  # hr_prompt defaults: tag kept
+    first_only, info = run(engine, payload(prompt=BASE + TAG, hr_prompt=BASE, **HIRES))
+    plain, _ = run(engine, payload(prompt=BASE, **HIRES))
+    assert_pixels_changed(both, first_only)
+    assert_pixels_changed(plain, first_only)
+    assert 'Lora hashes: "tiny-lora-sd15: ' in info["infotexts"][0]
+
+
+def test_unknown_lora_in_hr_prompt_is_an_error_naming_the_field(engine: Engine) -> None:
+    with pytest.raises(UnknownName, match="hr_prompt") as err:
+        run(engine, payload(prompt=BASE, hr_prompt=BASE + " <lora:tiny-lora-sd1:1>", **HIRES))
+    assert "tiny-lora-sd15" in str(err.value)
+    with pytest.raises(RequestError, match="hr_prompt"):
+        run(engine, payload(prompt=BASE, hr_prompt=BASE + " <lora:tiny-lora-sd15:nan>", **HIRES))
 
 
 # -- embeddings ------------------------------------------------------------------------------
