@@ -16,15 +16,18 @@ from .embeddings import EmbeddingCatalog
 from .errors import RequestError
 from .extensions import ExtensionRegistry
 from .fetch import fetch_from_env
-from .generate import Models, Progress, Result, generate, log_progress
+from .generate import generate, log_progress
 from .geometry import available_hr_upscalers
 from .images import EncodedImage
 from .loading import Placement
 from .memory_release import release_host_memory
 from .networks import LoraCatalog
+from .passes import Progress
 from .payload import Limits, choose_mode, decode_api_json, parse_request
 from .pipelines import PipelineCache
+from .planning import Models
 from .playground import merge_playground
+from .response import Result
 from .samplers import list_samplers, list_schedulers
 from .vae import VaeCatalog
 

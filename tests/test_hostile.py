@@ -434,12 +434,12 @@ def test_cancelled_while_loading_a_lora_leaves_nothing_behind(
 def test_cancelled_while_decoding_leaves_nothing_behind(
     engine: Engine, baseline: Baseline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import engine.generate as generate_module
+    import engine.passes as passes_module
 
     def cancelled_decode(vae: Any, latents: Any) -> Any:
         raise Cancelled
 
-    monkeypatch.setattr(generate_module, "decode_latents", cancelled_decode)
+    monkeypatch.setattr(passes_module, "decode_latents", cancelled_decode)
     with pytest.raises(Cancelled):
         engine.handle(
             "auto", payload(prompt="<lora:tiny-lora-sd15:1> a cat", tiling=True), lambda s, t: None

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import engine.generate as generate_module
+import engine.passes as passes_module
 from engine.api import Engine, EngineConfig
 from engine.errors import RequestError, UnknownName
-from engine.generate import make_plan
 from engine.payload import choose_mode, decode_api_json, parse_request
+from engine.planning import make_plan
 
 from .helpers import (
     SDXL,
@@ -184,7 +184,7 @@ def test_each_inpainting_fill_gives_a_distinct_first_latent(
         seen.append(init.clone())  # the latent the sampler starts from, before its noise
         raise Stop
 
-    monkeypatch.setattr(generate_module, "run_pass", capture)
+    monkeypatch.setattr(passes_module, "run_pass", capture)
     for fill in range(4):
         with pytest.raises(Stop):
             run(engine, inpaint(inpainting_fill=fill, inpaint_full_res=False))

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from engine.api import Engine, EngineConfig
 from engine.catalog import Catalog
 from engine.errors import ModelLoadError
-from engine.generate import Models
 from engine.loading import (
     CONFIG_ROOT,
     Family,
@@ -26,6 +25,7 @@ from engine.loading import (
     prediction_type_hint,
     read_shapes,
 )
+from engine.planning import Models
 from scripts import make_tiny_models as tiny
 
 from .helpers import SD1, payload, pixels

@@ -1,0 +1,601 @@
+"""Planning a txt2img or img2img request: everything decided before model work.
+
+`make_plan` resolves names and values (checkpoint, sampler, seeds, prompts, LoRAs, images,
+masks, hires and refiner settings) into an immutable `Plan` and raises every user error before
+any model work. `Models` is what setup loaded; the passes only read it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import torch
+
+from .catalog import Catalog, CheckpointInfo
+from .conditioning import check_clip_skip
+from .embeddings import EmbeddingCatalog
+from .errors import Problem, RequestError
+from .extensions import Effects, ExtensionRegistry, GenerationContext
+from .geometry import (
+    HiresTarget,
+    HiresUpscaler,
+    InitImage,
+    MaskPlan,
+    firstphase_to_hires,
+    hires_target,
+    hr_upscaler_choice,
+    img2img_steps,
+    prepare_init_image,
+    prepare_mask,
+)
+from .inputs import decode_image_list, decode_mask
+from .loading import Family, LoadedCheckpoint
+from .networks import LoraCatalog, LoraInfo, LoraManager, LoraRequest, lora_hashes
+from .payload import (
+    Img2ImgRequest,
+    ParsedRequest,
+    Settings,
+    Txt2ImgRequest,
+    all_negative_prompts,
+    all_prompts,
+    effective_mask_blur,
+)
+from .pipelines import PipelineCache
+from .prompt_parser import extract_extra_networks, lora_weights
+from .samplers import (
+    SamplerChoice,
+    effective_eta,
+    resolve_sampler,
+)
+from .schedules import Discretization
+from .seeds import fix_seed, request_seeds
+from .vae import VaeCatalog, VaeChoice
+
+log = logging.getLogger(__name__)
+
+
+_OFF = (None, "", "None", "none")
+
+
+@dataclass
+class Models:
+    """What setup built: the catalog and its loaded pipelines."""
+
+    catalog: Catalog
+    cache: PipelineCache
+    default: CheckpointInfo
+    loras: LoraCatalog = field(default_factory=lambda: LoraCatalog(()))
+    embeddings: EmbeddingCatalog = field(default_factory=EmbeddingCatalog)
+    vaes: VaeCatalog | None = None
+    extensions: ExtensionRegistry | None = None
+    lora_managers: dict[str, LoraManager] = field(default_factory=dict)
+
+    def lora_manager(self, loaded: LoadedCheckpoint) -> LoraManager:
+        """One adapter cache per checkpoint, made on first use."""
+        title = loaded.info.title
+        if title not in self.lora_managers:
+            self.lora_managers[title] = LoraManager(loaded, self.loras)
+        return self.lora_managers[title]
+
+
+@dataclass(frozen=True)
+class PassLoras:
+    """The LoRAs of one pass: per batch (webui reads the tags of each batch's first prompt),
+    applied through the LoRA manager of the checkpoint that pass runs on."""
+
+    per_batch: list[list[LoraRequest]]
+    manager: LoraManager | None
+
+    def of_batch(self, batch: int) -> list[LoraRequest]:
+        return self.per_batch[batch] if self.manager is not None else []
+
+
+NO_LORAS: Final = PassLoras([], None)
+
+
+@dataclass(frozen=True)
+class Hires:
+    """The hires-fix second pass, decided up front."""
+
+    target: HiresTarget
+    upscaler: HiresUpscaler
+    checkpoint: LoadedCheckpoint
+    sampler: SamplerChoice
+    schedule_steps: int
+    steps_run: int
+    denoise: float
+    prompts: list[str]
+    negative_prompts: list[str]
+    # webui parses hr_prompt's own extra-network tags and activates them for the second pass
+    # (processing.py: hr_extra_network_data); hr_prompt defaults to the prompt, tags included.
+    loras: PassLoras = NO_LORAS
+
+
+@dataclass(frozen=True)
+class Img2Img:
+    """The init images and mask of an img2img request, prepared as webui does."""
+
+    inits: list[InitImage]
+    mask: MaskPlan | None
+    resize_mode: int
+    schedule_steps: int
+    steps_run: int
+    noise_multiplier: float
+    inpainting_fill: int
+    mask_round: bool
+    mask_weight: float
+
+
+@dataclass(frozen=True)
+class Refiner:
+    checkpoint: LoadedCheckpoint
+    switch_at: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided about a request before any model work."""
+
+    request: Txt2ImgRequest | Img2ImgRequest
+    settings: Settings
+    checkpoint: LoadedCheckpoint
+    sampler: SamplerChoice
+    eta: float | None
+    clip_skip: int
+    batch_size: int
+    seeds: list[int]
+    subseeds: list[int]
+    prompts: list[str]
+    negative_prompts: list[str]
+    cond_prompts: list[str]  # the prompts without their extra-network tags
+    loras: PassLoras  # of the first pass (the hires pass has its own: Hires.loras)
+    embeddings: EmbeddingCatalog
+    vae: VaeChoice
+    effects: Effects  # what the request's alwayson_scripts extensions add
+    width: int
+    height: int
+    rng_device: str
+    hires: Hires | None
+    img2img: Img2Img | None
+    refiner: Refiner | None
+    extras: dict[str, Any]
+    warnings: list[str]
+    comments: list[str]
+
+    @property
+    def denoising_strength(self) -> float | None:
+        if self.img2img is not None or self.hires is not None:
+            return float(self.request.denoising_strength)
+        return None
+
+
+def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
+    """Resolve names and values; raise RequestError listing what is wrong."""
+    req = parsed.request
+    settings = parsed.settings
+    warnings = list(parsed.warnings)
+    # 1. The checkpoint: the request's, else the default. Never the previous request's.
+    checkpoint = _checkpoint(
+        models, settings.sd_model_checkpoint, "override_settings.sd_model_checkpoint"
+    )
+    # 2. Sampler, eta and clip skip.
+    sampler = resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
+    eta = effective_eta(
+        sampler, req.eta, eta_ancestral=settings.eta_ancestral, eta_ddim=settings.eta_ddim
+    )
+    clip_skip = settings.CLIP_stop_at_last_layers
+    if checkpoint.family is Family.SD1:
+        check_clip_skip(checkpoint.pipe.text_encoder, clip_skip)
+    elif clip_skip > 1:
+        # webui applies Clip skip to SD1 only: SDXL always uses the penultimate layers (unless
+        # opts.sdxl_clip_l_skip), and SD2's OpenCLIP wrapper never reads the option.
+        warnings.append(
+            f"CLIP_stop_at_last_layers is ignored for {checkpoint.family.value.upper()} "
+            "checkpoints, as in webui"
+        )
+    # 3. img2img images first: k init images make a batch of k (webui).
+    decoded = _decode_img2img(req) if isinstance(req, Img2ImgRequest) else None
+    batch_size = req.batch_size
+    if decoded is not None and len(decoded[0]) > 1:
+        batch_size = len(decoded[0])
+    # 4. Prompts and seeds (webui: with a variation strength all images share the seed).
+    count = batch_size * req.n_iter
+    prompts = all_prompts(req, req.batch_size * req.n_iter)[:count]
+    negatives = all_negative_prompts(req, req.batch_size * req.n_iter)[:count]
+    seeds, subseeds = request_seeds(
+        fix_seed(req.seed), fix_seed(req.subseed), req.subseed_strength, count
+    )
+    extras: dict[str, Any] = {}
+    comments: list[str] = []
+    # 5. Extra-network tags: stripped from every prompt, LoRAs resolved before any model work.
+    cond_prompts, loras = _plan_networks(
+        models, req, checkpoint, prompts, batch_size, "prompt", warnings
+    )
+    lora_pairs = _resolved(loras)
+    # 6. The VAE (override_settings.sd_vae), loaded on first use, never swapped into the model.
+    vae = (
+        models.vaes.choose(settings.sd_vae, checkpoint)
+        if models.vaes is not None
+        else VaeChoice(None, checkpoint.pipe.vae)
+    )
+    # 7. Mode specifics: hires fix for txt2img, init images and mask for img2img.
+    width, height = req.width, req.height
+    hires = img2img = None
+    if isinstance(req, Txt2ImgRequest):
+        width, height, hires = _plan_hires(
+            models, req, settings, checkpoint, sampler, prompts, negatives, extras, warnings
+        )
+        if hires is not None:
+            # webui's Lora hashes: the first pass's, then the hires pass's added (is_hr_pass).
+            lora_pairs += _resolved(hires.loras)
+    else:
+        assert decoded is not None
+        img2img = _plan_img2img(req, decoded, settings, sampler, extras, comments)
+    if hashes := lora_hashes(lora_pairs):
+        extras["Lora hashes"] = hashes
+    refiner = _plan_refiner(models, req, checkpoint, extras)
+    # 8. alwayson_scripts extensions: parsed and prepared now, so their errors come first too.
+    effects = _plan_extensions(models, req, checkpoint, width, height, batch_size, decoded)
+    extras.update(effects.infotext)
+    warnings.extend(effects.warnings)
+    return Plan(
+        request=req,
+        settings=settings,
+        checkpoint=checkpoint,
+        sampler=sampler,
+        eta=eta,
+        clip_skip=clip_skip,
+        batch_size=batch_size,
+        seeds=seeds,
+        subseeds=subseeds,
+        prompts=prompts,
+        negative_prompts=negatives,
+        cond_prompts=cond_prompts,
+        loras=loras,
+        embeddings=models.embeddings,
+        vae=vae,
+        effects=effects,
+        width=width,
+        height=height,
+        rng_device=_rng_device(checkpoint, settings.randn_source),
+        hires=hires,
+        img2img=img2img,
+        refiner=refiner,
+        extras=extras,
+        warnings=warnings,
+        comments=comments,
+    )
+
+
+def short_title(info: CheckpointInfo) -> str:
+    """webui's CheckpointInfo.short_title: "name [hash]" (Hires checkpoint, Refiner keys)."""
+    return f"{info.name_for_extra} [{info.shorthash}]" if info.shorthash else info.name_for_extra
+
+
+def _checkpoint(models: Models, name: str | None, field: str) -> LoadedCheckpoint:
+    info = models.catalog.resolve_checkpoint(name, field=field) if name else models.default
+    return models.cache.get(info)
+
+
+def _rng_device(checkpoint: LoadedCheckpoint, source: str) -> str:
+    """webui's randn_source: "GPU" draws on CUDA when the model is there, "CPU" always on CPU
+    ("NV" is refused by the request parser: engine/payload.py)."""
+    on_cuda = placement(checkpoint).device.type == "cuda"
+    return "cuda" if source == "GPU" and on_cuda else "cpu"
+
+
+def _plan_hires(
+    models: Models,
+    req: Txt2ImgRequest,
+    settings: Settings,
+    checkpoint: LoadedCheckpoint,
+    sampler: SamplerChoice,
+    prompts: list[str],
+    negatives: list[str],
+    extras: dict[str, Any],
+    warnings: list[str],
+) -> tuple[int, int, Hires | None]:
+    width, height = req.width, req.height
+    if req.firstphase_width > 0 or req.firstphase_height > 0:
+        # Legacy (<1.0) hires API: firstphase_* is the first pass (webui ignores width/height).
+        width, height = firstphase_to_hires(
+            req.width, req.height, req.firstphase_width, req.firstphase_height
+        )
+    if not req.enable_hr:
+        return width, height, None
+    hr_checkpoint = checkpoint
+    if req.hr_checkpoint_name not in (*_OFF, "Use same checkpoint"):
+        hr_checkpoint = _checkpoint(models, req.hr_checkpoint_name, "hr_checkpoint_name")
+        _same_family(checkpoint, hr_checkpoint, "hr_checkpoint_name")
+        extras["Hires checkpoint"] = short_title(hr_checkpoint.info)
+    hr_sampler = sampler
+    if req.hr_sampler_name not in (*_OFF, "Use same sampler") or req.hr_scheduler not in (
+        *_OFF,
+        "Use same scheduler",
+    ):
+        name = (
+            req.hr_sampler_name
+            if req.hr_sampler_name not in (*_OFF, "Use same sampler")
+            else sampler.sampler
+        )
+        scheduler = (
+            req.hr_scheduler
+            if req.hr_scheduler not in (*_OFF, "Use same scheduler")
+            else req.scheduler
+        )
+        hr_sampler = resolve_sampler(
+            name, None, scheduler, sampler_field="hr_sampler_name", scheduler_field="hr_scheduler"
+        )
+        if hr_sampler.sampler != sampler.sampler:
+            extras["Hires sampler"] = hr_sampler.sampler
+        if hr_sampler.schedule_label != sampler.schedule_label:
+            extras["Hires schedule type"] = hr_sampler.schedule_label
+    hr_prompts = [req.hr_prompt or p for p in prompts]
+    hr_negatives = [req.hr_negative_prompt or n for n in negatives]
+    if hr_prompts != prompts:
+        extras["Hires prompt"] = hr_prompts[0]
+    if hr_negatives != negatives:
+        extras["Hires negative prompt"] = hr_negatives[0]
+    target = hires_target(width, height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
+    extras.update(target.infotext)
+    if req.hr_second_pass_steps:
+        extras["Hires steps"] = req.hr_second_pass_steps
+    upscaler = hr_upscaler_choice(req.hr_upscaler)
+    if req.hr_upscaler is not None:
+        extras["Hires upscaler"] = req.hr_upscaler
+    schedule, run = img2img_steps(
+        req.hr_second_pass_steps or req.steps,
+        req.denoising_strength,
+        fix_steps=True,
+        timestep_sampler=hr_sampler.row.ignores_schedule,
+    )
+    hires = Hires(
+        target=target,
+        upscaler=upscaler,
+        checkpoint=hr_checkpoint,
+        sampler=hr_sampler,
+        schedule_steps=schedule,
+        steps_run=run,
+        denoise=req.denoising_strength,
+        prompts=hr_prompts,
+        negative_prompts=hr_negatives,
+        loras=_plan_networks(
+            models, req, hr_checkpoint, hr_prompts, req.batch_size, "hr_prompt", warnings
+        )[1],
+    )
+    return width, height, hires
+
+
+def _plan_extensions(
+    models: Models,
+    req: Txt2ImgRequest | Img2ImgRequest,
+    checkpoint: LoadedCheckpoint,
+    width: int,
+    height: int,
+    batch_size: int,
+    decoded: tuple[list[Any], Any] | None,
+) -> Effects:
+    effects = Effects()
+    if not req.alwayson_scripts:
+        return effects
+    if models.extensions is None:
+        raise RequestError.single(
+            "alwayson_scripts", list(req.alwayson_scripts), "no extensions are installed"
+        )
+    parsed = models.extensions.parse(req.alwayson_scripts)
+    context = GenerationContext(
+        mode="img2img" if isinstance(req, Img2ImgRequest) else "txt2img",
+        loaded=checkpoint,
+        width=width,
+        height=height,
+        batch_size=batch_size,
+        steps=req.steps,
+        init_images=tuple(decoded[0]) if decoded is not None else (),
+        init_mask=decoded[1] if decoded is not None else None,
+        resize_mode=req.resize_mode if isinstance(req, Img2ImgRequest) else 0,
+        request=req,
+    )
+    for extension, args in parsed:
+        effects = effects.merge(extension.prepare(context, args))
+    return effects
+
+
+def _plan_networks(
+    models: Models,
+    req: Txt2ImgRequest | Img2ImgRequest,
+    checkpoint: LoadedCheckpoint,
+    prompts: list[str],
+    batch_size: int,
+    field: str,
+    warnings: list[str],
+) -> tuple[list[str], PassLoras]:
+    """Strip `<kind:...>` tags; LoRA requests per batch from its first prompt (webui). Every
+    named LoRA is resolved now (unknown names are errors naming `field`)."""
+    stripped, tags = zip(*(extract_extra_networks(p) for p in prompts), strict=True)
+    per_batch: list[list[LoraRequest]] = []
+    for first in range(0, len(prompts), batch_size):
+        requests = []
+        for tag in tags[first]:
+            if tag.kind != "lora":
+                warnings.append(
+                    f"{field}: <{tag.kind}:...> networks are not supported; tag ignored"
+                )
+                continue
+            te, unet = lora_weights(tag, field=field)
+            requests.append(LoraRequest(tag.name, te, unet))
+        per_batch.append([] if req.disable_extra_networks else requests)
+    if not any(per_batch):
+        return list(stripped), PassLoras(per_batch, None)
+    loras = PassLoras(per_batch, models.lora_manager(checkpoint))
+    _resolved(loras, field)  # every error before model work
+    return list(stripped), loras
+
+
+def _resolved(loras: PassLoras, field: str = "prompt") -> list[tuple[LoraInfo, LoraRequest]]:
+    """(file, tag) pairs of every batch, in mention order (for the Lora hashes infotext)."""
+    if loras.manager is None:
+        return []
+    return [pair for batch in loras.per_batch for pair in loras.manager.resolve(batch, field)]
+
+
+def _decode_img2img(req: Img2ImgRequest) -> tuple[list[Any], Any]:
+    """Init images and mask, decoded strictly (every bad image reported at once)."""
+    problems: list[Problem] = []
+    images = mask_image = None
+    try:
+        images = decode_image_list(req.init_images, field="init_images")
+    except RequestError as err:
+        problems += err.problems
+    if req.mask is not None:
+        try:
+            mask_image = decode_mask(req.mask, field="mask")
+        except RequestError as err:
+            problems += err.problems
+    if images is not None and len(images) > req.batch_size:
+        problems.append(
+            Problem(
+                "init_images",
+                f"{len(images)} images",
+                f"at most batch_size ({req.batch_size}) images, as in webui",
+            )
+        )
+    if problems:
+        raise RequestError(problems)
+    assert images is not None
+    return images, mask_image
+
+
+def _plan_img2img(
+    req: Img2ImgRequest,
+    decoded: tuple[list[Any], Any],
+    settings: Settings,
+    sampler: SamplerChoice,
+    extras: dict[str, Any],
+    comments: list[str],
+) -> Img2Img:
+    images, mask_image = decoded
+    # 2. The mask as webui processes it (binarize, invert, blur, crop or resize).
+    blur_x, blur_y = effective_mask_blur(req)
+    mask_plan = None
+    if mask_image is not None:
+        mask_plan = prepare_mask(
+            mask_image,
+            width=req.width,
+            height=req.height,
+            resize_mode=req.resize_mode,
+            mask_blur_x=blur_x,
+            mask_blur_y=blur_y,
+            inpaint_full_res=req.inpaint_full_res,
+            inpaint_full_res_padding=req.inpaint_full_res_padding,
+            inpainting_mask_invert=req.inpainting_mask_invert,
+            inpainting_fill=req.inpainting_fill,
+            mask_round=req.mask_round,
+        )
+        extras.update(mask_plan.infotext)
+        comments.extend(mask_plan.comments)
+        if mask_plan.mask is None:
+            mask_plan = None
+    # 3. Init images resized/cropped/filled; one image repeats for the batch (webui).
+    upscaler = settings.upscaler_for_img2img
+    inits = [
+        prepare_init_image(
+            image,
+            width=req.width,
+            height=req.height,
+            resize_mode=req.resize_mode,
+            mask=mask_plan,
+            inpainting_fill=req.inpainting_fill,
+            upscaler=upscaler,
+        )
+        for image in images
+    ]
+    # 4. webui's step rule and noise multiplier.
+    schedule, run = img2img_steps(
+        req.steps,
+        req.denoising_strength,
+        settings.img2img_fix_steps,
+        timestep_sampler=sampler.row.ignores_schedule,
+    )
+    multiplier = req.initial_noise_multiplier
+    if multiplier is None:
+        multiplier = settings.initial_noise_multiplier
+    if multiplier != 1.0:
+        extras["Noise multiplier"] = multiplier
+    return Img2Img(
+        inits=inits,
+        mask=mask_plan,
+        resize_mode=req.resize_mode,
+        schedule_steps=schedule,
+        steps_run=run,
+        noise_multiplier=multiplier,
+        inpainting_fill=req.inpainting_fill,
+        mask_round=req.mask_round,
+        mask_weight=settings.inpainting_mask_weight,
+    )
+
+
+def _plan_refiner(
+    models: Models,
+    req: Txt2ImgRequest | Img2ImgRequest,
+    checkpoint: LoadedCheckpoint,
+    extras: dict[str, Any],
+) -> Refiner | None:
+    if req.refiner_checkpoint in _OFF or req.refiner_switch_at is None:
+        return None
+    if not 0 < req.refiner_switch_at <= 1:
+        raise RequestError.single(
+            "refiner_switch_at", req.refiner_switch_at, "a fraction of the steps: 0 < value <= 1"
+        )
+    refiner = _checkpoint(models, req.refiner_checkpoint, "refiner_checkpoint")
+    if req.refiner_switch_at == 1:
+        # webui switches once (999 - timestep) / 1000 reaches the value: never at 1 (slider max).
+        return None
+    _same_family(checkpoint, refiner, "refiner_checkpoint")
+    extras["Refiner"] = short_title(refiner.info)
+    extras["Refiner switch at"] = req.refiner_switch_at
+    return Refiner(refiner, req.refiner_switch_at)
+
+
+def _same_family(base: LoadedCheckpoint, other: LoadedCheckpoint, field: str) -> None:
+    if (
+        other.family.latent_space != base.family.latent_space
+        or other.is_inpainting != base.is_inpainting
+    ):
+        kind = (
+            "an SDXL (base or refiner)" if base.family.latent_space == "sdxl" else "an SD 1.x/2.x"
+        )
+        raise RequestError.single(
+            field,
+            other.info.title,
+            f"must be {kind} checkpoint like {base.info.title}, with the same UNet inputs (the "
+            "latent spaces must match)",
+        )
+
+
+@dataclass(frozen=True)
+class UNetPlacement:
+    """Where a checkpoint's UNet lives, read once per checkpoint: diffusers' `device` and
+    `dtype` properties walk every parameter on each access."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+def placement(loaded: LoadedCheckpoint) -> UNetPlacement:
+    cached = loaded.extra.get("placement")
+    if not isinstance(cached, UNetPlacement):
+        param = next(loaded.pipe.unet.parameters())
+        cached = UNetPlacement(param.device, param.dtype)
+        loaded.extra["placement"] = cached
+    return cached
+
+
+def discretization(loaded: LoadedCheckpoint) -> Discretization:
+    """The checkpoint's sigmas, computed once per checkpoint."""
+    cached = loaded.extra.get("discretization")
+    if not isinstance(cached, Discretization):
+        cached = Discretization.from_config(loaded.scheduler_config)
+        loaded.extra["discretization"] = cached
+    return cached
