@@ -44,7 +44,7 @@ class Kind(Enum):
     SIGMAS = "sigmas"  # k-diffusion: an explicit list of sigmas
     DPM = "dpm"  # DPM fast / adaptive: sigma_min, sigma_max (and n)
     TIMESTEPS = "timesteps"  # webui's DDIM / PLMS grid of integer timesteps
-    UNIPC = "unipc"  # UniPC over the timestep range (run by diffusers' UniPC, see README)
+    UNIPC = "unipc"  # UniPC (webui's bh1 code) over the timestep range
 
 
 @dataclass(frozen=True)

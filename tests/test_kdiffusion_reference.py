@@ -256,3 +256,79 @@ def test_eta_is_honoured_and_written_like_webui(engine: Engine) -> None:
 def test_unipc_with_too_few_steps_is_a_clear_error(engine: Engine) -> None:
     with pytest.raises(RequestError, match="UniPC"):
         _run(engine, payload(sampler_name="UniPC", steps=2))
+
+
+# --------------------------------------------------------------------------------------------
+# webui's timestep samplers against diffusers' own DDIM and PNDM (PLMS) update formulas.
+# k-diffusion has neither. webui (sd_samplers_timesteps.py) evaluates the UNet at the integer
+# timesteps range(0, 1000, 1000 // steps) + 1 from the top, skipping the lowest, and steps each
+# one to the next lower grid point (the last to timestep 1's alpha): with 6 steps, 997 ... 167,
+# stride 166. diffusers' DDIMScheduler / PNDMScheduler (skip_prk_steps) step from t to
+# t - 1000 // num_inference_steps, so the same grid is theirs once `timesteps` is that list.
+
+STRIDE = 1000 // STEPS
+WEBUI_GRID = list(range(0, 1000, STRIDE))[::-1][:-1]  # 996 ... 166, then + 1 below
+WEBUI_GRID = [t + 1 for t in WEBUI_GRID]
+
+
+def _eps_cfg(sd1: LoadedCheckpoint, conds: Any, x: torch.Tensor, t: int) -> torch.Tensor:
+    cond, uncond = conds
+    both = sd1.pipe.unet(
+        torch.cat([x, x]),
+        torch.tensor([t, t] * len(SEEDS)),
+        encoder_hidden_states=torch.cat([cond, uncond]),
+    ).sample
+    eps_cond, eps_uncond = both.chunk(2)
+    return eps_uncond + (eps_cond - eps_uncond) * CFG
+
+
+def _diffusers_scheduler(sd1: LoadedCheckpoint, name: str) -> Any:
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    config = {**sd1.scheduler_config, "set_alpha_to_one": False, "steps_offset": 1}
+    if name == "DDIM":
+        scheduler = DDIMScheduler.from_config(config, timestep_spacing="leading")
+    else:
+        scheduler = PNDMScheduler.from_config(config, skip_prk_steps=True)
+    scheduler.set_timesteps(STEPS)
+    assert 1000 // scheduler.num_inference_steps == STRIDE
+    return scheduler
+
+
+def _diffusers_reference(sd1: LoadedCheckpoint, conds: Any, name: str, eta: float) -> Any:
+    scheduler = _diffusers_scheduler(sd1, name)
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    x = _start_noise()
+    # PLMS' first step is webui's "pseudo improved Euler": the top timestep, then the next one
+    # twice (PNDM's counter 1 re-steps from the top with the averaged eps).
+    grid = WEBUI_GRID[:1] + [WEBUI_GRID[1]] + WEBUI_GRID[1:] if name == "PLMS" else WEBUI_GRID
+    with torch.no_grad():
+        for t in grid:
+            eps = _eps_cfg(sd1, conds, x, t)
+            kwargs: dict[str, Any] = {}
+            if name == "DDIM":
+                noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
+                kwargs = {"eta": eta, "variance_noise": noise}
+            x = scheduler.step(eps, t, x, **kwargs).prev_sample
+    return x
+
+
+@pytest.mark.parametrize(("sampler", "eta"), [("DDIM", 0.0), ("DDIM", 1.0), ("PLMS", 0.0)])
+def test_timestep_samplers_match_diffusers_update_formulas(
+    sd1: LoadedCheckpoint, conds: Any, sampler: str, eta: float
+) -> None:
+    reference = _diffusers_reference(sd1, conds, sampler, eta)
+    cond, uncond = conds
+    choice = resolve_sampler(sampler, None, "automatic")
+    spec = SamplerPass(choice, STEPS, STEPS, eta=eta)
+    stage = Stage(
+        unet=sd1.pipe.unet,
+        schedule=lambda i: StepConditioning(CondPart(uncond), (CondPart(cond),)),
+        discretization=Discretization.from_config(sd1.scheduler_config),
+    )
+    denoiser = CFGDenoiser([stage], CFG, spec.model_calls)
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    with torch.no_grad():
+        ours = run_pass(spec, denoiser, _start_noise(), generators, SEEDS, "cpu")
+    error = float((ours - reference).norm() / reference.norm())
+    assert error <= TOLERANCE, f"{sampler} eta {eta}: relative error {error:.2e}"
