@@ -20,7 +20,7 @@ from .generate import generate, log_progress
 from .geometry import available_hr_upscalers
 from .images import EncodedImage
 from .loading import Placement
-from .memory_release import release_host_memory
+from .memory_release import configure_allocator, release_host_memory
 from .networks import LoraCatalog
 from .passes import Progress
 from .payload import Limits, choose_mode, decode_api_json, parse_request
@@ -116,7 +116,10 @@ class Engine:
         Request limits default to `Limits.from_env()`: SD_LIMIT_* read here, once.
         """
         limits = Limits.from_env() if limits is None else limits
-        # 0. The device (SD_DEVICE): an unusable CUDA fails here, before any file is read.
+        # 0. Allocator settings first, so the model weights already follow them.
+        if tuned := configure_allocator():
+            log.info("setup: glibc allocator %s", tuned)
+        # 0a. The device (SD_DEVICE): an unusable CUDA fails here, before any file is read.
         placement = placement or choose_placement()
         log.info("setup: %s", describe(placement))
         # 0b. SD_FETCH_MODELS=1: the manifest's files, downloaded and verified (or setup fails).

@@ -267,8 +267,7 @@ def test_unipc_with_too_few_steps_is_a_clear_error(engine: Engine) -> None:
 # t - 1000 // num_inference_steps, so the same grid is theirs once `timesteps` is that list.
 
 STRIDE = 1000 // STEPS
-WEBUI_GRID = list(range(0, 1000, STRIDE))[::-1][:-1]  # 996 ... 166, then + 1 below
-WEBUI_GRID = [t + 1 for t in WEBUI_GRID]
+WEBUI_GRID = [t + 1 for t in range(0, 1000, STRIDE)][::-1][:-1]  # 997 ... 167
 
 
 def _eps_cfg(sd1: LoadedCheckpoint, conds: Any, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -301,7 +300,7 @@ def _diffusers_reference(sd1: LoadedCheckpoint, conds: Any, name: str, eta: floa
     x = _start_noise()
     # PLMS' first step is webui's "pseudo improved Euler": the top timestep, then the next one
     # twice (PNDM's counter 1 re-steps from the top with the averaged eps).
-    grid = WEBUI_GRID[:1] + [WEBUI_GRID[1]] + WEBUI_GRID[1:] if name == "PLMS" else WEBUI_GRID
+    grid = [*WEBUI_GRID[:1], WEBUI_GRID[1], *WEBUI_GRID[1:]] if name == "PLMS" else WEBUI_GRID
     with torch.no_grad():
         for t in grid:
             eps = _eps_cfg(sd1, conds, x, t)
