@@ -5,148 +5,31 @@ from __future__ import annotations
 import base64
 import http.server
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from replicate.prediction import Prediction
 
-from .cog_schema import install_schema
+from .cog_server import (
+    BUSY_RETRIES,
+    CogServer,
+    image_bytes,
+    running_server,
+)
 from .helpers import b64_png, box_mask, card_image, payload
 
 pytestmark = pytest.mark.http
 
-REPO = Path(__file__).resolve().parent.parent
-SETUP_TIMEOUT_S = 240
-REQUEST_TIMEOUT_S = 120
-BUSY_RETRIES = 50
-
-
-class CogServer:
-    def __init__(self, base: str, process: subprocess.Popen[bytes], log: Path):
-        self.base = base
-        self.process = process
-        self.log = log
-
-    def call(
-        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
-    ) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method)
-        request.add_header("Content-Type", "application/json")
-        for key, value in (headers or {}).items():
-            request.add_header(key, value)
-        try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as reply:
-                text = reply.read().decode()
-                return reply.status, json.loads(text) if text else None
-        except urllib.error.HTTPError as err:
-            text = err.read().decode()
-            return err.code, json.loads(text) if text else None
-
-    def health(self) -> str:
-        _, body = self.call("GET", "/health-check")
-        return str(body["status"])
-
-    def settled_health(self, timeout: float = 10.0) -> str:
-        """Health once the last prediction's slot is released (coglet reports BUSY for a
-        moment after answering)."""
-        deadline = time.monotonic() + timeout
-        status = self.health()
-        while status == "BUSY" and time.monotonic() < deadline:
-            time.sleep(0.1)
-            status = self.health()
-        return status
-
-    def predict(self, api_json: str, endpoint: str = "auto", **inputs: Any) -> dict[str, Any]:
-        body = {"input": {"api_json": api_json, "endpoint": endpoint, **inputs}}
-        # coglet frees the slot a moment after it answers a sync prediction; a request sent in
-        # that moment gets 409 "At capacity" (no queue): retry briefly, a bounded number of times.
-        for _ in range(BUSY_RETRIES):
-            status, reply = self.call("POST", "/predictions", body)
-            if status != 409:
-                break
-            time.sleep(0.1)
-        assert status == 200, reply
-        return dict(reply)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def running_server(
-    models_dir: Path, log: Path, extra_env: dict[str, str] | None = None
-) -> Iterator[tuple[CogServer, str]]:
-    """Start the Cog server over `models_dir`; yield it with its status once setup ended.
-
-    The server validates inputs against the schema `cog build` would bake in (written to
-    .cog/openapi_schema.json first), as on Replicate."""
-    install_schema(REPO)
-    port = free_port()
-    env = dict(os.environ)
-    env.update(
-        PORT=str(port),
-        COG_PREDICT_TYPE_STUB="predict.py:Predictor",
-        SD_MODELS_DIR=str(models_dir),
-        HF_HUB_OFFLINE="1",
-        # The worker is started as plain `python`: our interpreter must come first on PATH.
-        PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-    )
-    env.update(extra_env or {})
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = CogServer(f"http://127.0.0.1:{port}", process, log)
-    try:
-        deadline = time.monotonic() + SETUP_TIMEOUT_S
-        status = "STARTING"
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                break
-            try:
-                status = server.health()
-            except OSError:
-                status = "UNREACHABLE"
-            if status in ("READY", "SETUP_FAILED", "DEFUNCT"):
-                break
-            time.sleep(0.5)
-        yield server, status
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
 
 @pytest.fixture(scope="module")
-def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    log = tmp_path_factory.mktemp("cog") / "server.log"
-    with running_server(tiny_models_dir, log) as (server, status):
-        if status != "READY":
-            pytest.fail(f"Cog server did not become READY ({status}):\n{log.read_text()[-4000:]}")
-        yield server
+def server(cog_server: CogServer) -> CogServer:
+    """The session's Cog server over the tiny models (tests/conftest.py), one for every HTTP
+    test module: each module that imports this fixture shares it."""
+    return cog_server
 
 
 def test_corrupt_checkpoint_fails_setup_instead_of_serving(
@@ -162,11 +45,6 @@ def test_corrupt_checkpoint_fails_setup_instead_of_serving(
         assert "broken.safetensors" in json.dumps(health)
         status_code, reply = server.call("POST", "/predictions", {"input": {"api_json": payload()}})
         assert status_code == 503, reply
-
-
-def image_bytes(prediction: dict[str, Any]) -> list[bytes]:
-    urls = prediction["output"]["images"]
-    return [base64.b64decode(url.split(",", 1)[1]) for url in urls]
 
 
 def test_txt2img_prediction_succeeds_with_images_and_info(server: CogServer) -> None:
