@@ -193,8 +193,12 @@ K_SAMPLERS = [
     "DPM++ 2M SDE Heun",
     "DPM++ 3M SDE",
     "DPM fast",
-    "DPM adaptive",
 ]
+# DPM adaptive is not in this matrix: its step-size controller amplifies rounding. Measured
+# here (tiny SD1, eta 1): scaling k-diffusion's own model output by 1 + 1e-6 moves its final
+# latent by 2.1e-2 (8.8e-4 at eta 0), so two denoisers that agree to 1e-7 (as ours and
+# CompVisDenoiser do) end 9.6e-3 apart after different accept/reject sequences. The test
+# below drives k-diffusion's sample_dpm_adaptive and ours with the same denoiser instead.
 K_SCHEDULES = ["uniform", "karras", "exponential", "polyexponential"]
 
 
@@ -208,12 +212,40 @@ def test_final_latent_matches_k_diffusion(
     reference = _reference(hijacked, sd1, conds, sampler, schedule)
     ours = _engine(sd1, conds, sampler, schedule)
     error = float((ours - reference).norm() / reference.norm())
-    if sampler == "DPM adaptive" and error > TOLERANCE:
-        # Open (issue 9): measured 9.6e-3, unresolved. Suspected: with eta > 0 the reference
-        # draws its noise from torch's global RNG (k-diffusion's default_noise_sampler); not
-        # verified. Still run, so a fix shows up as XPASS-free green.
-        pytest.xfail(f"DPM adaptive differs from k-diffusion: {error:.2e} (issue 9, open)")
     assert error <= TOLERANCE, f"{sampler} + {schedule}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpm_adaptive_matches_k_diffusion_on_the_same_denoiser(
+    hijacked: Any, sd1: LoadedCheckpoint, conds: Any, eta: float
+) -> None:
+    from engine.kdiffusion import Noise, Options, sample_dpm_adaptive
+    from engine.runner import step_noise
+
+    cond, uncond = conds
+    discretization = Discretization.from_config(sd1.scheduler_config)
+    lo, hi = float(discretization.sigmas[0]), float(discretization.sigmas[-1])
+
+    def denoiser() -> CFGDenoiser:
+        stage = Stage(
+            unet=sd1.pipe.unet,
+            schedule=lambda i: StepConditioning(CondPart(uncond), (CondPart(cond),)),
+            discretization=discretization,
+        )
+        return CFGDenoiser([stage], CFG, 10_000)
+
+    x = _start_noise() * hi
+    hijacked.sampling.torch = _Hijack(SEEDS)
+    with torch.no_grad():
+        reference = hijacked.sampling.sample_dpm_adaptive(
+            denoiser(), x, lo, hi, eta=eta, disable=True
+        )
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    noise = Noise(step_noise(generators, tuple(x.shape[1:]), "cpu"))
+    with torch.no_grad():
+        ours = sample_dpm_adaptive(denoiser(), x, lo, hi, noise, Options(eta=eta))
+    error = float((ours - reference).norm() / reference.norm())
+    assert error <= 1e-6, f"DPM adaptive eta {eta}: relative error {error:.2e}"
 
 
 def test_discretization_matches_compvis_denoiser(hijacked: Any, sd1: LoadedCheckpoint) -> None:
