@@ -257,6 +257,7 @@ def test_webuiapi_extra_single_image(client: Any) -> None:
         with pytest.raises(RuntimeError) as err:
             client.extra_single_image(image=image, upscaler_1="Lanczos", upscaling_resize=2)
         status, reply = err.value.args  # webuiapi raises RuntimeError(status, text)
+        assert status == 500
         text = json.loads(reply)["detail"]
         assert "endpoint" in text and "'extra-single-image'" in text and "'txt2img'" in text
         assert "Traceback" not in text
