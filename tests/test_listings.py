@@ -453,3 +453,29 @@ def test_parse_generation_parameters_old_infotexts() -> None:
     # Two pairs only on the last line: it is prompt text, not parameters (webui needs 3).
     res = parse_generation_parameters("a cat\nSteps: 20, Seed: 1")
     assert res["Prompt"] == "a cat\nSteps: 20, Seed: 1" and "Steps" not in res
+
+
+def test_embedding_files_we_cannot_read_are_not_listed(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.embeddings import EmbeddingCatalog
+
+    good = tmp_path / "good.safetensors"
+    save_file({"emb_params": torch.zeros(2, 8)}, str(good))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    catalog = EmbeddingCatalog.scan([good, broken])
+    assert "broken" in catalog.skipped  # the reason, for the setup log
+    assert catalog.listing(expected_shape=8) == {
+        "loaded": {
+            "good": {
+                "step": None,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+                "shape": 8,
+                "vectors": 2,
+            }
+        },
+        "skipped": {},
+    }
