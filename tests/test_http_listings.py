@@ -174,6 +174,8 @@ def test_webuiapi_txt2img_body_runs_unchanged(client: Any) -> None:
     assert body["override_settings_restore_afterwards"] is True and body["styles"] == []
     assert len(result.images) == 1 and result.images[0].size == (64, 64)
     assert result.info["seed"] == 1234 and result.info["all_seeds"] == [1234]
+    # Nothing in webuiapi's default body is unknown or ignored here.
+    assert result.info["warnings"] == []
 
 
 def test_webuiapi_hires_txt2img_body_runs_unchanged(client: Any) -> None:
@@ -248,6 +250,7 @@ def test_webuiapi_controlnet_units_run_unchanged(client: Any) -> None:
     assert args[1]["image"] == ""
     assert result.images[0].size == (64, 64)
     assert "ControlNet 0" in result.info["infotexts"][0]
+    assert result.info["warnings"] == []
 
 
 def test_webuiapi_extra_single_image(client: Any) -> None:
