@@ -479,3 +479,17 @@ def test_embedding_files_we_cannot_read_are_not_listed(tmp_path: Path) -> None:
         },
         "skipped": {},
     }
+
+
+@pytest.mark.gpu
+def test_memory_cuda_fields_in_webuis_shape_on_cuda(engine: Engine) -> None:
+    if engine.models.cache.placement.device != "cuda":
+        pytest.skip("the engine runs on CPU: cuda is {'error': 'unavailable'} (tested above)")
+    cuda = listing(engine, "memory")["cuda"]
+    # webui's get_memory: system free/used/total, torch's allocator counters, events.
+    assert set(cuda) == {"system", "active", "allocated", "reserved", "inactive", "events"}
+    assert set(cuda["system"]) == {"free", "used", "total"}
+    for key in ("active", "allocated", "reserved", "inactive"):
+        assert set(cuda[key]) == {"current", "peak"}, key
+    assert set(cuda["events"]) == {"retries", "oom"}
+    assert cuda["allocated"]["current"] > 0 and cuda["system"]["total"] > 0
