@@ -170,11 +170,22 @@ def prompt_styles(engine: Engine) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------ options, flags
 
 
-def options(engine: Engine) -> dict[str, Any]:
+_SETTINGS_PER_REQUEST = (
+    "no options to set: this server keeps no settings between requests; send them as "
+    "override_settings of a txt2img/img2img payload (endpoint options only lists them)"
+)
+
+
+def options(engine: Engine, api_json: str = "{}") -> dict[str, Any]:
     """`GET /sdapi/v1/options` (webui's `OptionsModel`: option name -> value): the options a
     request's `override_settings` can change here, at the value a request without
     override_settings runs with. webui's option names and value types; `sd_model_checkpoint`
-    is the default checkpoint's title and `sd_checkpoint_hash` its sha256, as in webui."""
+    is the default checkpoint's title and `sd_checkpoint_hash` its sha256, as in webui.
+
+    webui's `POST /sdapi/v1/options` changes the server's settings; a server whose requests
+    never share settings cannot, so options sent in `api_json` are refused, not ignored."""
+    if api_json.strip() not in ("", "{}") and decode_api_json(api_json, engine.limits):
+        raise RequestError.single("api_json", api_json, _SETTINGS_PER_REQUEST)
     default = engine.models.default
     values: dict[str, Any] = {"sd_model_checkpoint": default.title}
     for name, spec in OPTIONS.items():
@@ -369,10 +380,9 @@ LISTINGS: Mapping[str, Listing] = {
     "face-restorers": face_restorers,
     "realesrgan-models": realesrgan_models,
     "prompt-styles": prompt_styles,
-    "options": options,
     "cmd-flags": cmd_flags,
     "memory": memory,
 }
 
 # Endpoints that read the request (`api_json`) and answer JSON, like a listing.
-INSPECTORS: Mapping[str, Callable[[Engine, str], Any]] = {"png-info": png_info}
+INSPECTORS: Mapping[str, Callable[[Engine, str], Any]] = {"options": options, "png-info": png_info}

@@ -280,6 +280,12 @@ def test_webuiapi_png_info_of_its_own_txt2img_image(client: Any) -> None:
     assert info["parameters"]["Seed"] == "99"
 
 
+def test_webuiapi_set_options_gets_a_clear_refusal(client: Any) -> None:
+    reply = client.set_options({"sd_model_checkpoint": SD1})
+    assert reply["error"] == "failed" and "override_settings" in reply["detail"]
+    assert client.get_options()["sd_model_checkpoint"].startswith(SD1 + " [")
+
+
 def test_webuiapi_listing_getters(client: Any) -> None:
     getters = {
         "sd-models": client.get_sd_models,

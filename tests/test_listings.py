@@ -277,6 +277,17 @@ def test_sending_the_listed_options_back_changes_nothing(engine: Engine) -> None
     assert pixels(echoed).tobytes() == pixels(plain).tobytes()
 
 
+def test_options_cannot_be_set_here(engine: Engine) -> None:
+    # webui's POST /sdapi/v1/options changes later requests; here nothing outlives a request,
+    # so options sent to the options endpoint are refused (not silently listed back).
+    assert listing(engine, "options", "")["CLIP_stop_at_last_layers"] == 1
+    with pytest.raises(RequestError) as err:
+        engine.handle("options", json.dumps({"CLIP_stop_at_last_layers": 2}))
+    assert err.value.problems[0].field == "api_json"
+    assert "override_settings" in str(err.value)
+    assert listing(engine, "options")["CLIP_stop_at_last_layers"] == 1
+
+
 def test_cmd_flags_is_a_small_honest_object(engine: Engine, tiny_models_dir: Path) -> None:
     flags = listing(engine, "cmd-flags")
     assert flags["api"] is True and flags["nowebui"] is True
