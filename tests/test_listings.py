@@ -53,10 +53,11 @@ SCHEDULER_ITEM: Shape = {  # class SchedulerItem
     "default_rho": (float, NoneType),
     "need_inner_model": (bool, NoneType),
 }
-# extensions-builtin/Lora/network_api... `api_networks`: name, alias, path, metadata (no model).
+# extensions-builtin/Lora/scripts/lora_script.py create_lora_json (no response model).
 LORA_ITEM: Shape = {"name": (str,), "alias": (str,), "path": (str,), "metadata": (dict,)}
 HYPERNETWORK_ITEM: Shape = {"name": (str,), "path": (str, NoneType)}  # class HypernetworkItem
 FACE_RESTORER_ITEM: Shape = {"name": (str,), "cmd_dir": (str, NoneType)}  # class FaceRestorerItem
+# class RealesrganItem
 REALESRGAN_ITEM: Shape = {"name": (str,), "path": (str, NoneType), "scale": (int, NoneType)}
 PROMPT_STYLE_ITEM: Shape = {  # class PromptStyleItem
     "name": (str,),
