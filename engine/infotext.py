@@ -167,6 +167,40 @@ def create_infotext(prompt: str, negative_prompt: str, params: ImageParams) -> s
 # infotext_utils.re_param / re_imagesize, verbatim patterns.
 _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+_SPACES = re.compile(r"\s*")
+_WORD_CHAR = re.compile(r"\w")
+_KEY_CHARS = re.compile(r"[\w \-/]*")
+
+
+def param_pairs(line: str) -> list[tuple[str, str]]:
+    r"""`_PARAM_RE.findall(line)` (webui's re_param), in linear time.
+
+    findall retries the pattern at every position, and a start fails only at the end of the
+    run of key characters (`[\w \-/]`) it begins, when no ':' follows that run: across a long
+    run that is quadratic (a 100 kB line of words takes a minute), and png-info parses
+    whatever text an uploaded image carries. Every start up to the end of such a run fails
+    the same way, so the scan jumps there; where a ':' follows, the pattern itself matches.
+    """
+    pairs: list[tuple[str, str]] = []
+    pos, size = 0, len(line)
+    while pos < size:
+        spaces = _SPACES.match(line, pos)
+        key_start = spaces.end() if spaces else pos
+        if key_start >= size or not _WORD_CHAR.match(line, key_start):
+            pos = key_start + 1
+            continue
+        run = _KEY_CHARS.match(line, key_start + 1)
+        run_end = run.end() if run else key_start + 1
+        if run_end > key_start + 1 and run_end < size and line[run_end] == ":":
+            found = _PARAM_RE.match(line, pos)
+            if found:  # always, by the reasoning above
+                pairs.append((found.group(1), found.group(2)))
+                pos = found.end()
+                continue
+        pos = run_end
+    return pairs
+
+
 # webui only treats the last line as parameters if it holds at least this many pairs.
 _MIN_PARAMS_ON_LINE = 3
 
@@ -206,9 +240,11 @@ def _unquote(text: str) -> str:
     return decoded if isinstance(decoded, str) else text
 
 
-def _join_line(acc: str, line: str) -> str:
-    # webui: `acc += ("" if acc == "" else "\n") + line` (so leading blank lines vanish)
-    return line if acc == "" else f"{acc}\n{line}"
+def _add_line(lines: list[str], line: str) -> None:
+    # webui: `acc += ("" if acc == "" else "\n") + line`, so leading blank lines vanish. Kept
+    # as a list (joined once): adding to a string is quadratic in the number of lines.
+    if lines or line:
+        lines.append(line)
 
 
 def parse_infotext(text: str, *, with_defaults: bool = False) -> dict[str, str]:
@@ -222,7 +258,7 @@ def parse_infotext(text: str, *, with_defaults: bool = False) -> dict[str, str]:
     """
     prompt, negative, last = _split_infotext(text)
     result: dict[str, str] = {}
-    for key, raw_value in _PARAM_RE.findall(last):
+    for key, raw_value in param_pairs(last):
         if not raw_value:
             continue  # webui fails on v[0] for an empty value and skips the key
         value = _unquote(raw_value)
@@ -243,22 +279,19 @@ def parse_infotext(text: str, *, with_defaults: bool = False) -> dict[str, str]:
 def _split_infotext(text: str) -> tuple[str, str, str]:
     """(prompt, negative prompt, parameters line), split as webui splits them."""
     *lines, last = text.strip().split("\n")
-    if len(_PARAM_RE.findall(last)) < _MIN_PARAMS_ON_LINE:
+    if len(param_pairs(last)) < _MIN_PARAMS_ON_LINE:
         lines.append(last)
         last = ""
-    prompt = ""
-    negative = ""
+    prompt: list[str] = []
+    negative: list[str] = []
     in_negative = False
     for raw in lines:
         line = raw.strip()
         if line.startswith(NEGATIVE_PREFIX):
             in_negative = True
             line = line[len(NEGATIVE_PREFIX) :].strip()
-        if in_negative:
-            negative = _join_line(negative, line)
-        else:
-            prompt = _join_line(prompt, line)
-    return prompt, negative, last
+        _add_line(negative if in_negative else prompt, line)
+    return "\n".join(prompt), "\n".join(negative), last
 
 
 # What webui's parse_generation_parameters adds for absent keys, in its order and with its
@@ -355,7 +388,7 @@ def parse_generation_parameters(text: str) -> dict[str, Any]:
 
     prompt, negative, last = _split_infotext(text)
     res: dict[str, Any] = {}
-    for key, raw_value in _PARAM_RE.findall(last):
+    for key, raw_value in param_pairs(last):
         if not raw_value:
             continue  # webui: v[0] raises on an empty value and the key is skipped
         value = _unquote(raw_value) if raw_value[0] == raw_value[-1] == '"' else raw_value

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.api import ENDPOINTS, Engine
 from engine.errors import RequestError
@@ -505,3 +507,42 @@ def test_memory_cuda_fields_in_webuis_shape_on_cuda(engine: Engine) -> None:
         assert set(cuda[key]) == {"current", "peak"}, key
     assert set(cuda["events"]) == {"retries", "oom"}
     assert cuda["allocated"]["current"] > 0 and cuda["system"]["total"] > 0
+
+
+# ------------------------------------------------------------------ hostile infotext sizes
+
+
+@given(st.text(alphabet='ab1 :,"\\\t-/_.é\n', max_size=40))
+@settings(max_examples=3000, deadline=None)
+def test_param_pairs_equals_webuis_findall(line: str) -> None:
+    # Our linear scan gives exactly what webui's re_param.findall gives.
+    from engine.infotext import _PARAM_RE, param_pairs
+
+    assert param_pairs(line) == _PARAM_RE.findall(line)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "word " * 180_000,  # one 900 kB line of key characters: quadratic for re.findall
+        "a\n" * 300_000,  # many lines: quadratic for string concatenation
+        'k: "' + "x, " * 200_000,  # an unclosed quote
+    ],
+    ids=["long-line", "many-lines", "open-quote"],
+)
+def test_png_info_of_a_huge_text_chunk_is_quick(engine: Engine, text: str) -> None:
+    import time
+
+    from PIL import PngImagePlugin
+
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", text)
+    buffer = io.BytesIO()
+    card_image(8, 8).save(buffer, format="PNG", pnginfo=meta)
+    body = json.dumps({"image": base64.b64encode(buffer.getvalue()).decode()})
+    started = time.perf_counter()
+    info = engine.handle("png-info", body).listing
+    elapsed = time.perf_counter() - started
+    assert info["info"] == text
+    # Linear work is well under a second here; webui's quadratic parse takes hours.
+    assert elapsed < 10, elapsed
