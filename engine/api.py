@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,8 @@ from .errors import RequestError
 from .extensions import ExtensionRegistry
 from .fetch import fetch_from_env
 from .generate import generate, log_progress
-from .geometry import available_hr_upscalers
 from .images import EncodedImage
+from .listings import INSPECTORS, LISTINGS
 from .loading import Placement
 from .memory_release import configure_allocator, release_host_memory
 from .networks import LoraCatalog
@@ -28,7 +28,6 @@ from .pipelines import PipelineCache
 from .planning import Models
 from .playground import merge_playground
 from .response import Result
-from .samplers import list_samplers, list_schedulers
 from .vae import VaeCatalog
 
 log = logging.getLogger(__name__)
@@ -78,20 +77,9 @@ class Response:
         return seed if isinstance(seed, int) else None
 
 
-Listing = Callable[["Engine"], Any]
-
-# Listing endpoints, named like webui's /sdapi/v1/<name>.
-LISTINGS: dict[str, Listing] = {
-    "sd-models": lambda engine: engine.models.catalog.sd_models_listing(),
-    "samplers": lambda engine: list_samplers(),
-    "schedulers": lambda engine: list_schedulers(),
-    "loras": lambda engine: engine.models.loras.listing(),
-    "embeddings": lambda engine: engine.models.embeddings.listing(),
-    "sd-vae": lambda engine: engine.models.vaes.listing() if engine.models.vaes else [],
-    "upscalers": lambda engine: [{"name": n} for n in available_hr_upscalers()],
-}
 GENERATION_ENDPOINTS = ("auto", "txt2img", "img2img")
-ENDPOINTS = GENERATION_ENDPOINTS + tuple(LISTINGS)
+# Listings (engine/listings.py) answer JSON; png-info reads `api_json` too.
+ENDPOINTS = GENERATION_ENDPOINTS + tuple(LISTINGS) + tuple(INSPECTORS)
 
 
 class Engine:
@@ -166,6 +154,8 @@ class Engine:
         name = str(endpoint).strip().lower()
         if name in LISTINGS:
             return Response(listing=LISTINGS[name](self))
+        if name in INSPECTORS:
+            return Response(listing=INSPECTORS[name](self, api_json))
         extension_listings = self.models.extensions.listings() if self.models.extensions else {}
         if name in extension_listings:
             return Response(listing=extension_listings[name]())

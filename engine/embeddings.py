@@ -31,6 +31,8 @@ class Embedding:
     path: Path
     hash: str  # sha256 of the file, first 12 hex (webui "TI hashes")
     vectors: Mapping[str, torch.Tensor]  # "clip_l" / "clip_g" / "any" -> (n, dim)
+    # What the trainer wrote beside the vectors (webui .pt files); None when absent.
+    trained: Mapping[str, Any] = field(default_factory=dict)
 
     def vectors_for(self, key: str, dim: int) -> torch.Tensor:
         """The vector set for one text encoder (by its key, else any set of that width)."""
@@ -56,24 +58,48 @@ class Embedding:
     def width(self) -> int:
         return max(int(t.shape[0]) for t in self.vectors.values())
 
+    @property
+    def shape(self) -> int:
+        """webui's `Embedding.shape`: the vector width; an SDXL pair counts both widths."""
+        if "clip_l" in self.vectors and "clip_g" in self.vectors:
+            return int(self.vectors["clip_l"].shape[-1] + self.vectors["clip_g"].shape[-1])
+        return int(next(iter(self.vectors.values())).shape[-1])
+
     def listing(self) -> dict[str, Any]:
-        first = next(iter(self.vectors.values()))
+        """This embedding as webui's `EmbeddingItem` (modules/api/models.py)."""
+        main = self.vectors.get("clip_g", next(iter(self.vectors.values())))
         return {
-            "step": None,
-            "sd_checkpoint": None,
-            "sd_checkpoint_name": None,
-            "shape": int(first.shape[-1]),
-            "vectors": int(first.shape[0]),
+            "step": self.trained.get("step"),
+            "sd_checkpoint": self.trained.get("sd_checkpoint"),
+            "sd_checkpoint_name": self.trained.get("sd_checkpoint_name"),
+            "shape": self.shape,
+            "vectors": int(main.shape[0]),
         }
 
 
-def _read_vectors(path: Path) -> dict[str, torch.Tensor]:
+# What webui's create_embedding_from_data reads beside the vectors, with the type it lists.
+_TRAINED_KEYS: dict[str, type] = {"step": int, "sd_checkpoint": str, "sd_checkpoint_name": str}
+
+
+def _read_data(path: Path) -> Mapping[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        data: Mapping[str, Any] = load_file(str(path))
-    else:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        return load_file(str(path))
+    data = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(data, Mapping):
+        raise ValueError("no embedding vectors found")
+    return data
+
+
+def _trained(data: Mapping[str, Any]) -> dict[str, Any]:
+    """step / sd_checkpoint / sd_checkpoint_name of a webui .pt (values of another type or
+    absent: None, as webui's listing cannot show them)."""
+    found = {key: data.get(key) for key in _TRAINED_KEYS}
+    return {k: v if isinstance(v, _TRAINED_KEYS[k]) else None for k, v in found.items()}
+
+
+def _read_vectors(data: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if "string_to_param" in data:  # webui .pt
         return {"any": data["string_to_param"]["*"]}
     if "emb_params" in data:
@@ -91,7 +117,10 @@ class EmbeddingCatalog:
     """The embeddings on disk, loaded once at setup (they are small)."""
 
     items: dict[str, Embedding] = field(default_factory=dict)
+    # Every file that cannot be used, with the reason (logged; tests read it).
     skipped: dict[str, str] = field(default_factory=dict)
+    # The skipped files whose vectors could be read (webui's listing shows them as skipped).
+    unusable: dict[str, Embedding] = field(default_factory=dict)
     _token_cache: dict[tuple[int, str, int], list[tuple[tuple[int, ...], Embedding]]] = field(
         default_factory=dict
     )
@@ -101,25 +130,29 @@ class EmbeddingCatalog:
         catalog = cls()
         for path in files:
             name = path.stem
+            try:
+                data = _read_data(path)
+                vectors = {
+                    k: v.detach().float().reshape(-1, v.shape[-1])
+                    for k, v in _read_vectors(data).items()
+                }
+            except Exception as exc:  # noqa: BLE001 - a bad file is skipped and logged, not fatal
+                log.warning("skipping embedding %s: %s", path.name, exc)
+                catalog.skipped[name] = str(exc)
+                continue
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            embedding = Embedding(name, path, digest, vectors, _trained(data))
             if not name.strip():
                 # A name of only whitespace tokenizes to nothing and would match before every
                 # token of every prompt; webui fails to register such a file and skips it.
                 catalog.skipped[name] = "the file name has no text to write in a prompt"
-                continue
-            try:
-                vectors = {
-                    k: v.detach().float().reshape(-1, v.shape[-1])
-                    for k, v in _read_vectors(path).items()
-                }
-            except Exception as exc:  # noqa: BLE001 - a bad file is skipped and listed, not fatal
-                log.warning("skipping embedding %s: %s", path.name, exc)
-                catalog.skipped[name] = str(exc)
+                catalog.unusable[name] = embedding
                 continue
             if max(int(v.shape[0]) for v in vectors.values()) > MAX_VECTORS:
                 catalog.skipped[name] = f"more than {MAX_VECTORS} vectors"
+                catalog.unusable[name] = embedding
                 continue
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-            catalog.items[name] = Embedding(name, path, digest, vectors)
+            catalog.items[name] = embedding
         return catalog
 
     def get(self, name: str) -> Embedding:
@@ -150,9 +183,21 @@ class EmbeddingCatalog:
 
         return find
 
-    def listing(self) -> dict[str, Any]:
-        """webui GET /sdapi/v1/embeddings."""
+    def listing(self, expected_shape: int | None = None) -> dict[str, Any]:
+        """webui's `GET /sdapi/v1/embeddings` (`EmbeddingsResponse`) for a checkpoint whose
+        text encoders are `expected_shape` wide in all (None: every usable one is loaded).
+
+        As webui: "loaded" are the embeddings of that width, sorted by name ignoring case;
+        "skipped" the others. Files we cannot use are skipped too; files that cannot be read
+        at all are not listed (webui cannot list them either; the setup log names them)."""
+        loaded: dict[str, Any] = {}
+        skipped: dict[str, Any] = {}
+        for name, item in self.items.items():
+            fits = expected_shape is None or item.shape == expected_shape
+            (loaded if fits else skipped)[name] = item.listing()
+        for name, item in self.unusable.items():
+            skipped[name] = item.listing()
         return {
-            "loaded": {name: item.listing() for name, item in self.items.items()},
-            "skipped": {name: {"reason": why} for name, why in self.skipped.items()},
+            "loaded": dict(sorted(loaded.items(), key=lambda kv: kv[0].lower())),
+            "skipped": skipped,
         }

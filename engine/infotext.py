@@ -12,6 +12,7 @@ ancestral/eta rule for ENSD, ...) and pass the per-image values; a value of None
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -166,6 +167,40 @@ def create_infotext(prompt: str, negative_prompt: str, params: ImageParams) -> s
 # infotext_utils.re_param / re_imagesize, verbatim patterns.
 _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+_SPACES = re.compile(r"\s*")
+_WORD_CHAR = re.compile(r"\w")
+_KEY_CHARS = re.compile(r"[\w \-/]*")
+
+
+def param_pairs(line: str) -> list[tuple[str, str]]:
+    r"""`_PARAM_RE.findall(line)` (webui's re_param), in linear time.
+
+    findall retries the pattern at every position, and a start fails only at the end of the
+    run of key characters (`[\w \-/]`) it begins, when no ':' follows that run: across a long
+    run that is quadratic (a 100 kB line of words takes a minute), and png-info parses
+    whatever text an uploaded image carries. Every start up to the end of such a run fails
+    the same way, so the scan jumps there; where a ':' follows, the pattern itself matches.
+    """
+    pairs: list[tuple[str, str]] = []
+    pos, size = 0, len(line)
+    while pos < size:
+        spaces = _SPACES.match(line, pos)
+        key_start = spaces.end() if spaces else pos
+        if key_start >= size or not _WORD_CHAR.match(line, key_start):
+            pos = key_start + 1
+            continue
+        run = _KEY_CHARS.match(line, key_start + 1)
+        run_end = run.end() if run else key_start + 1
+        if run_end > key_start + 1 and run_end < size and line[run_end] == ":":
+            found = _PARAM_RE.match(line, pos)
+            if found:  # always, by the reasoning above
+                pairs.append((found.group(1), found.group(2)))
+                pos = found.end()
+                continue
+        pos = run_end
+    return pairs
+
+
 # webui only treats the last line as parameters if it holds at least this many pairs.
 _MIN_PARAMS_ON_LINE = 3
 
@@ -205,9 +240,11 @@ def _unquote(text: str) -> str:
     return decoded if isinstance(decoded, str) else text
 
 
-def _join_line(acc: str, line: str) -> str:
-    # webui: `acc += ("" if acc == "" else "\n") + line` (so leading blank lines vanish)
-    return line if acc == "" else f"{acc}\n{line}"
+def _add_line(lines: list[str], line: str) -> None:
+    # webui: `acc += ("" if acc == "" else "\n") + line`, so leading blank lines vanish. Kept
+    # as a list (joined once): adding to a string is quadratic in the number of lines.
+    if lines or line:
+        lines.append(line)
 
 
 def parse_infotext(text: str, *, with_defaults: bool = False) -> dict[str, str]:
@@ -219,26 +256,9 @@ def parse_infotext(text: str, *, with_defaults: bool = False) -> dict[str, str]:
     is parameters only if it has at least 3 pairs, bare keys and empty values are dropped.
     `with_defaults=True` adds webui's defaults for absent keys (PARSE_DEFAULTS).
     """
-    *lines, last = text.strip().split("\n")
-    if len(_PARAM_RE.findall(last)) < _MIN_PARAMS_ON_LINE:
-        lines.append(last)
-        last = ""
-
-    prompt = ""
-    negative = ""
-    in_negative = False
-    for raw in lines:
-        line = raw.strip()
-        if line.startswith(NEGATIVE_PREFIX):
-            in_negative = True
-            line = line[len(NEGATIVE_PREFIX) :].strip()
-        if in_negative:
-            negative = _join_line(negative, line)
-        else:
-            prompt = _join_line(prompt, line)
-
+    prompt, negative, last = _split_infotext(text)
     result: dict[str, str] = {}
-    for key, raw_value in _PARAM_RE.findall(last):
+    for key, raw_value in param_pairs(last):
         if not raw_value:
             continue  # webui fails on v[0] for an empty value and skips the key
         value = _unquote(raw_value)
@@ -254,6 +274,159 @@ def parse_infotext(text: str, *, with_defaults: bool = False) -> dict[str, str]:
         for key, default in PARSE_DEFAULTS:
             result.setdefault(key, default)
     return result
+
+
+def _split_infotext(text: str) -> tuple[str, str, str]:
+    """(prompt, negative prompt, parameters line), split as webui splits them."""
+    *lines, last = text.strip().split("\n")
+    if len(param_pairs(last)) < _MIN_PARAMS_ON_LINE:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith(NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(NEGATIVE_PREFIX) :].strip()
+        _add_line(negative if in_negative else prompt, line)
+    return "\n".join(prompt), "\n".join(negative), last
+
+
+# What webui's parse_generation_parameters adds for absent keys, in its order and with its
+# value types (ints where webui writes ints). "Hires resize-1/-2" and the old first-pass
+# conversion come before "RNG" (see parse_generation_parameters).
+_WEBUI_DEFAULTS_BEFORE: tuple[tuple[str, Any], ...] = (
+    ("Hires sampler", "Use same sampler"),
+    ("Hires schedule type", "Use same scheduler"),
+    ("Hires checkpoint", "Use same checkpoint"),
+    ("Hires prompt", ""),
+    ("Hires negative prompt", ""),
+    ("Mask mode", "Inpaint masked"),
+    ("Masked content", "original"),
+    ("Inpaint area", "Whole picture"),
+    ("Masked area padding", 32),
+)
+_WEBUI_DEFAULTS_AFTER: tuple[tuple[str, Any], ...] = (
+    ("RNG", "GPU"),
+    ("Schedule type", "Automatic"),
+    ("Schedule max sigma", 0),
+    ("Schedule min sigma", 0),
+    ("Schedule rho", 0),
+    ("VAE Encoder", "Full"),
+    ("VAE Decoder", "Full"),
+    ("FP8 weight", "Disable"),
+)
+# webui's infotext_versions: the versions its backcompat and hires-style rules compare with.
+_V160, _V170_TSNR, _V180, _V180_HR_STYLES = "1.6.0", "v1.7.0-225", "1.8.0", "1.8.0-139"
+
+
+def _version(text: Any) -> Any:
+    """webui's infotext_versions.parse_version: "v1.10.1-12-gabc" -> 1.10.1.post12; None when
+    it is not a version (our own "cog-webui-sd-v..." is not)."""
+    from packaging import version
+
+    if not isinstance(text, str):
+        return None
+    match = re.match(r"([^-]+-[^-]+)-.*", text)
+    if match:
+        text = match.group(1)
+    try:
+        return version.parse(text)
+    except version.InvalidVersion:
+        return None
+
+
+def _old_hires_fix(res: dict[str, Any]) -> None:
+    """webui's restore_old_hires_fix_params (use_old_hires_fix_width_height off): an old
+    "First pass size" becomes the size, and the size the hires target."""
+    first_w, first_h = res.get("First pass size-1"), res.get("First pass size-2")
+    if first_w is None or first_h is None:
+        return
+    first_w, first_h = int(first_w), int(first_h)
+    width, height = int(res.get("Size-1", 512)), int(res.get("Size-2", 512))
+    if first_w == 0 or first_h == 0:
+        # processing.old_hires_fix_first_pass_dimensions
+        scale = math.sqrt(512 * 512 / (width * height))
+        first_w = math.ceil(scale * width / 64) * 64
+        first_h = math.ceil(scale * height / 64) * 64
+    res["Size-1"], res["Size-2"] = first_w, first_h
+    res["Hires resize-1"], res["Hires resize-2"] = width, height
+
+
+def _backcompat(res: dict[str, Any]) -> None:
+    """webui's infotext_versions.backcompat (opts.auto_backcompat is on by default)."""
+    from packaging import version
+
+    ver = _version(res.get("Version"))
+    if ver is None:
+        return
+    if ver < version.parse(_V160) and "[" in res.get("Prompt", ""):
+        res["Old prompt editing timelines"] = True
+    if ver < version.parse(_V160) and res.get("Sampler", "") in ("DDIM", "PLMS"):
+        res["Pad conds v0"] = True
+    if ver < version.parse(_V170_TSNR):
+        res["Downcast alphas_cumprod"] = True
+    if ver < version.parse(_V180) and res.get("Refiner"):
+        res["Refiner switch by sampling steps"] = True
+
+
+def parse_generation_parameters(text: str) -> dict[str, Any]:
+    """webui 1.10.1's `infotext_utils.parse_generation_parameters`, as png-info answers it.
+
+    Every `Key: value` of the parameters line (quoted values decoded; a `WxH` value only as
+    `Key-1` / `Key-2`), "Prompt" and "Negative prompt", then webui's defaults for absent keys
+    with webui's types, the old first-pass size conversion, "Emphasis: Original" when a prompt
+    uses weights, and the version back-compatibility flags. This server has no styles, so no
+    style is extracted (webui with an empty styles.csv does the same); the callbacks
+    extensions hook into pasting (the Lora extension's "AddNet" conversion) are not run.
+    """
+    from packaging import version
+
+    from .prompt_parser import parse_prompt_attention
+
+    prompt, negative, last = _split_infotext(text)
+    res: dict[str, Any] = {}
+    for key, raw_value in param_pairs(last):
+        if not raw_value:
+            continue  # webui: v[0] raises on an empty value and the key is skipped
+        value = _unquote(raw_value) if raw_value[0] == raw_value[-1] == '"' else raw_value
+        size = _SIZE_RE.match(value)
+        if size is not None:
+            res[f"{key}-1"], res[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            res[key] = value
+    # Styles: with no styles, only the hires prompts are normalised (webui >= 1.8.0-139).
+    if "Hires prompt" in res or "Hires negative prompt" in res:
+        ver = _version(res.get("Version"))
+        if ver is None or ver > version.parse(_V180_HR_STYLES):
+            hr_prompt = res.get("Hires prompt", prompt)
+            hr_negative = res.get("Hires negative prompt", negative)
+            res["Hires prompt"] = "" if hr_prompt == prompt else hr_prompt
+            res["Hires negative prompt"] = "" if hr_negative == negative else hr_negative
+    res["Prompt"] = prompt
+    res["Negative prompt"] = negative
+    res.setdefault("Clip skip", "1")
+    if "Hypernet" in res:
+        res["Prompt"] += f"<hypernet:{res['Hypernet']}:{res.get('Hypernet strength', '1.0')}>"
+    if "Hires resize-1" not in res:
+        res["Hires resize-1"] = 0
+        res["Hires resize-2"] = 0
+    for key, default in _WEBUI_DEFAULTS_BEFORE:
+        res.setdefault(key, default)
+    _old_hires_fix(res)
+    for key, default in _WEBUI_DEFAULTS_AFTER:
+        res.setdefault(key, default)
+    if "Cache FP16 weight for LoRA" not in res and res["FP8 weight"] != "Disable":
+        res["Cache FP16 weight for LoRA"] = False
+    attention = parse_prompt_attention(prompt) + parse_prompt_attention(negative)
+    plain = [p for p in attention if p[1] == 1.0 or p[0] == "BREAK"]
+    if "Emphasis" not in res and len(attention) != len(plain):
+        res["Emphasis"] = "Original"
+    res.setdefault("Refiner switch by sampling steps", False)
+    _backcompat(res)
+    return res
 
 
 # ---------------------------------------------------------------------------- info JSON

@@ -39,6 +39,7 @@ __all__ = [
     "decode_image",
     "decode_image_list",
     "decode_mask",
+    "open_image",
 ]
 
 
@@ -341,6 +342,13 @@ def decode_image(
     """
     image = _open(value, field, limits)
     return _normalise(image, return_alpha, background)
+
+
+def open_image(value: Any, *, field: str, limits: ImageLimits = IMAGE_LIMITS) -> Image.Image:
+    """Decode one request image as the file holds it: its mode, text chunks and EXIF kept
+    (`image.info`), for reading its metadata (png-info). Same checks and errors as
+    `decode_image`."""
+    return _open(value, field, limits)
 
 
 def decode_mask(value: Any, *, field: str, limits: ImageLimits = IMAGE_LIMITS) -> Image.Image:

@@ -3,6 +3,7 @@ listing the examples' README shows is served."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -73,6 +74,21 @@ def test_example_runs_on_the_tiny_models(engine: Engine, name: str) -> None:
 LISTINGS = re.findall(r"endpoint=([\w/-]+)", (EXAMPLES / "README.md").read_text())
 
 
+def _png_with_infotext() -> str:
+    from PIL import PngImagePlugin
+
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler, Seed: 1234, Size: 64x64")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=meta)
+    return json.dumps({"image": base64.b64encode(buffer.getvalue()).decode()})
+
+
+# Endpoints that read `api_json`: a body like the README's.
+BODIES = {"png-info": _png_with_infotext}
+
+
 @pytest.mark.parametrize("endpoint", LISTINGS)
 def test_listing_in_the_readme_is_served(engine: Engine, endpoint: str) -> None:
-    assert engine.handle(endpoint, "{}").listing is not None
+    body = BODIES[endpoint]() if endpoint in BODIES else "{}"
+    assert engine.handle(endpoint, body).listing is not None
