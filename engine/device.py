@@ -1,4 +1,5 @@
-"""Which device the engine runs on: SD_DEVICE=auto|cuda|cpu, decided once at setup.
+"""Which device and dtype the engine runs on: SD_DEVICE=auto|cuda|cpu and
+SD_DTYPE=float32|float16|bfloat16, decided once at setup.
 
 The Cog image sets SD_DEVICE=cuda (cog.yaml): where CUDA is unusable there (a driver too old
 for the CUDA 13 build of torch, no GPU attached), setup must fail with a message saying so;
@@ -20,7 +21,14 @@ log = logging.getLogger(__name__)
 
 DEVICE_ENV = "SD_DEVICE"
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
-# fp16 on CUDA; fp32 on CPU (fp16 matmuls on CPU are slow and lossy).
+DTYPE_ENV = "SD_DTYPE"
+DTYPE_CHOICES: Mapping[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# Defaults: fp16 on CUDA; fp32 on CPU (fp16 matmuls on CPU are slow and lossy). SD_DTYPE overrides
+# either (the tests run the fp16 path on the CPU: tests/test_dtype_paths.py).
 DTYPES: Mapping[str, torch.dtype] = {"cuda": torch.float16, "cpu": torch.float32}
 
 
@@ -62,7 +70,21 @@ def choose_placement(environ: Mapping[str, str] | None = None) -> Placement:
             f"{DEVICE_ENV}=cpu to run on the CPU on purpose."
         )
     device = "cuda" if wanted == "cuda" or (wanted == "auto" and problem is None) else "cpu"
-    return Placement(device, DTYPES[device])
+    return Placement(device, choose_dtype(device, env))
+
+
+def choose_dtype(device: str, environ: Mapping[str, str] | None = None) -> torch.dtype:
+    """SD_DTYPE, else the device's default (DTYPES); a bad value fails setup naming the choices."""
+    env = os.environ if environ is None else environ
+    wanted = (env.get(DTYPE_ENV) or "").strip().lower()
+    if not wanted:
+        return DTYPES[device]
+    if wanted not in DTYPE_CHOICES:
+        raise ModelLoadError(
+            f"{DTYPE_ENV}={env.get(DTYPE_ENV)!r} is not a dtype choice; "
+            f"allowed: {', '.join(DTYPE_CHOICES)}"
+        )
+    return DTYPE_CHOICES[wanted]
 
 
 def attention_backend(placement: Placement) -> str:

@@ -22,6 +22,23 @@ def test_cpu_on_request() -> None:
     assert describe(placement) == "device cpu, dtype float32, attention PyTorch SDPA"
 
 
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [("float16", torch.float16), (" BFloat16 ", torch.bfloat16), ("float32", torch.float32)],
+)
+def test_sd_dtype_is_honoured_on_the_cpu_and_logged(value: str, dtype: torch.dtype) -> None:
+    placement = choose_placement({"SD_DEVICE": "cpu", "SD_DTYPE": value})
+    assert placement.dtype == dtype
+    assert f"dtype {str(dtype).removeprefix('torch.')}," in describe(placement)
+
+
+def test_unknown_dtype_names_the_variable_and_the_choices() -> None:
+    with pytest.raises(
+        ModelLoadError, match=r"SD_DTYPE='fp8'.*allowed: float32, float16, bfloat16"
+    ):
+        choose_placement({"SD_DEVICE": "cpu", "SD_DTYPE": "fp8"})
+
+
 def test_auto_takes_cuda_only_when_usable() -> None:
     for env in ({}, {"SD_DEVICE": "auto"}, {"SD_DEVICE": " AUTO "}):
         assert choose_placement(env).device == ("cuda" if CUDA else "cpu")
