@@ -475,10 +475,12 @@ def _finish(
 ) -> LoadedCheckpoint:
     pipe.to(placement.device)
     pipe.set_progress_bar_config(disable=True)
-    if pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
-        # SDXL's VAE overflows in fp16. diffusers upcasts it around each decode, which flips a
-        # shared module's dtype per request; we keep it in fp32 once, at load.
-        pipe.vae.to(torch.float32)
+    # One precision policy for every VAE (engine/vae_precision.py): the engine's dtype, fp32
+    # for an SDXL VAE that overflows in fp16. diffusers' own force_upcast flips a shared
+    # module's dtype around each decode; never relied on.
+    from .vae_precision import settle_precision
+
+    settle_precision(pipe.vae, family, placement, info.name)
     if placement.device == "cuda":
         _enable_fast_attention(pipe)
     return LoadedCheckpoint(

@@ -261,9 +261,9 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
     from PIL import Image
 
     from .errors import GenerationError
+    from .vae_precision import decode_pixels
 
-    scaled = latents.to(dtype=vae.dtype) / vae.config.scaling_factor
-    pixels = vae.decode(scaled).sample
+    pixels = decode_pixels(vae, latents)  # half precision, retried in fp32 on NaN
     if has_non_finite(pixels):
         raise GenerationError("the VAE produced NaN or Inf values; no image is returned")
     pixels = torch.clamp(pixels.float() * 0.5 + 0.5, min=0.0, max=1.0)

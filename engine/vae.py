@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .catalog import HashCache
 from .errors import ModelLoadError, UnknownName
 from .loading import CONFIG_ROOT, Family, LoadedCheckpoint, Placement, infer_vae, read_shapes
@@ -113,15 +111,19 @@ def load_vae_file(path: Path, family: Family, placement: Placement, cache_root: 
         shutil.rmtree(folder, ignore_errors=True)
         (folder / "vae").mkdir(parents=True)
         (folder / "vae" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    dtype = placement.dtype
-    if dtype == torch.float16 and config.get("force_upcast"):
-        dtype = torch.float32  # SDXL's VAE overflows in fp16 (see loading._finish)
     try:
         vae = AutoencoderKL.from_single_file(
-            str(path), config=str(folder), subfolder="vae", local_files_only=True, torch_dtype=dtype
+            str(path),
+            config=str(folder),
+            subfolder="vae",
+            local_files_only=True,
+            torch_dtype=placement.dtype,
         )
     except Exception as exc:
         raise ModelLoadError(
             f"{path.name}: VAE loading failed ({type(exc).__name__}: {exc})"
         ) from exc
-    return vae.to(placement.device).eval()
+    # The same precision policy as a checkpoint's own VAE (engine/vae_precision.py).
+    from .vae_precision import settle_precision
+
+    return settle_precision(vae.to(placement.device).eval(), family, placement, path.name)

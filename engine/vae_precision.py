@@ -1,0 +1,68 @@
+"""One VAE precision policy for every family, webui-like.
+
+webui decodes in the model's half precision and, when a decode yields NaN, converts the VAE to
+fp32 and retries (opts.auto_vae_precision); a NaN that survives is an error. Here:
+- every VAE (a checkpoint's own or a vae/ file) runs in the engine's dtype (SD_DTYPE), except
+  that an SDXL-family VAE is checked once at load with a fixed probe decode: the original SDXL
+  VAE overflows in fp16, so one whose probe is not finite is kept in fp32 (an fp16-fix VAE
+  passes and stays fp16). The decision depends only on the weights, never on earlier requests.
+- a decode whose half-precision result is not finite is retried with an fp32 copy of the VAE;
+  the shared module is never converted, so a request's pixels never depend on what ran before.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+
+from .loading import Family, Placement
+
+log = logging.getLogger(__name__)
+
+# Families whose original VAE is known to overflow in fp16 (webui's --no-half-vae advice).
+PROBED_FAMILIES = (Family.SDXL, Family.SDXL_REFINER)
+PROBE_SHAPE = (1, 4, 32, 32)  # a 256x256 decode: cheap, and enough to reach the mid block
+PROBE_SEED = 0
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+@torch.no_grad()
+def probe_is_finite(vae: Any) -> bool:
+    """Decode a fixed latent (webui-scaled noise) in the VAE's current dtype."""
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    latent = torch.randn(PROBE_SHAPE, generator=generator)
+    param = next(vae.parameters())
+    latent = latent.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor
+    return _finite(vae.decode(latent).sample)
+
+
+def settle_precision(vae: Any, family: Family, placement: Placement, name: str) -> Any:
+    """The VAE in the dtype it will run in: the engine's, or fp32 for an SDXL-family VAE whose
+    half-precision probe decode overflows. Returns the module (converted in place)."""
+    vae.to(placement.dtype)
+    if placement.dtype == torch.float32 or family not in PROBED_FAMILIES:
+        return vae
+    if not probe_is_finite(vae):
+        log.info("%s: VAE overflows in %s; kept in float32", name, placement.dtype)
+        vae.to(torch.float32)
+    return vae
+
+
+def decode_pixels(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode of model latents; a non-finite half-precision result is decoded again by an
+    fp32 copy of the VAE (webui's auto_vae_precision). The caller checks the final result."""
+    pixels = vae.decode(latents.to(dtype=vae.dtype) / vae.config.scaling_factor).sample
+    if _finite(pixels) or vae.dtype == torch.float32:
+        return pixels
+    log.warning("VAE decode in %s gave NaN/Inf; retrying in float32", vae.dtype)
+    full = copy.deepcopy(vae).to(torch.float32)
+    try:
+        return full.decode(latents.to(torch.float32) / full.config.scaling_factor).sample
+    finally:
+        del full

@@ -1,0 +1,91 @@
+"""One VAE precision policy (engine/vae_precision.py): the engine's dtype everywhere, fp32 for
+an SDXL VAE that overflows in fp16, and a NaN half-precision decode retried in fp32 without
+converting the shared module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.loading import Family, Placement
+from engine.sampling import decode_latents
+from engine.vae import load_vae_file
+from engine.vae_precision import decode_pixels
+
+HALF = Placement("cpu", torch.float16)
+FULL = Placement("cpu", torch.float32)
+# conv_in x 1e5 pushes the decoder's first activations past fp16's maximum (65504): inf, then
+# NaN after the first GroupNorm. In fp32 the norms absorb the scale and the picture is finite.
+OVERFLOW = 1e5
+
+
+def _overflowing_copy(source: Path, folder: Path, key: str) -> Path:
+    state = load_file(str(source))
+    state[key] = state[key] * OVERFLOW
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name
+    save_file(state, str(target))
+    return target
+
+
+def _latents() -> torch.Tensor:
+    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+def test_sd1_vae_file_runs_in_the_engine_dtype(tiny_models_dir: Path, tmp_path: Path) -> None:
+    vae = load_vae_file(
+        tiny_models_dir / "vae" / "tiny-vae.safetensors", Family.SD1, HALF, tmp_path
+    )
+    assert vae.dtype == torch.float16
+
+
+def test_sdxl_vae_stays_half_when_its_probe_is_finite_else_float32(
+    tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    checkpoint = tiny_models_dir / "checkpoints" / "tiny-sdxl.safetensors"
+    fine = load_vae_file(checkpoint, Family.SDXL, HALF, tmp_path / "a")
+    assert fine.dtype == torch.float16  # an "fp16-fix" VAE: stays half
+    broken_file = _overflowing_copy(
+        checkpoint, tmp_path / "broken", "first_stage_model.decoder.conv_in.weight"
+    )
+    broken = load_vae_file(broken_file, Family.SDXL, HALF, tmp_path / "b")
+    assert broken.dtype == torch.float32  # like the original SDXL VAE: kept in fp32
+    assert torch.isfinite(decode_pixels(broken, _latents())).all()
+
+
+def test_nan_half_decode_is_retried_in_float32_and_the_module_is_untouched(
+    tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    source = _overflowing_copy(
+        tiny_models_dir / "vae" / "tiny-vae.safetensors", tmp_path / "vae", "decoder.conv_in.weight"
+    )
+    half = load_vae_file(source, Family.SD1, HALF, tmp_path / "h")
+    full = load_vae_file(source, Family.SD1, FULL, tmp_path / "f")
+    latents = _latents()
+    with torch.no_grad():
+        raw = half.decode(latents.half() / half.config.scaling_factor).sample
+        assert not torch.isfinite(raw).all()  # the failure is real in half precision
+        retried = decode_pixels(half, latents)
+        reference = full.decode(latents / full.config.scaling_factor).sample
+    assert half.dtype == torch.float16  # the shared module was not converted
+    # The retry runs the half weights in fp32 (as webui's upcast does): the fp32 file's picture
+    # up to the weights' fp16 rounding (measured 1.8e-3 in the -1..1 range: under a level).
+    torch.testing.assert_close(retried, reference, atol=4e-3, rtol=0)
+    # Through the image path: pictures, not an error.
+    with torch.no_grad():
+        assert len(decode_latents(half, latents)) == 2
+
+
+def test_a_nan_that_survives_the_retry_is_an_error(tiny_models_dir: Path, tmp_path: Path) -> None:
+    from engine.errors import GenerationError
+
+    vae = load_vae_file(
+        tiny_models_dir / "vae" / "tiny-vae.safetensors", Family.SD1, HALF, tmp_path
+    )
+    latents = _latents()
+    latents[0, 0, 0, 0] = float("nan")
+    with pytest.raises(GenerationError, match="NaN"), torch.no_grad():
+        decode_latents(vae, latents)
