@@ -1,7 +1,9 @@
-"""Offline loading: family detection, config inference (full-size and tiny), folders, pickles."""
+"""Offline loading: family detection, config inference (released layouts and tiny), folders,
+pickles."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from dataclasses import replace
@@ -21,88 +23,35 @@ from engine.loading import (
     Family,
     default_placement,
     detect_family,
+    has_legacy_sd1_text_keys,
     infer_configs,
     load_checkpoint,
     prediction_type_hint,
     read_shapes,
+    webui_key,
 )
 from scripts import make_tiny_models as tiny
 
 from .helpers import SD1, payload, pixels
 
-# The real reference architectures, built with the tiny maker's key generators: a full-size
-# civitai file has exactly these keys and shapes, so inference must give the bundled configs.
-TEXT_L = tiny.TextDims(hidden=768, intermediate=3072, layers=12)
-REAL_VAE = tiny.VAEDims(ch=128, ch_mult=(1, 2, 4, 4))
-REAL_SD15 = tiny.SD1Dims(
-    unet=tiny.UNetDims(
-        model_channels=320,
-        channel_mult=(1, 2, 4, 4),
-        num_res_blocks=2,
-        transformer_depth=(1, 1, 1, 0),
-        transformer_depth_middle=1,
-        context_dim=768,
-        use_linear_in_transformer=False,
-        num_heads=8,
-    ),
-    vae=REAL_VAE,
-    text=TEXT_L,
-)
-REAL_SD21 = tiny.SD2Dims(
-    unet=tiny.UNetDims(
-        model_channels=320,
-        channel_mult=(1, 2, 4, 4),
-        num_res_blocks=2,
-        transformer_depth=(1, 1, 1, 0),
-        transformer_depth_middle=1,
-        context_dim=1024,
-        use_linear_in_transformer=True,
-        num_head_channels=64,
-    ),
-    vae=REAL_VAE,
-    text=tiny.TextDims(hidden=1024, intermediate=4096, layers=24, projection_dim=1024),
-)
-REAL_SDXL = tiny.SDXLDims(
-    unet=tiny.UNetDims(
-        model_channels=320,
-        channel_mult=(1, 2, 4),
-        num_res_blocks=2,
-        transformer_depth=(0, 2, 10),
-        transformer_depth_middle=10,
-        context_dim=2048,
-        use_linear_in_transformer=True,
-        num_head_channels=64,
-        adm_in_channels=2816,
-    ),
-    vae=REAL_VAE,
-    text_l=TEXT_L,
-    text_g=tiny.TextDims(hidden=1280, intermediate=5120, layers=32, projection_dim=1280),
-)
-REAL_REFINER = tiny.SDXLRefinerDims(
-    unet=tiny.UNetDims(
-        model_channels=384,
-        channel_mult=(1, 2, 4, 4),
-        num_res_blocks=2,
-        transformer_depth=(0, 4, 4, 0),
-        transformer_depth_middle=4,
-        context_dim=1280,
-        use_linear_in_transformer=True,
-        num_head_channels=64,
-        adm_in_channels=2560,
-    ),
-    vae=REAL_VAE,
-    text_g=tiny.TextDims(hidden=1280, intermediate=5120, layers=32, projection_dim=1280),
-)
-REAL = {
-    Family.SDXL_REFINER: tiny.sdxl_refiner_checkpoint(REAL_REFINER),
-    Family.SD1: tiny.sd1_checkpoint(REAL_SD15),
-    Family.SD2: tiny.sd2_checkpoint(REAL_SD21),
-    Family.SDXL: tiny.sdxl_checkpoint(REAL_SDXL),
+# Key layouts of the real released files (keys and shapes only), written by
+# scripts/make_layout_manifests.py from published listings (see its docstring for the sources and
+# the independent cross-check); never from our own tiny-model maker.
+LAYOUTS = Path(__file__).parent / "data" / "layouts"
+MANIFESTS = {
+    "sd15-pruned": Family.SD1,
+    "sd15-emaonly": Family.SD1,
+    "sd15-legacy-text-encoder": Family.SD1,
+    "sd21": Family.SD2,
+    "sdxl-base": Family.SDXL,
+    "sdxl-refiner": Family.SDXL_REFINER,
 }
 
 
-def shapes_of(params: Any) -> dict[str, tuple[int, ...]]:
-    return {p.key: tuple(p.shape) for p in params}
+def manifest(name: str) -> dict[str, tuple[int, ...]]:
+    with gzip.open(LAYOUTS / f"{name}.json.gz", "rt", encoding="utf-8") as handle:
+        data = json.load(handle)
+    return {key: tuple(shape) for key, shape in data["tensors"].items()}
 
 
 def bundled(family: Family, slot: str) -> dict[str, Any]:
@@ -112,14 +61,58 @@ def bundled(family: Family, slot: str) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("family", list(Family))
-def test_full_size_files_infer_exactly_the_reference_configs(family: Family) -> None:
-    shapes = shapes_of(REAL[family])
-    spec = detect_family(shapes, "real.safetensors")
-    assert spec.family is family
-    configs = infer_configs(spec, shapes, "real.safetensors")
+@pytest.mark.parametrize("name", list(MANIFESTS))
+def test_released_key_layouts_infer_exactly_the_reference_configs(name: str) -> None:
+    """EMA copies, schedule buffers, position_ids and the old SD1 text keys change nothing."""
+    shapes = manifest(name)
+    if has_legacy_sd1_text_keys(shapes):
+        shapes = {webui_key(k): v for k, v in shapes.items()}
+    spec = detect_family(shapes, f"{name}.safetensors")
+    assert spec.family is MANIFESTS[name]
+    configs = infer_configs(spec, shapes, f"{name}.safetensors")
+    assert set(configs) == {"unet", "vae", *(slot for slot, _, _ in spec.text_encoders)}
     for slot, config in configs.items():
-        assert config == bundled(family, slot), slot
+        assert config == bundled(spec.family, slot), slot
+
+
+def test_the_manifests_carry_what_real_downloads_carry() -> None:
+    """What makes them civitai-shaped: present where the released files have it."""
+    pruned, emaonly, legacy = (
+        manifest(n) for n in ("sd15-pruned", "sd15-emaonly", "sd15-legacy-text-encoder")
+    )
+    assert pruned["model_ema.diffusion_modelinput_blocks00weight"] == (320, 4, 3, 3)
+    assert not any(k.startswith("model_ema.") for k in emaonly)
+    assert emaonly["alphas_cumprod"] == (1000,) and manifest("sd21")["alphas_cumprod"] == (1000,)
+    assert emaonly["cond_stage_model.transformer.text_model.embeddings.position_ids"] == (1, 77)
+    assert legacy["cond_stage_model.transformer.encoder.layers.11.mlp.fc2.weight"] == (768, 3072)
+    assert not any(".text_model." in k for k in legacy)
+    assert "alphas_cumprod" not in manifest("sdxl-base")  # SGM registers no schedule buffers
+
+
+def test_old_sd1_text_keys_are_renamed_as_webui_renames_them() -> None:
+    """webui 1.10.1 modules/sd_models.py checkpoint_dict_replacements_sd1."""
+    assert webui_key("cond_stage_model.transformer.embeddings.position_ids") == (
+        "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    )
+    assert webui_key("cond_stage_model.transformer.final_layer_norm.bias") == (
+        "cond_stage_model.transformer.text_model.final_layer_norm.bias"
+    )
+    for unchanged in (
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.bias",
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.bias",
+        "model.diffusion_model.out.2.weight",
+    ):
+        assert webui_key(unchanged) == unchanged
+
+
+def test_sd21_layout_is_v_prediction_only_by_its_yaml(tmp_path: Path) -> None:
+    """512-base and 768-v share one layout: keys say nothing; webui's same-name yaml decides
+    (without one, the weight probe does, which a key manifest cannot run)."""
+    shapes = manifest("sd21")
+    assert prediction_type_hint(shapes, None) is None
+    yaml = tmp_path / "v2-1_768-ema-pruned.yaml"
+    yaml.write_text('model:\n  params:\n    parameterization: "v"\n')
+    assert prediction_type_hint(shapes, yaml) == "v_prediction"
 
 
 def test_tiny_files_infer_their_own_widths(tiny_models_dir: Path) -> None:
