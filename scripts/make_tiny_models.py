@@ -275,6 +275,8 @@ class Init(enum.Enum):
     EMBEDDING = "embedding"  # token embeddings and textual-inversion vectors alike
     POSITION = "position"  # N(0, 0.1)
     CONST = "const"  # a fixed value (LoRA alpha, logit_scale)
+    POSITION_IDS = "position_ids"  # int64 0..n-1: the buffer older transformers saved with CLIP
+    SCHEDULE = "schedule"  # one of LDM's noise-schedule buffers (``value`` names it)
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,7 @@ class Param:
     init: Init
     fan_in: int | None = None  # FAN_IN: overrides prod(shape[1:]) (OpenCLIP text_projection)
     value: float = 0.0  # CONST
+    seed_key: str | None = None  # draw the values of this key instead (a renamed copy)
 
 
 Params = Iterator[Param]
@@ -581,6 +584,96 @@ def sdxl_checkpoint(d: SDXLDims) -> Params:
     yield from prefixed("conditioner.embedders.1.model.", open_clip_text(d.text_g))
 
 
+# ---- What real downloads carry besides the weights (tests/data/layouts/ has the real lists) ----
+
+# LDM's DDPM.register_schedule buffers, in the order it registers them; SD 1.x/2.x use the
+# "linear" schedule with linear_start 0.00085 and linear_end 0.012 (v1-inference.yaml).
+SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
+# webui 1.10.1 modules/sd_models.py checkpoint_dict_replacements_sd1, read backwards: the layout
+# of old SD1 fine-tunes, whose text model has no ``text_model.`` level.
+_LEGACY_SD1_TEXT = "cond_stage_model.transformer.text_model."
+
+
+def ldm_schedule(timesteps: int = 1000) -> Params:
+    for name in SCHEDULE_BUFFERS:
+        yield Param(name, (timesteps,), Init.SCHEDULE)
+
+
+def schedule_buffer(name: str, timesteps: int = 1000) -> torch.Tensor:
+    """One buffer as LDM computes it (float64, then stored in the file's dtype)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, timesteps, dtype=torch.float64) ** 2
+    alphas = 1.0 - betas
+    cumprod = torch.cumprod(alphas, dim=0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), cumprod[:-1]])
+    posterior_variance = betas * (1.0 - prev) / (1.0 - cumprod)
+    values = {
+        "betas": betas,
+        "alphas_cumprod": cumprod,
+        "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1.0 / cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / cumprod - 1.0).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1.0 - cumprod),
+        "posterior_mean_coef2": (1.0 - prev) * alphas.sqrt() / (1.0 - cumprod),
+    }
+    return values[name]
+
+
+def ema_copy(unet: Iterable[Param]) -> Params:
+    """LitEma's shadow parameters: ``model_ema.`` + the UNet key without its dots, own values
+    (a loader that took them instead of ``model.*`` would change the picture)."""
+    for p in unet:
+        yield replace(p, key="model_ema.diffusion_model" + p.key.replace(".", ""))
+    yield Param("model_ema.decay", (), Init.CONST, value=0.9999)
+    yield Param("model_ema.num_updates", (), Init.CONST, value=0.0)
+
+
+@dataclass(frozen=True)
+class Download:
+    """Which extras a civitai-style SD1 file carries besides the weights a plain tiny file has."""
+
+    ema: bool = False  # model_ema.* (a "pruned", not "emaonly", file)
+    schedule: bool = False  # alphas_cumprod and the other LDM buffers
+    position_ids: bool = False  # the text model's position_ids buffer
+    legacy_text: bool = False  # text-encoder keys without ``text_model.`` (old fine-tunes)
+
+
+def sd1_download(d: SD1Dims, extras: Download) -> Params:
+    """An SD1 file shaped like a download; every weight key a plain file has keeps its values
+    (renamed keys draw the values of their original name)."""
+    for p in sd1_checkpoint(d):
+        if extras.legacy_text and p.key.startswith(_LEGACY_SD1_TEXT):
+            new = "cond_stage_model.transformer." + p.key[len(_LEGACY_SD1_TEXT) :]
+            yield replace(p, key=new, seed_key=p.key)
+        else:
+            yield p
+    if extras.ema:
+        yield from ema_copy(prefixed("", ldm_unet(d.unet)))
+    if extras.schedule:
+        yield from ldm_schedule()
+    if extras.position_ids:
+        text = "cond_stage_model.transformer." if extras.legacy_text else _LEGACY_SD1_TEXT
+        yield Param(f"{text}embeddings.position_ids", (1, d.text.max_positions), Init.POSITION_IDS)
+
+
 # ---- LoRA (kohya sd-scripts networks.lora) ----
 
 
@@ -832,12 +925,17 @@ def materialize(p: Param, seed: int, file_tag: str) -> torch.Tensor:
         return torch.zeros(p.shape)
     if p.init is Init.CONST:
         return torch.full(p.shape, p.value)
+    if p.init is Init.POSITION_IDS:
+        return torch.arange(p.shape[-1], dtype=torch.int64).reshape(p.shape)
+    if p.init is Init.SCHEDULE:
+        return schedule_buffer(p.key, p.shape[0])
     if p.init is Init.FAN_IN:
         fan_in = p.fan_in or math.prod(p.shape[1:])
         std = 1.0 / math.sqrt(fan_in)
     else:
         std = _STD[p.init]
-    return torch.randn(p.shape, generator=_generator(seed, file_tag, p.key)) * std
+    key = p.seed_key or p.key
+    return torch.randn(p.shape, generator=_generator(seed, file_tag, key)) * std
 
 
 def write_safetensors(
@@ -846,13 +944,19 @@ def write_safetensors(
     seed: int,
     dtype: torch.dtype = torch.float32,
     metadata: dict[str, str] | None = None,
+    tag: str | None = None,
 ) -> Path:
-    """Materialize ``params`` (sorted by key) and save them; the file name seeds every tensor."""
+    """Materialize ``params`` (sorted by key) and save them; the file name (or ``tag``, for a
+    variant of another file with the same weights) seeds every tensor. Integer buffers keep
+    their dtype."""
     tensors: dict[str, torch.Tensor] = {}
     for p in params:
         if p.key in tensors:
             raise ValueError(f"duplicate key {p.key!r} in {path.name}")
-        tensors[p.key] = materialize(p, seed, path.stem).to(dtype).contiguous()
+        tensor = materialize(p, seed, tag or path.stem)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[p.key] = tensor.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_sorted_metadata(save(dict(sorted(tensors.items())), metadata=metadata)))
     return path
@@ -874,6 +978,18 @@ def _sorted_metadata(data: bytes) -> bytes:
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # safetensors keeps the data 8-byte aligned
     return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+
+# Download-shaped variants of tiny-sd15 (same weights): what --downloads adds under checkpoints/.
+DOWNLOADS: dict[str, Download] = {
+    "tiny-sd15-pruned": Download(ema=True, schedule=True, position_ids=True),
+    "tiny-sd15-legacy": Download(schedule=True, position_ids=True, legacy_text=True),
+}
+
+
+def write_download(path: Path, extras: Download, seed: int = 0) -> Path:
+    """tiny-sd15's weights (same values: seeded as tiny-sd15) with a download's extra keys."""
+    return write_safetensors(path, sd1_download(SD1, extras), seed, tag=Path(FILES["sd15"]).stem)
 
 
 def make_all(out_dir: Path, seed: int = 0) -> dict[str, Path]:
@@ -921,9 +1037,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("out_dir", type=Path, help="folder to write checkpoints/, loras/, ... into")
     parser.add_argument("--seed", type=int, default=0, help="seed for every tensor (default 0)")
+    parser.add_argument(
+        "--downloads",
+        action="store_true",
+        help="also write tiny-sd15 as civitai-shaped files (EMA, LDM buffers, old text keys)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     paths = make_all(args.out_dir, args.seed)
+    if args.downloads:
+        for name, extras in DOWNLOADS.items():
+            path = args.out_dir / "checkpoints" / f"{name}.safetensors"
+            paths[name] = write_download(path, extras, args.seed)
     elapsed = time.perf_counter() - start
     total = 0
     for path in paths.values():

@@ -261,3 +261,24 @@ def test_default_checkpoint_setting_is_honoured(engine: Engine) -> None:
     other = Engine(Models(catalog, engine.models.cache, preferred), engine.limits)
     info = json.loads(other.handle("txt2img", payload()).info)
     assert info["sd_model_name"] == "tiny-sdxl"
+
+
+@pytest.mark.parametrize("variant", list(tiny.DOWNLOADS))
+def test_a_download_shaped_file_gives_the_plain_files_picture(
+    engine: Engine, tmp_path: Path, variant: str
+) -> None:
+    """tiny-sd15's weights with what real downloads add (EMA copy, LDM buffers, position_ids,
+    or the old text keys webui renames) load, and give the plain file's pixels exactly."""
+    expected = pixels(engine.handle("txt2img", payload()).images[0].data)
+    models = tmp_path / "models"
+    path = models / "checkpoints" / f"{variant}.safetensors"
+    tiny.write_download(path, tiny.DOWNLOADS[variant])
+    extras = set(read_shapes(path)) - set(
+        read_shapes(engine.models.catalog.resolve_checkpoint(SD1).filename)
+    )
+    assert extras, "the variant adds keys"
+    other = small_engine(models)
+    (only,) = other.models.cache.loaded.values()
+    assert only.family is Family.SD1
+    got = pixels(other.handle("txt2img", payload()).images[0].data)
+    assert got.tobytes() == expected.tobytes()
