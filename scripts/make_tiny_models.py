@@ -685,6 +685,7 @@ class _Target:
     fan_in: int
     fan_out: int
     conv1x1: bool = False
+    conv3x3: bool = False  # LoCon: down is a 3x3 conv, up a 1x1 one (sd-scripts conv_dim)
 
 
 def transformer_lora_targets(
@@ -772,14 +773,34 @@ def sgm_unet_lora_targets(d: UNetDims) -> Iterator[_Target]:
             )
 
 
+def sd1_unet_conv_targets(d: UNetDims) -> Iterator[_Target]:
+    """What a kohya LoCon (``conv_dim``) adds: the 3x3 convs of the diffusers UNet's ResNets
+    (down and mid blocks here; enough to see them applied)."""
+    ch = d.model_channels
+    for level, width in enumerate(d.block_channels):
+        for j in range(d.num_res_blocks):
+            yield _Target(f"down_blocks.{level}.resnets.{j}.conv1", ch, width, conv3x3=True)
+            yield _Target(f"down_blocks.{level}.resnets.{j}.conv2", width, width, conv3x3=True)
+            ch = width
+    for j in range(2):
+        yield _Target(f"mid_block.resnets.{j}.conv1", ch, ch, conv3x3=True)
+        yield _Target(f"mid_block.resnets.{j}.conv2", ch, ch, conv3x3=True)
+
+
+def sd1_locon(d: SD1Dims, lora: LoraDims) -> Params:
+    """A LoCon with only its 3x3 conv part: any effect it has comes from the conv layers."""
+    yield from kohya_lora([("lora_unet_", t) for t in sd1_unet_conv_targets(d.unet)], lora)
+
+
 def kohya_lora(targets: Iterable[tuple[str, _Target]], d: LoraDims) -> Params:
     """kohya keys: ``<prefix><module path with . replaced by _>.lora_down/.lora_up/.alpha``."""
     for prefix, t in targets:
         name = prefix + t.module.replace(".", "_")
-        tail = (1, 1) if t.conv1x1 else ()
-        yield Param(f"{name}.lora_down.weight", (d.rank, t.fan_in, *tail), Init.FAN_IN)
+        down = (3, 3) if t.conv3x3 else (1, 1) if t.conv1x1 else ()
+        up = (1, 1) if t.conv3x3 or t.conv1x1 else ()
+        yield Param(f"{name}.lora_down.weight", (d.rank, t.fan_in, *down), Init.FAN_IN)
         # Non-zero up (real training starts it at zero) so that the LoRA visibly changes the image.
-        yield Param(f"{name}.lora_up.weight", (t.fan_out, d.rank, *tail), Init.FAN_IN)
+        yield Param(f"{name}.lora_up.weight", (t.fan_out, d.rank, *up), Init.FAN_IN)
         yield Param(f"{name}.alpha", (), Init.CONST, value=d.alpha)
 
 
