@@ -282,3 +282,31 @@ def test_a_download_shaped_file_gives_the_plain_files_picture(
     assert only.family is Family.SD1
     got = pixels(other.handle("txt2img", payload()).images[0].data)
     assert got.tobytes() == expected.tobytes()
+
+
+def test_sd_cache_dir_holds_every_cache_file_and_the_models_folder_stays_untouched(
+    tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    """SD_CACHE_DIR (a read-only models volume is the use): hashes, the single-file config
+    folders and the VAE cache are written there, nothing in the models folder."""
+    models, cache = tmp_path / "models", tmp_path / "elsewhere" / "cache"
+    for rel in (
+        "checkpoints/" + SD1,
+        "vae/tiny-vae.safetensors",
+        "loras/tiny-lora-sd15.safetensors",
+    ):
+        (models / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_models_dir / rel, models / rel)
+    before = sorted(p.relative_to(models) for p in models.rglob("*"))
+    config = EngineConfig.from_env({"SD_MODELS_DIR": str(models), "SD_CACHE_DIR": str(cache)})
+    assert config.cache_dir == cache.resolve()
+    engine = Engine.setup(config)
+    body = payload(
+        prompt="a lighthouse <lora:tiny-lora-sd15:1>",
+        override_settings={"sd_vae": "tiny-vae.safetensors"},
+    )
+    info = json.loads(engine.handle("txt2img", body).info)
+    assert "VAE: tiny-vae" in info["infotexts"][0] and "Lora hashes" in info["infotexts"][0]
+    assert sorted(p.relative_to(models) for p in models.rglob("*")) == before
+    assert SD1 in (cache / "hashes.json").read_text()  # the checkpoint's hash, for restarts
+    assert any((cache / "configs").iterdir())  # the SD1 config folder from_single_file read
