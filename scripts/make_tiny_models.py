@@ -586,41 +586,26 @@ def sdxl_checkpoint(d: SDXLDims) -> Params:
 
 # ---- What real downloads carry besides the weights (tests/data/layouts/ has the real lists) ----
 
-# LDM's DDPM.register_schedule buffers, in the order it registers them; SD 1.x/2.x use the
-# "linear" schedule with linear_start 0.00085 and linear_end 0.012 (v1-inference.yaml).
-SCHEDULE_BUFFERS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
-
 # webui 1.10.1 modules/sd_models.py checkpoint_dict_replacements_sd1, read backwards: the layout
 # of old SD1 fine-tunes, whose text model has no ``text_model.`` level.
 _LEGACY_SD1_TEXT = "cond_stage_model.transformer.text_model."
 
 
 def ldm_schedule(timesteps: int = 1000) -> Params:
-    for name in SCHEDULE_BUFFERS:
+    """LDM's DDPM.register_schedule buffers; SD 1.x/2.x use the "linear" schedule with
+    linear_start 0.00085 and linear_end 0.012 (v1-inference.yaml)."""
+    for name in schedule_buffers(timesteps):
         yield Param(name, (timesteps,), Init.SCHEDULE)
 
 
-def schedule_buffer(name: str, timesteps: int = 1000) -> torch.Tensor:
-    """One buffer as LDM computes it (float64, then stored in the file's dtype)."""
+def schedule_buffers(timesteps: int = 1000) -> dict[str, torch.Tensor]:
+    """Every buffer as LDM computes it (float64, then stored in the file's dtype)."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, timesteps, dtype=torch.float64) ** 2
     alphas = 1.0 - betas
     cumprod = torch.cumprod(alphas, dim=0)
     prev = torch.cat([torch.ones(1, dtype=torch.float64), cumprod[:-1]])
     posterior_variance = betas * (1.0 - prev) / (1.0 - cumprod)
-    values = {
+    return {
         "betas": betas,
         "alphas_cumprod": cumprod,
         "alphas_cumprod_prev": prev,
@@ -634,7 +619,6 @@ def schedule_buffer(name: str, timesteps: int = 1000) -> torch.Tensor:
         "posterior_mean_coef1": betas * prev.sqrt() / (1.0 - cumprod),
         "posterior_mean_coef2": (1.0 - prev) * alphas.sqrt() / (1.0 - cumprod),
     }
-    return values[name]
 
 
 def ema_copy(unet: Iterable[Param]) -> Params:
@@ -949,7 +933,7 @@ def materialize(p: Param, seed: int, file_tag: str) -> torch.Tensor:
     if p.init is Init.POSITION_IDS:
         return torch.arange(p.shape[-1], dtype=torch.int64).reshape(p.shape)
     if p.init is Init.SCHEDULE:
-        return schedule_buffer(p.key, p.shape[0])
+        return schedule_buffers(p.shape[0])[p.key]
     if p.init is Init.FAN_IN:
         fan_in = p.fan_in or math.prod(p.shape[1:])
         std = 1.0 / math.sqrt(fan_in)

@@ -310,3 +310,39 @@ def test_sd_cache_dir_holds_every_cache_file_and_the_models_folder_stays_untouch
     assert sorted(p.relative_to(models) for p in models.rglob("*")) == before
     assert SD1 in (cache / "hashes.json").read_text()  # the checkpoint's hash, for restarts
     assert any((cache / "configs").iterdir())  # the SD1 config folder from_single_file read
+
+
+def test_download_shaped_tiny_files_use_the_released_key_names(tmp_path: Path) -> None:
+    """The tiny maker's extras are named as in the released files (the manifests): EMA copies
+    by LitEma's dot-less rule, the same buffers, position_ids, the old text-encoder keys."""
+    real = {name: set(manifest(name)) for name in ("sd15-pruned", "sd15-legacy-text-encoder")}
+    weights = ("model.diffusion_model.", "first_stage_model.", "model_ema.diffusion_model")
+    for variant, name in (
+        ("tiny-sd15-pruned", "sd15-pruned"),
+        ("tiny-sd15-legacy", "sd15-legacy-text-encoder"),
+    ):
+        path = tiny.write_download(tmp_path / f"{variant}.safetensors", tiny.DOWNLOADS[variant])
+        keys = set(read_shapes(path))
+        text = {k for k in keys if k.startswith("cond_stage_model.")}
+        assert text <= real[name]  # fewer layers than CLIP-L, the same names
+        extras = {k for k in keys - text if not k.startswith(weights)}
+        assert extras == {
+            k for k in real[name] if not k.startswith((*weights, "cond_stage_model."))
+        }
+    for keys in (real["sd15-pruned"], set(read_shapes(tmp_path / "tiny-sd15-pruned.safetensors"))):
+        unet = {k.removeprefix("model.diffusion_model.") for k in keys if k.startswith("model.dif")}
+        ema = {k for k in keys if k.startswith("model_ema.diffusion_model")}
+        assert ema == {"model_ema.diffusion_model" + k.replace(".", "") for k in unet}
+
+
+def test_old_text_keys_in_a_pickle_checkpoint_load_too(engine: Engine, tmp_path: Path) -> None:
+    """The legacy-layout text encoder read from a .ckpt (weights-only unpickler) as well."""
+    expected = pixels(engine.handle("txt2img", payload()).images[0].data)
+    source = tiny.write_download(
+        tmp_path / "legacy.safetensors", tiny.DOWNLOADS["tiny-sd15-legacy"]
+    )
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": load_file(str(source))}, models / "checkpoints" / "legacy.ckpt")
+    got = pixels(small_engine(models).handle("txt2img", payload()).images[0].data)
+    assert got.tobytes() == expected.tobytes()
