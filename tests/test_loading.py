@@ -106,13 +106,23 @@ def test_old_sd1_text_keys_are_renamed_as_webui_renames_them() -> None:
 
 
 def test_sd21_layout_is_v_prediction_only_by_its_yaml(tmp_path: Path) -> None:
-    """512-base and 768-v share one layout: keys say nothing; webui's same-name yaml decides
-    (without one, the weight probe does, which a key manifest cannot run)."""
+    """512-base and 768-v share one layout: keys say nothing; the same-name yaml the catalog
+    finds beside the file decides, as in webui (without one, webui's weight probe does, which
+    a key manifest cannot run)."""
     shapes = manifest("sd21")
-    assert prediction_type_hint(shapes, None) is None
-    yaml = tmp_path / "v2-1_768-ema-pruned.yaml"
-    yaml.write_text('model:\n  params:\n    parameterization: "v"\n')
-    assert prediction_type_hint(shapes, yaml) == "v_prediction"
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for stem in ("v2-1_512-ema-pruned", "v2-1_768-ema-pruned"):
+        # Stand-ins for the files (the catalog only lists them here); the layout is the manifest.
+        save_file({"x": torch.zeros(1)}, str(folder / f"{stem}.safetensors"))
+    (folder / "v2-1_768-ema-pruned.yaml").write_text(
+        'model:\n  params:\n    parameterization: "v"\n'  # v2-inference-v.yaml's key
+    )
+    catalog = Catalog.scan(tmp_path)
+    base = catalog.resolve_checkpoint("v2-1_512-ema-pruned")
+    v = catalog.resolve_checkpoint("v2-1_768-ema-pruned")
+    assert base.config is None and prediction_type_hint(shapes, base.config) is None
+    assert prediction_type_hint(shapes, v.config) == "v_prediction"
 
 
 def test_tiny_files_infer_their_own_widths(tiny_models_dir: Path) -> None:
