@@ -658,6 +658,17 @@ def sd1_download(d: SD1Dims, extras: Download) -> Params:
         yield Param(f"{text}embeddings.position_ids", (1, d.text.max_positions), Init.POSITION_IDS)
 
 
+def sdxl_download(d: SDXLDims) -> Params:
+    """An SDXL file as released (sd_xl_base_1.0): the CLIP-L position_ids buffer besides the
+    weights. SGM registers no schedule buffers and the release has no EMA copy."""
+    yield from sdxl_checkpoint(d)
+    yield Param(
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+        (1, d.text_l.max_positions),
+        Init.POSITION_IDS,
+    )
+
+
 # ---- LoRA (kohya sd-scripts networks.lora) ----
 
 
@@ -997,6 +1008,12 @@ def write_download(path: Path, extras: Download, seed: int = 0) -> Path:
     return write_safetensors(path, sd1_download(SD1, extras), seed, tag=Path(FILES["sd15"]).stem)
 
 
+def write_sdxl_download(path: Path, seed: int = 0) -> Path:
+    """tiny-sdxl's weights (fp16, seeded as tiny-sdxl) with the released file's extra buffer."""
+    stem = Path(FILES["sdxl"]).stem
+    return write_safetensors(path, sdxl_download(SDXL), seed, dtype=torch.float16, tag=stem)
+
+
 def make_all(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     """Write every tiny model under ``out_dir``; returns ``FILES``' names mapped to the paths."""
     out_dir = Path(out_dir)
@@ -1045,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--downloads",
         action="store_true",
-        help="also write tiny-sd15 as civitai-shaped files (EMA, LDM buffers, old text keys)",
+        help="also write tiny-sd15/-sdxl as civitai-shaped files (EMA, buffers, old text keys)",
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -1054,6 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, extras in DOWNLOADS.items():
             path = args.out_dir / "checkpoints" / f"{name}.safetensors"
             paths[name] = write_download(path, extras, args.seed)
+        path = args.out_dir / "checkpoints" / "tiny-sdxl-released.safetensors"
+        paths["tiny-sdxl-released"] = write_sdxl_download(path, args.seed)
     elapsed = time.perf_counter() - start
     total = 0
     for path in paths.values():

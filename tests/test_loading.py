@@ -32,7 +32,7 @@ from engine.loading import (
 )
 from scripts import make_tiny_models as tiny
 
-from .helpers import SD1, payload, pixels
+from .helpers import SD1, SDXL, payload, pixels, with_model
 
 # Key layouts of the real released files (keys and shapes only), written by
 # scripts/make_layout_manifests.py from published listings (see its docstring for the sources and
@@ -355,4 +355,16 @@ def test_old_text_keys_in_a_pickle_checkpoint_load_too(engine: Engine, tmp_path:
     (models / "checkpoints").mkdir(parents=True)
     torch.save({"state_dict": load_file(str(source))}, models / "checkpoints" / "legacy.ckpt")
     got = pixels(small_engine(models).handle("txt2img", payload()).images[0].data)
+    assert got.tobytes() == expected.tobytes()
+
+
+def test_an_sdxl_file_with_its_released_buffers_gives_the_plain_files_picture(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """position_ids of the CLIP-L encoder, as sd_xl_base_1.0 carries it, change nothing."""
+    expected = pixels(engine.handle("txt2img", with_model(SDXL)).images[0].data)
+    models = tmp_path / "models"
+    path = tiny.write_sdxl_download(models / "checkpoints" / SDXL)
+    assert set(read_shapes(path)) <= set(manifest("sdxl-base"))  # every key named as released
+    got = pixels(small_engine(models).handle("txt2img", with_model(SDXL)).images[0].data)
     assert got.tobytes() == expected.tobytes()
