@@ -75,6 +75,56 @@ def test_released_key_layouts_infer_exactly_the_reference_configs(name: str) -> 
         assert config == bundled(spec.family, slot), slot
 
 
+def _converted(spec: Any, configs: dict[str, dict[str, Any]], shapes: Any) -> dict[str, Any]:
+    """Each component's diffusers parameters, converted by diffusers' own single-file code
+    from meta tensors of the layout's shapes, beside an empty model of the inferred config."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    ckpt = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    out: dict[str, Any] = {}
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+    out["unet"] = (sfu.convert_ldm_unet_checkpoint(dict(ckpt), configs["unet"]), unet)
+    out["vae"] = (sfu.convert_ldm_vae_checkpoint(dict(ckpt), configs["vae"]), vae)
+    for slot, prefix, layout in spec.text_encoders:
+        projected = "CLIPTextModelWithProjection" in configs[slot].get("architectures", [])
+        cls = CLIPTextModelWithProjection if projected else CLIPTextModel
+        with init_empty_weights():
+            model = cls(CLIPTextConfig.from_dict(configs[slot]))
+        if layout == "hf":
+            got = sfu.convert_ldm_clip_checkpoint(ckpt)
+        else:
+            got = sfu.convert_open_clip_checkpoint(model, ckpt, prefix=prefix)
+        if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+            got = {k.removeprefix("text_model."): v for k, v in got.items()}
+        out[slot] = (got, model)
+    return out
+
+
+@pytest.mark.parametrize("name", list(MANIFESTS))
+def test_released_layouts_convert_to_exactly_the_reference_models(name: str) -> None:
+    """An independent check of the manifests and of our config inference together: diffusers'
+    converter maps every tensor of the released layout onto a parameter of the reference model
+    with its shape, and leaves none unfilled (only the non-persistent position_ids buffer of
+    current transformers is extra; diffusers drops it on load)."""
+    shapes = manifest(name)
+    if has_legacy_sd1_text_keys(shapes):
+        shapes = {webui_key(k): v for k, v in shapes.items()}
+    spec = detect_family(shapes, name)
+    configs = infer_configs(spec, shapes, name)
+    for slot, (got, model) in _converted(spec, configs, shapes).items():
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in got.items()}
+        buffers = {k for k, _ in model.named_buffers()}
+        assert set(want) - set(have) == set(), slot
+        assert set(have) - set(want) <= buffers, slot
+        assert {k: have[k] for k in want} == want, slot
+
+
 def test_the_manifests_carry_what_real_downloads_carry() -> None:
     """What makes them civitai-shaped: present where the released files have it."""
     pruned, emaonly, legacy = (
