@@ -32,7 +32,8 @@ PUBLISHED listings, never from this project's tiny-model maker:
   its ``scripts/yaml_from_safetensors.py`` from real files) are an independent listing: every
   manifest key must be there (as a key or one of its ``aliases``) with the same shape, and every
   key it does not mark optional must be in the manifest. SD 2.x and the refiner have no second
-  listing there.
+  listing there; for every manifest, tests/test_loading.py also runs diffusers' own single-file
+  converter on it and finds exactly the parameters and shapes of the reference diffusers models.
 
 Output: ``<name>.json.gz``: ``{"file": ..., "sources": [...], "tensors": {key: shape}}``, written
 with a zero gzip mtime so the same inputs give the same bytes.
