@@ -101,6 +101,22 @@ FAMILIES: tuple[FamilySpec, ...] = (
     ),
 )
 
+# Old SD1 fine-tunes store the CLIP text model without transformers' `text_model.` level. webui
+# 1.10.1 renames those keys on load (modules/sd_models.py, checkpoint_dict_replacements_sd1, applied
+# to every key by transform_checkpoint_dict_key), so such files work there; we apply the same map.
+LEGACY_SD1_TEXT_KEYS: tuple[tuple[str, str], ...] = (
+    (
+        "cond_stage_model.transformer.embeddings.",
+        "cond_stage_model.transformer.text_model.embeddings.",
+    ),
+    ("cond_stage_model.transformer.encoder.", "cond_stage_model.transformer.text_model.encoder."),
+    (
+        "cond_stage_model.transformer.final_layer_norm.",
+        "cond_stage_model.transformer.text_model.final_layer_norm.",
+    ),
+)
+_SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+
 # SD2's diffusers text encoder stops one layer early: webui and diffusers both use OpenCLIP's
 # penultimate layer as SD2's "last" layer, and diffusers' converter drops resblock 23.
 _SD2_DROPPED_TEXT_LAYERS = 1
@@ -149,6 +165,18 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise ModelLoadError(
             f"{path.name}: cannot read the file ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def webui_key(key: str) -> str:
+    """A key as webui sees it after its SD1 text-encoder rename (unchanged for every other key)."""
+    for old, new in LEGACY_SD1_TEXT_KEYS:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def has_legacy_sd1_text_keys(shapes: Shapes) -> bool:
+    return any(webui_key(k) != k for k in shapes)
 
 
 def detect_family(shapes: Shapes, name: str) -> FamilySpec:
@@ -404,12 +432,19 @@ def load_single_file(
 ) -> LoadedCheckpoint:
     """Load one original-layout checkpoint file through diffusers' single-file loader."""
     path = info.filename
-    shapes = read_shapes(path)
+    file_shapes = read_shapes(path)
+    legacy_text = has_legacy_sd1_text_keys(file_shapes)
+    shapes = {webui_key(k): v for k, v in file_shapes.items()} if legacy_text else file_shapes
     spec = detect_family(shapes, info.name)
     configs = infer_configs(spec, shapes, info.name)
     config_dir = write_config_dir(spec, configs, cache_root)
     pipeline_cls = _pipeline_class(spec.pipeline)
+    components: dict[str, Any] = {}
     try:
+        if legacy_text and spec.family is Family.SD1:
+            # diffusers' converter only knows the `text_model.` layout: build the text encoder
+            # from the renamed keys with diffusers' own CLIP converter and hand it over.
+            components["text_encoder"] = _legacy_text_encoder(path, config_dir, placement.dtype)
         pipe = pipeline_cls.from_single_file(
             str(path),
             config=str(config_dir),
@@ -417,6 +452,7 @@ def load_single_file(
             torch_dtype=placement.dtype,
             safety_checker=None,
             feature_extractor=None,
+            **components,
         )
     except Exception as exc:
         raise ModelLoadError(f"{info.name}: loading failed ({type(exc).__name__}: {exc})") from exc
@@ -429,6 +465,33 @@ def load_single_file(
             prediction = "v_prediction"
     scheduler_config["prediction_type"] = prediction
     return _finish(info, spec.family, pipe, scheduler_config, placement)
+
+
+def _read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose keys start with `prefix` (safetensors: only those are read)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}  # noqa: SIM118
+    state = _unwrap(torch.load(str(path), map_location="cpu", weights_only=True))
+    return {k: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+
+
+def _legacy_text_encoder(path: Path, config_dir: Path, dtype: torch.dtype) -> Any:
+    """SD1's CLIP text model from a file with the old keys, renamed as webui renames them."""
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    tensors = {webui_key(k): v for k, v in _read_tensors(path, _SD1_TEXT_PREFIX).items()}
+    return create_diffusers_clip_model_from_ldm(
+        CLIPTextModel,
+        tensors,
+        config=str(config_dir),
+        subfolder="text_encoder",
+        torch_dtype=dtype,
+        local_files_only=True,
+    )
 
 
 def load_diffusers_folder(info: CheckpointInfo, placement: Placement) -> LoadedCheckpoint:

@@ -434,7 +434,17 @@ def _set_active(layer: Any, names: list[str]) -> None:
     per layer (tens of ms for a full SDXL LoRA with a few cached), and inference needs no
     gradients (they are switched off once, at load). The attribute is the one peft's own
     `active_adapter` property reads; tests/test_networks.py checks that through the property.
-    (peft 0.21's public `set_adapter` was tried here and hung the LoRA tests: see issue 13.)
+
+    Why not the public API (peft 0.21.2 offers no other way to switch: `active_adapter` is a
+    read-only property "set with set_adapter"): measured with scripts/bench_lora.py on the tiny
+    SD1 (2 cores, loaded machine), `layer.set_adapter(names held by the layer,
+    inference_mode=True)` made a cached switch 60 ms instead of 2.6 ms (diffusers' own
+    set_adapters: 48-64 ms, so the ratio went from 0.04 to 1.27), a weight-only change 65 ms
+    instead of 1.8 ms, the way back to the plain model 28 ms instead of 0.4 ms, and the switch
+    grew 2.6x from 2 to 8 cached adapters instead of 1.03x. It does not raise (with or without
+    names a layer lacks); the earlier "hang" was tests/test_networks.py
+    test_switching_cached_loras_walks_no_modules, which forbids set_adapter on the switching
+    path, raising inside the manager's finally while the lock was not yet released there.
     """
     if layer.disable_adapters:  # someone called disable_lora(); we switch per layer instead
         layer.enable_adapters(True)

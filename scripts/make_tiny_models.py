@@ -275,6 +275,8 @@ class Init(enum.Enum):
     EMBEDDING = "embedding"  # token embeddings and textual-inversion vectors alike
     POSITION = "position"  # N(0, 0.1)
     CONST = "const"  # a fixed value (LoRA alpha, logit_scale)
+    POSITION_IDS = "position_ids"  # int64 0..n-1: the buffer older transformers saved with CLIP
+    SCHEDULE = "schedule"  # one of LDM's noise-schedule buffers (``value`` names it)
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,7 @@ class Param:
     init: Init
     fan_in: int | None = None  # FAN_IN: overrides prod(shape[1:]) (OpenCLIP text_projection)
     value: float = 0.0  # CONST
+    seed_key: str | None = None  # draw the values of this key instead (a renamed copy)
 
 
 Params = Iterator[Param]
@@ -581,6 +584,91 @@ def sdxl_checkpoint(d: SDXLDims) -> Params:
     yield from prefixed("conditioner.embedders.1.model.", open_clip_text(d.text_g))
 
 
+# ---- What real downloads carry besides the weights (tests/data/layouts/ has the real lists) ----
+
+# webui 1.10.1 modules/sd_models.py checkpoint_dict_replacements_sd1, read backwards: the layout
+# of old SD1 fine-tunes, whose text model has no ``text_model.`` level.
+_LEGACY_SD1_TEXT = "cond_stage_model.transformer.text_model."
+
+
+def ldm_schedule(timesteps: int = 1000) -> Params:
+    """LDM's DDPM.register_schedule buffers; SD 1.x/2.x use the "linear" schedule with
+    linear_start 0.00085 and linear_end 0.012 (v1-inference.yaml)."""
+    for name in schedule_buffers(timesteps):
+        yield Param(name, (timesteps,), Init.SCHEDULE)
+
+
+def schedule_buffers(timesteps: int = 1000) -> dict[str, torch.Tensor]:
+    """Every buffer as LDM computes it (float64, then stored in the file's dtype)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, timesteps, dtype=torch.float64) ** 2
+    alphas = 1.0 - betas
+    cumprod = torch.cumprod(alphas, dim=0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), cumprod[:-1]])
+    posterior_variance = betas * (1.0 - prev) / (1.0 - cumprod)
+    return {
+        "betas": betas,
+        "alphas_cumprod": cumprod,
+        "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1.0 / cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / cumprod - 1.0).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1.0 - cumprod),
+        "posterior_mean_coef2": (1.0 - prev) * alphas.sqrt() / (1.0 - cumprod),
+    }
+
+
+def ema_copy(unet: Iterable[Param]) -> Params:
+    """LitEma's shadow parameters: ``model_ema.`` + the UNet key without its dots, own values
+    (a loader that took them instead of ``model.*`` would change the picture)."""
+    for p in unet:
+        yield replace(p, key="model_ema.diffusion_model" + p.key.replace(".", ""))
+    yield Param("model_ema.decay", (), Init.CONST, value=0.9999)
+    yield Param("model_ema.num_updates", (), Init.CONST, value=0.0)
+
+
+@dataclass(frozen=True)
+class Download:
+    """Which extras a civitai-style SD1 file carries besides the weights a plain tiny file has."""
+
+    ema: bool = False  # model_ema.* (a "pruned", not "emaonly", file)
+    schedule: bool = False  # alphas_cumprod and the other LDM buffers
+    position_ids: bool = False  # the text model's position_ids buffer
+    legacy_text: bool = False  # text-encoder keys without ``text_model.`` (old fine-tunes)
+
+
+def sd1_download(d: SD1Dims, extras: Download) -> Params:
+    """An SD1 file shaped like a download; every weight key a plain file has keeps its values
+    (renamed keys draw the values of their original name)."""
+    for p in sd1_checkpoint(d):
+        if extras.legacy_text and p.key.startswith(_LEGACY_SD1_TEXT):
+            new = "cond_stage_model.transformer." + p.key[len(_LEGACY_SD1_TEXT) :]
+            yield replace(p, key=new, seed_key=p.key)
+        else:
+            yield p
+    if extras.ema:
+        yield from ema_copy(prefixed("", ldm_unet(d.unet)))
+    if extras.schedule:
+        yield from ldm_schedule()
+    if extras.position_ids:
+        text = "cond_stage_model.transformer." if extras.legacy_text else _LEGACY_SD1_TEXT
+        yield Param(f"{text}embeddings.position_ids", (1, d.text.max_positions), Init.POSITION_IDS)
+
+
+def sdxl_download(d: SDXLDims) -> Params:
+    """An SDXL file as released (sd_xl_base_1.0): the CLIP-L position_ids buffer besides the
+    weights. SGM registers no schedule buffers and the release has no EMA copy."""
+    yield from sdxl_checkpoint(d)
+    yield Param(
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+        (1, d.text_l.max_positions),
+        Init.POSITION_IDS,
+    )
+
+
 # ---- LoRA (kohya sd-scripts networks.lora) ----
 
 
@@ -592,6 +680,7 @@ class _Target:
     fan_in: int
     fan_out: int
     conv1x1: bool = False
+    conv3x3: bool = False  # LoCon: down is a 3x3 conv, up a 1x1 one (sd-scripts conv_dim)
 
 
 def transformer_lora_targets(
@@ -679,14 +768,34 @@ def sgm_unet_lora_targets(d: UNetDims) -> Iterator[_Target]:
             )
 
 
+def sd1_unet_conv_targets(d: UNetDims) -> Iterator[_Target]:
+    """What a kohya LoCon (``conv_dim``) adds: the 3x3 convs of the diffusers UNet's ResNets
+    (down and mid blocks here; enough to see them applied)."""
+    ch = d.model_channels
+    for level, width in enumerate(d.block_channels):
+        for j in range(d.num_res_blocks):
+            yield _Target(f"down_blocks.{level}.resnets.{j}.conv1", ch, width, conv3x3=True)
+            yield _Target(f"down_blocks.{level}.resnets.{j}.conv2", width, width, conv3x3=True)
+            ch = width
+    for j in range(2):
+        yield _Target(f"mid_block.resnets.{j}.conv1", ch, ch, conv3x3=True)
+        yield _Target(f"mid_block.resnets.{j}.conv2", ch, ch, conv3x3=True)
+
+
+def sd1_locon(d: SD1Dims, lora: LoraDims) -> Params:
+    """A LoCon with only its 3x3 conv part: any effect it has comes from the conv layers."""
+    yield from kohya_lora([("lora_unet_", t) for t in sd1_unet_conv_targets(d.unet)], lora)
+
+
 def kohya_lora(targets: Iterable[tuple[str, _Target]], d: LoraDims) -> Params:
     """kohya keys: ``<prefix><module path with . replaced by _>.lora_down/.lora_up/.alpha``."""
     for prefix, t in targets:
         name = prefix + t.module.replace(".", "_")
-        tail = (1, 1) if t.conv1x1 else ()
-        yield Param(f"{name}.lora_down.weight", (d.rank, t.fan_in, *tail), Init.FAN_IN)
+        down = (3, 3) if t.conv3x3 else (1, 1) if t.conv1x1 else ()
+        up = (1, 1) if t.conv3x3 or t.conv1x1 else ()
+        yield Param(f"{name}.lora_down.weight", (d.rank, t.fan_in, *down), Init.FAN_IN)
         # Non-zero up (real training starts it at zero) so that the LoRA visibly changes the image.
-        yield Param(f"{name}.lora_up.weight", (t.fan_out, d.rank, *tail), Init.FAN_IN)
+        yield Param(f"{name}.lora_up.weight", (t.fan_out, d.rank, *up), Init.FAN_IN)
         yield Param(f"{name}.alpha", (), Init.CONST, value=d.alpha)
 
 
@@ -832,12 +941,17 @@ def materialize(p: Param, seed: int, file_tag: str) -> torch.Tensor:
         return torch.zeros(p.shape)
     if p.init is Init.CONST:
         return torch.full(p.shape, p.value)
+    if p.init is Init.POSITION_IDS:
+        return torch.arange(p.shape[-1], dtype=torch.int64).reshape(p.shape)
+    if p.init is Init.SCHEDULE:
+        return schedule_buffers(p.shape[0])[p.key]
     if p.init is Init.FAN_IN:
         fan_in = p.fan_in or math.prod(p.shape[1:])
         std = 1.0 / math.sqrt(fan_in)
     else:
         std = _STD[p.init]
-    return torch.randn(p.shape, generator=_generator(seed, file_tag, p.key)) * std
+    key = p.seed_key or p.key
+    return torch.randn(p.shape, generator=_generator(seed, file_tag, key)) * std
 
 
 def write_safetensors(
@@ -846,13 +960,19 @@ def write_safetensors(
     seed: int,
     dtype: torch.dtype = torch.float32,
     metadata: dict[str, str] | None = None,
+    tag: str | None = None,
 ) -> Path:
-    """Materialize ``params`` (sorted by key) and save them; the file name seeds every tensor."""
+    """Materialize ``params`` (sorted by key) and save them; the file name (or ``tag``, for a
+    variant of another file with the same weights) seeds every tensor. Integer buffers keep
+    their dtype."""
     tensors: dict[str, torch.Tensor] = {}
     for p in params:
         if p.key in tensors:
             raise ValueError(f"duplicate key {p.key!r} in {path.name}")
-        tensors[p.key] = materialize(p, seed, path.stem).to(dtype).contiguous()
+        tensor = materialize(p, seed, tag or path.stem)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[p.key] = tensor.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_sorted_metadata(save(dict(sorted(tensors.items())), metadata=metadata)))
     return path
@@ -874,6 +994,24 @@ def _sorted_metadata(data: bytes) -> bytes:
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # safetensors keeps the data 8-byte aligned
     return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+
+# Download-shaped variants of tiny-sd15 (same weights): what --downloads adds under checkpoints/.
+DOWNLOADS: dict[str, Download] = {
+    "tiny-sd15-pruned": Download(ema=True, schedule=True, position_ids=True),
+    "tiny-sd15-legacy": Download(schedule=True, position_ids=True, legacy_text=True),
+}
+
+
+def write_download(path: Path, extras: Download, seed: int = 0) -> Path:
+    """tiny-sd15's weights (same values: seeded as tiny-sd15) with a download's extra keys."""
+    return write_safetensors(path, sd1_download(SD1, extras), seed, tag=Path(FILES["sd15"]).stem)
+
+
+def write_sdxl_download(path: Path, seed: int = 0) -> Path:
+    """tiny-sdxl's weights (fp16, seeded as tiny-sdxl) with the released file's extra buffer."""
+    stem = Path(FILES["sdxl"]).stem
+    return write_safetensors(path, sdxl_download(SDXL), seed, dtype=torch.float16, tag=stem)
 
 
 def make_all(out_dir: Path, seed: int = 0) -> dict[str, Path]:
@@ -921,9 +1059,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("out_dir", type=Path, help="folder to write checkpoints/, loras/, ... into")
     parser.add_argument("--seed", type=int, default=0, help="seed for every tensor (default 0)")
+    parser.add_argument(
+        "--downloads",
+        action="store_true",
+        help="also write tiny-sd15/-sdxl as civitai-shaped files (EMA, buffers, old text keys)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     paths = make_all(args.out_dir, args.seed)
+    if args.downloads:
+        for name, extras in DOWNLOADS.items():
+            path = args.out_dir / "checkpoints" / f"{name}.safetensors"
+            paths[name] = write_download(path, extras, args.seed)
+        path = args.out_dir / "checkpoints" / "tiny-sdxl-released.safetensors"
+        paths["tiny-sdxl-released"] = write_sdxl_download(path, args.seed)
     elapsed = time.perf_counter() - start
     total = 0
     for path in paths.values():

@@ -273,6 +273,44 @@ def test_hires_prompt_and_sampler_are_reported(engine: Engine) -> None:
     assert "Hires prompt: a castle" in text and "Hires sampler: Euler a" in text
 
 
+HIRES = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.7, "hr_second_pass_steps": 3}
+
+
+def _rgb(images: list[bytes]) -> list[bytes]:
+    return [pixels(d).tobytes() for d in images]
+
+
+def test_hires_negative_prompt_is_used_by_the_second_pass(engine: Engine) -> None:
+    """webui: the second pass is conditioned on hr_negative_prompt ("" = the negative prompt),
+    infotext "Hires negative prompt" only when it differs from the negative prompt."""
+    plain, info = run(engine, payload(**HIRES))
+    other, other_info = run(engine, payload(**HIRES, hr_negative_prompt="ugly, grainy"))
+    same, same_info = run(engine, payload(**HIRES, hr_negative_prompt="blurry"))
+    assert_pixels_changed(plain, other)
+    assert 'Hires negative prompt: "ugly, grainy"' in other_info["infotexts"][0]
+    assert _rgb(same) == _rgb(plain)
+    for text in (info["infotexts"][0], same_info["infotexts"][0]):
+        assert "Hires negative prompt" not in text
+    # Only the second pass: the same request without hires is unchanged by the field.
+    first, _ = run(engine, payload())
+    first_other, _ = run(engine, payload(hr_negative_prompt="ugly, grainy"))
+    assert _rgb(first) == _rgb(first_other)
+
+
+def test_hires_schedule_type_is_used_by_the_second_pass(engine: Engine) -> None:
+    """webui sd_samplers_kdiffusion.get_sigmas: the hires pass takes hr_scheduler and writes
+    "Hires schedule type" when it differs from the first pass's."""
+    plain, info = run(engine, payload(**HIRES))
+    karras, karras_info = run(engine, payload(**HIRES, hr_scheduler="Karras"))
+    assert_pixels_changed(plain, karras)
+    assert "Hires schedule type: Karras" in karras_info["infotexts"][0]
+    assert "Hires schedule type" not in info["infotexts"][0]
+    # The first pass alone: hr_scheduler does not touch it.
+    first, _ = run(engine, payload())
+    first_karras, _ = run(engine, payload(hr_scheduler="Karras"))
+    assert _rgb(first) == _rgb(first_karras)
+
+
 # -- refiner ---------------------------------------------------------------------------------
 
 

@@ -619,3 +619,14 @@ def test_embeddings_have_the_text_encoder_widths(files):
         "clip_g": (2, tiny.SDXL.text_g.hidden),
     }
     assert sd1["emb_params"].abs().max() > 0
+
+
+def test_downloads_flag_adds_the_download_shaped_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert tiny.main([str(tmp_path), "--downloads"]) == 0
+    names = {p.name for p in (tmp_path / "checkpoints").glob("*.safetensors")}
+    extra = {"tiny-sd15-pruned", "tiny-sd15-legacy", "tiny-sdxl-released"}
+    assert {f"{n}.safetensors" for n in extra} <= names
+    printed = capsys.readouterr().out
+    assert all(n in printed for n in extra)

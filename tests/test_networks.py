@@ -627,3 +627,44 @@ def test_lora_data_hashes_are_cached_across_restarts(
     copy.write_bytes(lora_files[0].read_bytes())
     LoraCatalog.scan([copy], HashCache(cache_file))
     assert calls == [copy]
+
+
+# --------------------------------------------------------------------------- LoCon
+
+
+def test_locon_conv_layers_change_the_picture_and_are_listed(
+    tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    """A kohya LoCon holding only 3x3-conv pairs (lora_unet_down_blocks_0_resnets_0_conv1...):
+    the picture changes, by the conv layers alone, and webui's "Lora hashes" names it."""
+    from engine.api import EngineConfig
+    from scripts import make_tiny_models as tiny
+
+    from .helpers import assert_pixels_changed, payload
+
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "checkpoints" / SD1).write_bytes((tiny_models_dir / "checkpoints" / SD1).read_bytes())
+    locon = tiny.write_safetensors(
+        models / "loras" / "tiny-locon.safetensors",
+        tiny.sd1_locon(tiny.SD1, tiny.LORA),
+        seed=0,
+        dtype=torch.float16,
+        metadata=tiny.kohya_metadata("tiny-locon", "sd_v1", tiny.LORA, v2=False),
+    )
+    shapes = {k: tuple(v.shape) for k, v in load_file(str(locon)).items()}
+    assert shapes["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"] == (4, 32, 3, 3)
+    assert shapes["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"] == (32, 4, 1, 1)
+    assert not any("attn" in k or "lora_te" in k for k in shapes)
+    small = Engine.setup(EngineConfig(models_dir=models, cache_dir=models / ".cache"))
+
+    def run(prompt: str) -> tuple[list[bytes], str]:
+        response = small.handle("txt2img", payload(prompt=prompt))
+        return [i.data for i in response.images], json.loads(response.info)["infotexts"][0]
+
+    plain, _ = run("a lighthouse on a cliff")
+    with_locon, infotext = run("a lighthouse on a cliff <lora:tiny-locon:1>")
+    assert_pixels_changed(plain, with_locon)
+    assert 'Lora hashes: "tiny-locon: ' in infotext
+    again, _ = run("a lighthouse on a cliff")
+    assert again == plain  # nothing left behind

@@ -160,7 +160,7 @@ def test_beta_schedule_follows_scipy():
 
 def test_list_samplers_has_webui_shape_and_every_entry_resolves():
     listed = list_samplers()
-    assert [s["name"] for s in listed] == supported_sampler_names()
+    # The listing itself is compared with webui's in tests/test_webui_tables.py.
     assert {"Euler", "Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(supported_sampler_names())
     for entry in listed:
         assert set(entry) == {"name", "aliases", "options"}
