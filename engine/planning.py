@@ -43,7 +43,11 @@ from .payload import (
     effective_mask_blur,
 )
 from .pipelines import PipelineCache
-from .prompt_parser import extract_extra_networks, lora_weights
+from .prompt_parser import (
+    extract_extra_networks,
+    get_learned_conditioning_prompt_schedules,
+    lora_weights,
+)
 from .samplers import (
     SamplerChoice,
     effective_eta,
@@ -235,6 +239,11 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         img2img = _plan_img2img(req, decoded, settings, sampler, extras, comments)
     if hashes := lora_hashes(lora_pairs):
         extras["Lora hashes"] = hashes
+    texts = cond_prompts + negatives
+    if hires is not None:
+        texts += [extract_extra_networks(p)[0] for p in hires.prompts] + hires.negative_prompts
+    if settings.emphasis != "Original" and _uses_emphasis_syntax(texts, req.steps):
+        extras["Emphasis"] = settings.emphasis
     refiner = _plan_refiner(models, req, checkpoint, extras)
     # 8. alwayson_scripts extensions: parsed and prepared now, so their errors come first too.
     effects = _plan_extensions(models, req, checkpoint, width, height, batch_size, decoded)
@@ -431,6 +440,13 @@ def _plan_networks(
     loras = PassLoras(per_batch, models.lora_manager(checkpoint))
     _resolved(loras, field)  # every error before model work
     return list(stripped), loras
+
+
+def _uses_emphasis_syntax(texts: list[str], steps: int) -> bool:
+    """webui (sd_hijack_clip.py) records "Emphasis" when a text it encodes has ( or [: the
+    texts after prompt editing is resolved, so `[a:b:0.5]` alone does not count."""
+    schedules = get_learned_conditioning_prompt_schedules(list(dict.fromkeys(texts)), steps)
+    return any("(" in text or "[" in text for schedule in schedules for _, text in schedule)
 
 
 def _resolved(loras: PassLoras, field: str = "prompt") -> list[tuple[LoraInfo, LoraRequest]]:

@@ -197,14 +197,14 @@ def test_no_norm_emphasis_skips_webuis_mean_restore(tiny_models_dir: Path, tmp_p
     assert_pixels_changed(original, no_norm)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="webui 1.10.1 sd_hijack_clip.py writes 'Emphasis: <mode>' when a prompt has ( or [ "
-    "and emphasis is not Original; our infotext (built in engine/generate.py) does not yet",
-)
 def test_emphasis_mode_is_in_the_infotext(engine: Engine) -> None:
+    # webui 1.10.1 sd_hijack_clip.py: "Emphasis: <mode>" when an encoded text has ( or [ and
+    # the mode is not Original; prompt-editing brackets are resolved before that check.
     row = next(r for r in HONOURED if r.option == "emphasis")
     assert "Emphasis: Ignore" in info_of(engine, request(row, with_option=True))
+    assert "Emphasis:" not in info_of(engine, request(row, with_option=False))
+    editing_only = payload(prompt="a [cat:dog:0.5]", override_settings={"emphasis": "Ignore"})
+    assert "Emphasis:" not in info_of(engine, editing_only)
 
 
 def test_readme_lists_every_option_as_honoured_or_ignored() -> None:
