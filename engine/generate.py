@@ -7,23 +7,18 @@ changed; `response` builds webui's infotext and info JSON."""
 
 from __future__ import annotations
 
-import gc
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import torch
-
-from .errors import GenerationError
 from .images import encode_image
 from .infotext import info_json
+from .oom import reported
 from .passes import Embeddings, Progress, run_batch
 from .payload import (
     ParsedRequest,
     echo_parameters,
 )
-from .planning import Models, Plan, make_plan
+from .planning import Models, make_plan
 from .response import Result, build_info, image_infotext
 
 log = logging.getLogger(__name__)
@@ -41,7 +36,10 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     # 2. Generate batch by batch (n_iter batches of batch_size).
     pil_images: list[Any] = []
     used: Embeddings = {}  # what text encoding learned: embedding name -> hash (TI hashes)
-    with _out_of_memory_reported(plan):
+    with reported(
+        f"generating {req.batch_size} image(s) of {plan.width}x{plan.height}",
+        "try a smaller width/height, batch_size, or hires scale",
+    ):
         for batch in range(req.n_iter):
             lo, hi = batch * plan.batch_size, (batch + 1) * plan.batch_size
             batch_images, batch_used = run_batch(plan, lo, hi, progress)
@@ -69,24 +67,4 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     info = info_json(build_info(plan, infotexts, used))
     return Result(
         images=images, info=info, parameters=echo_parameters(parsed), warnings=plan.warnings
-    )
-
-
-@contextmanager
-def _out_of_memory_reported(plan: Plan) -> Iterator[None]:
-    """Out of memory: free the allocator's cache and say what to shrink (the next request runs)."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        # Drop the traceback (it holds the failed activations) before freeing the cache.
-        pass
-    else:
-        return
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    req = plan.request
-    raise GenerationError(
-        f"out of memory generating {req.batch_size} image(s) of {plan.width}x{plan.height}; "
-        "try a smaller width/height, batch_size, or hires scale"
     )

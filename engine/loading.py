@@ -28,6 +28,7 @@ import torch
 from .catalog import CheckpointInfo
 from .clip_vocab import EOS, write_tokenizer
 from .errors import ModelLoadError
+from .oom import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -455,6 +456,8 @@ def load_single_file(
             **components,
         )
     except Exception as exc:
+        if is_out_of_memory(exc):
+            raise  # not the file's fault: the caller reports it (engine/oom.py)
         raise ModelLoadError(f"{info.name}: loading failed ({type(exc).__name__}: {exc})") from exc
     _check_loaded(pipe, info.name)
     scheduler_config = dict(pipe.scheduler.config)
@@ -510,6 +513,8 @@ def load_diffusers_folder(info: CheckpointInfo, placement: Placement) -> LoadedC
             )
         pipe = pipeline_cls.from_pretrained(str(info.filename), **kwargs)
     except Exception as exc:
+        if is_out_of_memory(exc):
+            raise  # not the file's fault: the caller reports it (engine/oom.py)
         raise ModelLoadError(f"{info.name}: loading failed ({type(exc).__name__}: {exc})") from exc
     if family is Family.SD1 and pipe.text_encoder.config.hidden_size == 1024:
         family = Family.SD2

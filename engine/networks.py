@@ -35,6 +35,7 @@ from typing import Any
 from .catalog import HashCache
 from .errors import Problem, RequestError, UnknownName
 from .loading import Family, LoadedCheckpoint
+from .oom import is_out_of_memory, reported
 
 log = logging.getLogger(__name__)
 
@@ -659,7 +660,8 @@ class LoraManager:
                 self._cache.move_to_end(aid)
                 continue
             self._make_room(keep=needed, incoming=1)
-            self._load(use.info, field)
+            with reported(f"loading LoRA {use.info.name}", "try fewer or smaller LoRAs"):
+                self._load(use.info, field)
 
     def _load(self, info: LoraInfo, field: str) -> None:
         """Load one file as adapter `info.adapter_id`; on any failure leave no trace of it."""
@@ -674,6 +676,8 @@ class LoraManager:
         try:
             state = read_lora_state_dict(info.path)
         except Exception as exc:  # any read failure is this file's problem
+            if is_out_of_memory(exc):
+                raise
             raise RequestError.single(
                 field, info.name, f"the LoRA file cannot be read ({_brief(exc)})"
             ) from exc
@@ -695,6 +699,8 @@ class LoraManager:
         except RequestError:
             raise
         except Exception as exc:  # diffusers/peft raise many types for bad files
+            if is_out_of_memory(exc):
+                raise  # not the file's fault (engine/oom.py reports it); finally discards
             for message in report:
                 log.warning("LoRA %s: %s", info.name, message)
             raise RequestError.single(

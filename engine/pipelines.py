@@ -18,6 +18,7 @@ import torch
 
 from .catalog import Catalog, CheckpointInfo
 from .loading import LoadedCheckpoint, Placement, load_checkpoint
+from .oom import reported
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,11 @@ class PipelineCache:
         """Load every checkpoint (setup). A file that fails to load fails setup."""
         for info in self.catalog.checkpoints:
             started = time.perf_counter()
-            loaded = load_checkpoint(info, self.placement, self.cache_root)
+            with reported(
+                f"loading checkpoint {info.title} at setup",
+                "use a larger GPU, fewer checkpoints, or SD_DTYPE=float16",
+            ):
+                loaded = load_checkpoint(info, self.placement, self.cache_root)
             self.loaded[info.title] = loaded
             on_gpu = ""
             if self.placement.device == "cuda":

@@ -21,6 +21,7 @@ from typing import Any
 from .catalog import HashCache
 from .errors import ModelLoadError, UnknownName
 from .loading import CONFIG_ROOT, Family, LoadedCheckpoint, Placement, infer_vae, read_shapes
+from .oom import is_out_of_memory, reported
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,12 @@ class VaeCatalog:
     def _load(self, file: VaeFile, family: Family) -> Any:
         key = (file.name, family)
         if key not in self._loaded:
-            self._loaded[key] = load_vae_file(file.path, family, self.placement, self.cache_root)
+            with reported(
+                f"loading VAE {file.name}", "try again, or use the checkpoint's own VAE (None)"
+            ):
+                self._loaded[key] = load_vae_file(
+                    file.path, family, self.placement, self.cache_root
+                )
         return self._loaded[key]
 
 
@@ -120,6 +126,8 @@ def load_vae_file(path: Path, family: Family, placement: Placement, cache_root: 
             torch_dtype=placement.dtype,
         )
     except Exception as exc:
+        if is_out_of_memory(exc):
+            raise  # reported by the caller (engine/oom.py), not blamed on the file
         raise ModelLoadError(
             f"{path.name}: VAE loading failed ({type(exc).__name__}: {exc})"
         ) from exc

@@ -27,6 +27,7 @@ from engine.loading import (
     infer_unet,
     read_shapes,
 )
+from engine.oom import is_out_of_memory, reported
 
 CONTROL = "control_model."
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")
@@ -177,7 +178,8 @@ class ModelCache:
     def get(self, file: ControlNetFile) -> LoadedControlNet:
         with self._lock:
             if file.path not in self._loaded:
-                self._loaded[file.path] = self._load(file)
+                with reported(f"loading ControlNet {file.title}", "try fewer ControlNet units"):
+                    self._loaded[file.path] = self._load(file)
             return self._loaded[file.path]
 
     def _load(self, file: ControlNetFile) -> LoadedControlNet:
@@ -204,6 +206,8 @@ class ModelCache:
             model.load_state_dict(converted, strict=True, assign=True)
             model.to(dtype=self.placement.dtype)
         except Exception as exc:
+            if is_out_of_memory(exc):
+                raise  # reported by get() (engine/oom.py), not blamed on the file
             raise ModelLoadError(
                 f"{file.title}: loading failed ({type(exc).__name__}: {exc})"
             ) from exc
