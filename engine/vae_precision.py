@@ -1,4 +1,4 @@
-"""One VAE precision policy for every family, webui-like.
+"""One VAE precision and memory policy for every family, webui-like.
 
 webui decodes in the model's half precision and, when a decode yields NaN, converts the VAE to
 fp32 and retries (opts.auto_vae_precision); a NaN that survives is an error. Here:
@@ -8,12 +8,18 @@ fp32 and retries (opts.auto_vae_precision); a NaN that survives is an error. Her
   passes and stays fp16). The decision depends only on the weights, never on earlier requests.
 - a decode whose half-precision result is not finite is retried with an fp32 copy of the VAE;
   the shared module is never converted, so a request's pixels never depend on what ran before.
+- decoding is sliced per image, as webui's decode_latent_batch does (one image's activations at
+  a time, and each image's pixels independent of its batch-mates), and an image larger than
+  SD_VAE_TILE_PIXELS (default 2048x2048) is decoded in overlapping tiles (diffusers'
+  tiled_decode, blended seams); smaller images are never tiled, so their pixels are exactly the
+  untiled decode's.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any
 
 import torch
@@ -26,6 +32,8 @@ log = logging.getLogger(__name__)
 PROBED_FAMILIES = (Family.SDXL, Family.SDXL_REFINER)
 PROBE_SHAPE = (1, 4, 32, 32)  # a 256x256 decode: cheap, and enough to reach the mid block
 PROBE_SEED = 0
+TILE_ENV = "SD_VAE_TILE_PIXELS"
+TILE_PIXELS = int(os.environ.get(TILE_ENV) or 2048 * 2048)  # decoded pixels per image
 
 
 def _finite(tensor: torch.Tensor) -> bool:
@@ -55,14 +63,30 @@ def settle_precision(vae: Any, family: Family, placement: Placement, name: str) 
 
 
 def decode_pixels(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode of model latents; a non-finite half-precision result is decoded again by an
-    fp32 copy of the VAE (webui's auto_vae_precision). The caller checks the final result."""
-    pixels = vae.decode(latents.to(dtype=vae.dtype) / vae.config.scaling_factor).sample
+    """VAE decode of model latents, one image at a time (tiled above TILE_PIXELS); a
+    non-finite half-precision result is decoded again by an fp32 copy of the VAE (webui's
+    auto_vae_precision). The caller checks the final result."""
+    return torch.cat([_decode_one(vae, latents[i : i + 1]) for i in range(latents.shape[0])])
+
+
+def _tiled(latent: torch.Tensor) -> bool:
+    return latent.shape[-2] * latent.shape[-1] * 64 > TILE_PIXELS
+
+
+def _run_decoder(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    z = latent.to(dtype=vae.dtype) / vae.config.scaling_factor
+    if _tiled(latent):
+        return vae.tiled_decode(z).sample  # a method call: no flag is set on the shared module
+    return vae.decode(z).sample
+
+
+def _decode_one(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    pixels = _run_decoder(vae, latent)
     if _finite(pixels) or vae.dtype == torch.float32:
         return pixels
     log.warning("VAE decode in %s gave NaN/Inf; retrying in float32", vae.dtype)
     full = copy.deepcopy(vae).to(torch.float32)
     try:
-        return full.decode(latents.to(torch.float32) / full.config.scaling_factor).sample
+        return _run_decoder(full, latent.to(torch.float32))
     finally:
         del full

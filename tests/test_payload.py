@@ -461,7 +461,7 @@ def test_known_but_not_honoured_option_warns_only_when_not_default(option, defau
         ("samples_format", "bmp", "'png'"),
         ("jpeg_quality", 0, "from 1 to 100"),
         ("enable_pnginfo", "false", "true or false"),
-        ("randn_source", "gpu", "'GPU', 'CPU', 'NV'"),
+        ("randn_source", "gpu", "'GPU', 'CPU'"),
         ("sd_vae", 1, "string"),
     ],
 )
