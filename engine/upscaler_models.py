@@ -38,8 +38,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-UPSCALER_DIR: Final = "upscalers"
-UPSCALER_SUFFIXES: Final = frozenset({".pth", ".pt", ".safetensors"})
 
 # webui's options `ESRGAN_tile` / `ESRGAN_tile_overlap` (shared_options.py): tile side and
 # overlap in input pixels; tile 0 upscales the whole image at once.
