@@ -110,13 +110,21 @@ class RRDBNet(nn.Module):
         self.conv_last = nn.Conv2d(nf, 3, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
         if self.unshuffle > 1:
+            # Sides that do not divide are reflect-padded first and the result cut back, as
+            # Real-ESRGAN does (its mod_pad) for its x2/x1 models.
+            pad_h, pad_w = (-height) % self.unshuffle, (-width) % self.unshuffle
+            if pad_h or pad_w:
+                x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
             x = F.pixel_unshuffle(x, self.unshuffle)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
         for conv in self.ups:
             feat = F.leaky_relu(conv(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
-        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
+        out = self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
+        scale = 2 ** len(self.ups) // self.unshuffle
+        return out[..., : height * scale, : width * scale]
 
 
 class SRVGGNetCompact(nn.Module):

@@ -103,8 +103,10 @@ def test_original_and_basicsr_layouts_are_the_same_network(tiny_models_dir: Path
 def test_x2_model_sees_a_pixel_unshuffled_input(catalog: UpscalerCatalog) -> None:
     model = catalog.model("R-ESRGAN 2x+")
     assert model.conv_first.in_channels == 12  # type: ignore[union-attr]
-    # Unshuffle needs even sides (Real-ESRGAN pads odd ones; webui's tiles are 192).
     assert upscale_with_model(model, noise(20, 14), tile=0).size == (40, 28)
+    # Odd sides are reflect-padded for the unshuffle and cut back (Real-ESRGAN's mod_pad).
+    odd = upscale_with_model(model, noise(21, 15), tile=0)
+    assert odd.size == (42, 30)
 
 
 # ------------------------------------------------------------------------------ tiling
@@ -376,6 +378,13 @@ def test_extras_errors_name_the_field_before_any_work(
         engine.handle("extra-single-image", json.dumps(body))
     text = str(err.value)
     assert f"{field}: got" in text and says in text, text
+
+
+def test_extras_batch_is_bounded_by_the_image_limit(engine: Engine) -> None:
+    items = [{"data": "x", "name": f"{i}.png"} for i in range(engine.limits.images + 1)]
+    with pytest.raises(RequestError) as err:
+        engine.handle("extra-batch-images", json.dumps({"imageList": items}))
+    assert f"imageList: got '{engine.limits.images + 1} images'; at most" in str(err.value)
 
 
 def test_extras_batch_needs_its_image_list(engine: Engine) -> None:
