@@ -77,6 +77,18 @@ def test_each_architecture_upscales_by_its_scale_and_follows_the_input(
     assert np.abs(levels(a) - levels(b)).mean() > 2
 
 
+def test_half_precision_stays_within_two_levels_of_float32(tiny_models_dir: Path) -> None:
+    # A CUDA placement runs the models in fp16; here the same dtype on the CPU.
+    paths = sorted((tiny_models_dir / "upscalers").iterdir())
+    full = UpscalerCatalog.scan(paths)
+    half = UpscalerCatalog.scan(paths, dtype=torch.float16)
+    image = noise(24, 16, 9)
+    for name in full.names:
+        a = levels(upscale_with_model(full.model(name), image, tile=0))
+        b = levels(upscale_with_model(half.model(name), image, tile=0))
+        assert np.abs(a - b).max() <= 2, name
+
+
 def test_original_and_basicsr_layouts_are_the_same_network(tiny_models_dir: Path) -> None:
     # The original ESRGAN keys renamed by hand into BasicSR's must run identically.
     old = read_weights(tiny_models_dir / tiny.FILES["esrgan-old"])
