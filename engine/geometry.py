@@ -5,7 +5,8 @@ Everything here reproduces AUTOMATIC1111 webui v1.10.1 (`modules/images.py: resi
 PIL, numpy and (for latents only) torch. No model, no files, no module state.
 
 Sections:
-- resize modes (img2img `resize_mode`) and pixel upscalers ("None", "Lanczos", "Nearest")
+- resize modes (img2img `resize_mode`) and pixel upscalers ("None", "Lanczos", "Nearest"; a
+  model upscaler comes in as its upscale function, resolved by the caller)
 - step arithmetic: how many steps webui runs for img2img / the hires pass, and the diffusers
   `(num_inference_steps, strength)` that runs the same timesteps
 - hires fix: target size, latent upscale and crop, upscaler choice, legacy `firstphase_*`

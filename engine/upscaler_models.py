@@ -352,12 +352,6 @@ class UpscalerFile:
     def scale(self) -> int:
         return self.arch.scale
 
-    @property
-    def model_name(self) -> str:
-        # webui's UpscalerItem.model_name is the upscaler class's: "ESRGAN_4x" for the ESRGAN
-        # class, None for the RealESRGAN class.
-        return self.path.stem
-
 
 def webui_name(path: Path) -> str:
     return WEBUI_NAMES.get(path.stem, path.stem)
