@@ -213,6 +213,22 @@ def test_unsupported_files_are_skipped_with_their_reason_and_code_never_runs(
         assert any(name in r.message and "skipped" in r.message for r in caplog.records)
 
 
+def test_only_files_inside_the_models_folder_are_found(
+    tmp_path: Path, tiny_models_dir: Path
+) -> None:
+    from engine.catalog import Catalog
+
+    outside = tmp_path / "outside.pth"
+    outside.write_bytes((tiny_models_dir / tiny.FILES["srvgg"]).read_bytes())
+    folder = tmp_path / "models" / "upscalers"
+    folder.mkdir(parents=True)
+    (folder / "escape.pth").symlink_to(outside)
+    (folder / "inside.pth").write_bytes(outside.read_bytes())
+    (folder / "notes.ckpt").write_bytes(b"not an upscaler suffix")
+    found = Catalog.scan(tmp_path / "models").files("upscalers")
+    assert [p.name for p in found] == ["inside.pth"]
+
+
 def test_a_file_cannot_take_a_builtin_name(tmp_path: Path, tiny_models_dir: Path) -> None:
     source = tiny_models_dir / tiny.FILES["srvgg"]
     clash = tmp_path / "Lanczos.pth"
