@@ -26,7 +26,8 @@ KEEP_OUTPUT_DIRS = 2
 
 class Output(BaseModel):
     """`images`: the files (PNG with the infotext in its `parameters` chunk unless another
-    format is asked for). `seed`: the first image's seed. `info`: webui's info JSON string.
+    format is asked for). `seed`: the first image's seed. `info`: webui's info JSON string
+    (the extras endpoints: webui's `html_info`).
     `parameters`: the request with defaults filled, as JSON. `listing`: a listing's JSON."""
 
     images: list[Path]
