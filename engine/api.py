@@ -171,7 +171,7 @@ class Engine:
             return Response(listing=INSPECTORS[name](self, api_json))
         if name in EXTRAS_ENDPOINTS:
             try:
-                extras = run_extras(self, name, api_json)
+                extras = run_extras(self, name, api_json, (playground or {}).get("init_image"))
             finally:
                 release_host_memory()
             return Response(images=extras.images, info=extras.html_info)

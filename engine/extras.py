@@ -36,6 +36,7 @@ from .geometry import LANCZOS, PIXEL_UPSCALERS
 from .images import EncodedImage
 from .inputs import open_image
 from .payload import _Bad, _check_bool, _check_float, _check_int, _check_str, decode_api_json
+from .playground import _image_file as playground_image
 from .upscaler_models import DEFAULT_TILE, DEFAULT_TILE_OVERLAP
 
 if TYPE_CHECKING:
@@ -172,9 +173,12 @@ class _Request:
     upscaler_2: Upscale | None
 
 
-def _parse(engine: Engine, endpoint: str, api_json: str) -> _Request:
+def _parse(engine: Engine, endpoint: str, api_json: str, init_image: Any) -> _Request:
     body = decode_api_json(api_json, engine.limits)
     image_field = "image" if endpoint == "extra-single-image" else "imageList"
+    if image_field == "image" and init_image is not None and not body.get("image"):
+        # The playground's init_image input, where api_json sends no image.
+        body["image"] = playground_image("init_image")(init_image)
     problems: list[Problem] = []
     values: dict[str, Any] = {}
     for name, (check, default) in _FIELDS.items():
@@ -351,9 +355,12 @@ def _html(text: str) -> str:
     return "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
 
 
-def run_extras(engine: Engine, endpoint: str, api_json: str) -> ExtrasResult:
-    """Serve `extra-single-image` / `extra-batch-images` from the request body `api_json`."""
-    request = _parse(engine, endpoint, api_json)
+def run_extras(
+    engine: Engine, endpoint: str, api_json: str, init_image: Any = None
+) -> ExtrasResult:
+    """Serve `extra-single-image` / `extra-batch-images` from the request body `api_json`
+    (`init_image`: the playground's image file, the single image when api_json has none)."""
+    request = _parse(engine, endpoint, api_json, init_image)
     outputs = []
     infotext = ""
     for source in request.images:

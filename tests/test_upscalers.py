@@ -374,6 +374,16 @@ def test_extras_batch_round_trip_keeps_order_and_text_chunks(engine: Engine) -> 
     assert info.startswith("<p>Postprocess upscale by: 2.0")
 
 
+def test_extras_single_image_takes_the_playgrounds_init_image(
+    engine: Engine, tmp_path: Path
+) -> None:
+    path = tmp_path / "init.png"
+    card_image(24, 16).save(path)
+    body = json.dumps({"upscaler_1": "Lanczos"})
+    response = engine.handle("extra-single-image", body, playground={"init_image": path})
+    assert Image.open(io.BytesIO(response.images[0].data)).size == (48, 32)
+
+
 def test_extras_upscaler_none_returns_the_image_unchanged(engine: Engine) -> None:
     image = card_image(24, 16)
     (out,), info = extras(engine, "extra-single-image", image=b64_png(image))
