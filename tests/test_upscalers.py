@@ -168,6 +168,42 @@ def test_an_image_smaller_than_the_tile_is_padded_left_and_top_as_in_webui(
     assert np.abs(whole[16:, 16:] - tiled[16:, 16:]).max() <= 1
 
 
+def test_webuis_upscale_loop_passes_until_the_rounded_target(
+    catalog: UpscalerCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine.upscaler_models as module
+
+    sizes: list[tuple[int, int]] = []
+    real = module.upscale_with_model
+
+    def counted(model: Any, image: Image.Image, **kw: Any) -> Image.Image:
+        sizes.append(image.size)
+        return real(model, image, **kw)
+
+    monkeypatch.setattr(module, "upscale_with_model", counted)
+    # x2 model, factor 3 on 20x12: 2x -> 40x24, again -> 80x48 (>= 56x32), LANCZOS to the
+    # target 60x36 rounded down to multiples of 8, 56x32 (webui's Upscaler.upscale).
+    out = catalog.upscale("R-ESRGAN 2x+", noise(20, 12), 3.0, tile=0)
+    assert sizes == [(20, 12), (40, 24)] and out.size == (56, 32)
+    sizes.clear()
+    # x4 model, factor 1.5: one pass (80x48 covers 30x18 -> 24x16), then LANCZOS down.
+    assert catalog.upscale(FAST, noise(20, 12), 1.5, tile=0).size == (24, 16)
+    assert sizes == [(20, 12)]
+
+
+def test_hires_resize_runs_a_model_upscale_then_lanczos_to_the_size() -> None:
+    from engine.geometry import upscale_pixels
+
+    calls: list[tuple[tuple[int, int], float]] = []
+
+    def model(image: Image.Image, scale: float) -> Image.Image:
+        calls.append((image.size, scale))
+        return image.resize((image.width * 4, image.height * 4), Image.Resampling.NEAREST)
+
+    out = upscale_pixels(noise(32, 16), 80, 40, model)
+    assert calls == [((32, 16), 2.5)] and out.size == (80, 40)
+
+
 # ------------------------------------------------------------------ files that are skipped
 
 
