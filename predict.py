@@ -26,7 +26,8 @@ KEEP_OUTPUT_DIRS = 2
 
 class Output(BaseModel):
     """`images`: the files (PNG with the infotext in its `parameters` chunk unless another
-    format is asked for). `seed`: the first image's seed. `info`: webui's info JSON string.
+    format is asked for). `seed`: the first image's seed. `info`: webui's info JSON string
+    (the extras endpoints: webui's `html_info`).
     `parameters`: the request with defaults filled, as JSON. `listing`: a listing's JSON."""
 
     images: list[Path]
@@ -52,7 +53,7 @@ class Predictor(BasePredictor):
     def predict(
         self,
         api_json: str = Input(description="For API clients: the webui API payload (body of /sdapi/v1/txt2img or /img2img) as JSON text, or a data: URL of it. A field set here wins over the inputs below.", default="{}"),
-        endpoint: str = Input(description="auto (img2img when there is an init image, else txt2img), txt2img, img2img, or a listing named like webui's: sd-models, samplers, schedulers, loras, embeddings, sd-vae, upscalers, latent-upscale-modes, options, memory, controlnet/model_list, ... (all in the README). png-info answers the infotext of the image in api_json (an object whose image field is base64).", default="auto"),
+        endpoint: str = Input(description="auto (img2img when there is an init image, else txt2img), txt2img, img2img, or a listing named like webui's: sd-models, samplers, schedulers, loras, embeddings, sd-vae, upscalers, latent-upscale-modes, options, memory, controlnet/model_list, ... (all in the README). png-info answers the infotext of the image in api_json (an object whose image field is base64). extra-single-image / extra-batch-images upscale the image(s) in api_json as webui's extras do (info: webui's html_info).", default="auto"),
         prompt: str = Input(description="What to draw (webui prompt syntax: (word:1.2), [from:to:0.5], <lora:name:0.8>, BREAK). Ignored when api_json sets prompt.", default=""),
         negative_prompt: str = Input(description="What to avoid. Ignored when api_json sets negative_prompt.", default=""),
         checkpoint: str = Input(description="Checkpoint by any webui name (file name, title, or hash); empty = the default checkpoint. See endpoint=sd-models. Ignored when api_json sets override_settings.sd_model_checkpoint.", default=""),

@@ -15,8 +15,10 @@ from .device import choose_placement, describe
 from .embeddings import EmbeddingCatalog
 from .errors import RequestError
 from .extensions import ExtensionRegistry
+from .extras import EXTRAS_ENDPOINTS, run_extras
 from .fetch import fetch_from_env
 from .generate import generate, log_progress
+from .geometry import available_hr_upscalers
 from .images import EncodedImage
 from .listings import INSPECTORS, LISTINGS
 from .loading import Placement
@@ -28,6 +30,7 @@ from .pipelines import PipelineCache
 from .planning import Models
 from .playground import merge_playground
 from .response import Result
+from .upscaler_models import UpscalerCatalog
 from .vae import VaeCatalog
 
 log = logging.getLogger(__name__)
@@ -71,15 +74,16 @@ class Response:
     @property
     def seed(self) -> int | None:
         """The first image's seed (webui's `info.seed`); None for a listing."""
-        if not self.info:
-            return None
+        if not self.info.startswith("{"):
+            return None  # a listing, or the extras endpoints' html_info
         seed = json.loads(self.info).get("seed")
         return seed if isinstance(seed, int) else None
 
 
 GENERATION_ENDPOINTS = ("auto", "txt2img", "img2img")
 # Listings (engine/listings.py) answer JSON; png-info reads `api_json` too.
-ENDPOINTS = GENERATION_ENDPOINTS + tuple(LISTINGS) + tuple(INSPECTORS)
+# The extras endpoints (engine/extras.py) answer images and webui's html_info.
+ENDPOINTS = GENERATION_ENDPOINTS + EXTRAS_ENDPOINTS + tuple(LISTINGS) + tuple(INSPECTORS)
 
 
 class Engine:
@@ -126,6 +130,14 @@ class Engine:
         embeddings = EmbeddingCatalog.scan(catalog.files("embeddings"))
         # 5. VAE files: listed and hashed (cached); each loads on first use.
         vaes = VaeCatalog.scan(catalog.files("vae"), cache.placement, config.cache_dir, hashes)
+        # 5a. Upscaler files: each read once for its architecture (unusable ones are skipped
+        # with their reason in the log); a model loads on first use.
+        upscalers = UpscalerCatalog.scan(
+            catalog.files("upscalers"),
+            reserved=available_hr_upscalers(),
+            device=cache.placement.device,
+            dtype=cache.placement.dtype,
+        )
         # 6. Extensions (alwayson_scripts): an extension that fails to import fails setup.
         extensions = ExtensionRegistry.discover()
         extensions.setup(catalog, cache.placement)
@@ -137,6 +149,7 @@ class Engine:
             embeddings=embeddings,
             vaes=vaes,
             extensions=extensions,
+            upscalers=upscalers,
         )
         return cls(models, limits)
 
@@ -156,6 +169,12 @@ class Engine:
             return Response(listing=LISTINGS[name](self))
         if name in INSPECTORS:
             return Response(listing=INSPECTORS[name](self, api_json))
+        if name in EXTRAS_ENDPOINTS:
+            try:
+                extras = run_extras(self, name, api_json, (playground or {}).get("init_image"))
+            finally:
+                release_host_memory()
+            return Response(images=extras.images, info=extras.html_info)
         extension_listings = self.models.extensions.listings() if self.models.extensions else {}
         if name in extension_listings:
             return Response(listing=extension_listings[name]())

@@ -33,8 +33,14 @@ FILE_KINDS: Mapping[str, str] = {
     "embeddings": "embeddings",
     "vae": "vae",
     "controlnet": "controlnet",
+    "upscalers": "upscalers",
 }
 FILE_SUFFIXES = frozenset({".safetensors", ".pt", ".ckpt", ".bin"})
+# Upscaler files are .pth (webui's ESRGAN/RealESRGAN folders) or .pt/.safetensors; a .ckpt or
+# .bin there is not an upscaler file. engine/upscaler_models.py reads them.
+KIND_SUFFIXES: Mapping[str, frozenset[str]] = {
+    "upscalers": frozenset({".pth", ".pt", ".safetensors"}),
+}
 
 HASH_BLOCK = 1 << 20  # stream in 1 MiB blocks
 # webui's legacy "model hash" (sd_models.model_hash): sha256 of the 64 KiB at 1 MiB.
@@ -426,7 +432,13 @@ class Catalog:
         others = {
             kind: tuple(
                 f.path
-                for f in _sorted(_walk(models_dir / folder, FILE_SUFFIXES, diffusers_folders=False))
+                for f in _sorted(
+                    _walk(
+                        models_dir / folder,
+                        KIND_SUFFIXES.get(kind, FILE_SUFFIXES),
+                        diffusers_folders=False,
+                    )
+                )
             )
             for kind, folder in FILE_KINDS.items()
         }
@@ -487,7 +499,8 @@ class Catalog:
         return [c.listing() for c in self.checkpoints]
 
     def files(self, kind: str) -> tuple[Path, ...]:
-        """Model files of `kind` ("loras", "embeddings", "vae", "controlnet"), sorted by name."""
+        """Model files of `kind` ("loras", "embeddings", "vae", "controlnet", "upscalers"),
+        sorted by name."""
         if kind not in FILE_KINDS:
             raise ValueError(f"kind: got {kind!r}; allowed: {show_choices(FILE_KINDS)}")
         return tuple(self.other_files.get(kind, ()))

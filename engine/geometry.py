@@ -5,7 +5,8 @@ Everything here reproduces AUTOMATIC1111 webui v1.10.1 (`modules/images.py: resi
 PIL, numpy and (for latents only) torch. No model, no files, no module state.
 
 Sections:
-- resize modes (img2img `resize_mode`) and pixel upscalers ("None", "Lanczos", "Nearest")
+- resize modes (img2img `resize_mode`) and pixel upscalers ("None", "Lanczos", "Nearest"; a
+  model upscaler comes in as its upscale function, resolved by the caller)
 - step arithmetic: how many steps webui runs for img2img / the hires pass, and the diffusers
   `(num_inference_steps, strength)` that runs the same timesteps
 - hires fix: target size, latent upscale and crop, upscaler choice, legacy `firstphase_*`
@@ -19,7 +20,7 @@ do the obvious thing or raise a `RequestError`, and the docstring says which.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
@@ -55,9 +56,17 @@ PIXEL_UPSCALERS: Final[Mapping[str, Image.Resampling | None]] = MappingProxyType
 )
 
 
-def _pixel_upscaler(name: str | None, field: str) -> Image.Resampling | None:
-    if name is None:
-        return None
+# A model upscaler, resolved by the caller (engine/upscaler_models.py): webui's
+# `Upscaler.upscale(img, scale)`, i.e. model passes up to the /8-rounded `scale` size.
+PixelUpscale = Callable[[Image.Image, float], Image.Image]
+# What the resize functions take as `upscaler`: a built-in name, a model's upscale, or None.
+UpscalerArg = str | PixelUpscale | None
+_Resample = Image.Resampling | PixelUpscale | None
+
+
+def _pixel_upscaler(name: UpscalerArg, field: str) -> _Resample:
+    if name is None or callable(name):
+        return name
     if name not in PIXEL_UPSCALERS:
         raise UnknownName(field, name, PIXEL_UPSCALERS, kind="upscaler")
     return PIXEL_UPSCALERS[name]
@@ -79,15 +88,16 @@ def _upscaler_pass(image: Image.Image, scale: float, resample: Image.Resampling)
     return image
 
 
-def _resize(
-    image: Image.Image, width: int, height: int, resample: Image.Resampling | None
-) -> Image.Image:
+def _resize(image: Image.Image, width: int, height: int, resample: _Resample) -> Image.Image:
     """webui `resize_image.resize`: LANCZOS, or an upscaler pass first when enlarging."""
     if resample is None or image.mode == "L":
         return image.resize((width, height), LANCZOS)
     scale = max(width / image.width, height / image.height)
     if scale > 1.0:
-        image = _upscaler_pass(image, scale, resample)
+        if callable(resample):
+            image = resample(image, scale)
+        else:
+            image = _upscaler_pass(image, scale, resample)
     if image.size != (width, height):
         image = image.resize((width, height), LANCZOS)
     return image
@@ -99,14 +109,12 @@ def _canvas(image: Image.Image, width: int, height: int) -> Image.Image:
     return Image.new("L" if image.mode == "L" else "RGB", (width, height))
 
 
-def _just_resize(
-    image: Image.Image, width: int, height: int, resample: Image.Resampling | None
-) -> Image.Image:
+def _just_resize(image: Image.Image, width: int, height: int, resample: _Resample) -> Image.Image:
     return _resize(image, width, height, resample)
 
 
 def _crop_and_resize(
-    image: Image.Image, width: int, height: int, resample: Image.Resampling | None
+    image: Image.Image, width: int, height: int, resample: _Resample
 ) -> Image.Image:
     # Cover the target keeping the aspect ratio (integer floor division, as webui), centre.
     ratio = width / height
@@ -120,7 +128,7 @@ def _crop_and_resize(
 
 
 def _resize_and_fill(
-    image: Image.Image, width: int, height: int, resample: Image.Resampling | None
+    image: Image.Image, width: int, height: int, resample: _Resample
 ) -> Image.Image:
     # Fit inside the target keeping the aspect ratio, centre, then fill the two bands by
     # stretching the first/last row (or column) of the resized image across them. The band
@@ -150,9 +158,7 @@ def _resize_and_fill(
     return result
 
 
-def _latent_resize(
-    image: Image.Image, width: int, height: int, resample: Image.Resampling | None
-) -> Image.Image:
+def _latent_resize(image: Image.Image, width: int, height: int, resample: _Resample) -> Image.Image:
     # Mode 3 resizes the latent, not the pixels: the caller VAE-encodes the image as it is and
     # calls `resize_latent` on the result.
     return image
@@ -161,7 +167,7 @@ def _latent_resize(
 @dataclass(frozen=True)
 class ResizeMode:
     label: str  # as webui's UI labels it
-    apply: Callable[[Image.Image, int, int, Image.Resampling | None], Image.Image]
+    apply: Callable[[Image.Image, int, int, _Resample], Image.Image]
 
 
 _RESIZE_MODES: Final[Mapping[int, ResizeMode]] = MappingProxyType(
@@ -192,7 +198,7 @@ def resize_image(
     width: int,
     height: int,
     *,
-    upscaler: str | None = None,
+    upscaler: UpscalerArg = None,
     field: str = "resize_mode",
     upscaler_field: str = "upscaler_for_img2img",
 ) -> Image.Image:
@@ -221,8 +227,11 @@ def _resize_mask(mode: int, mask: Image.Image, width: int, height: int) -> Image
     return resize_image(2 if mode == 3 else mode, mask, width, height)
 
 
-def upscale_pixels(image: Image.Image, width: int, height: int, name: str) -> Image.Image:
-    """Hires fix with a pixel upscaler: webui `resize_image(0, image, w, h, upscaler_name=name)`."""
+def upscale_pixels(
+    image: Image.Image, width: int, height: int, name: str | PixelUpscale
+) -> Image.Image:
+    """Hires fix with a pixel or model upscaler: webui `resize_image(0, image, w, h,
+    upscaler_name=name)`."""
     return resize_image(0, image, width, height, upscaler=name, upscaler_field="hr_upscaler")
 
 
@@ -416,21 +425,34 @@ class HiresUpscaler:
     name: str
     latent: bool  # True: interpolate the latent (`upscale_latent`); False: `upscale_pixels`
     given: bool  # the request named it (webui writes "Hires upscaler" only then)
+    model: PixelUpscale | None = None  # a model upscaler's upscale (else a built-in by name)
+
+    @property
+    def pixels(self) -> str | PixelUpscale:
+        """What `upscale_pixels` takes for this upscaler."""
+        return self.model if self.model is not None else self.name
 
     @property
     def infotext(self) -> Mapping[str, Any]:
         return MappingProxyType({"Hires upscaler": self.name} if self.given else {})
 
 
-def available_hr_upscalers() -> tuple[str, ...]:
-    """Every name `hr_upscaler` accepts here, latent modes first (webui's list order)."""
-    return (*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS)
+def available_hr_upscalers(models: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every name `hr_upscaler` accepts here, latent modes first (webui's list order), then
+    the built-ins and the installed model upscalers (`models`)."""
+    return (*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS, *models)
 
 
-def hr_upscaler_choice(name: str | None, *, field: str = "hr_upscaler") -> HiresUpscaler:
+def hr_upscaler_choice(
+    name: str | None,
+    *,
+    field: str = "hr_upscaler",
+    models: Mapping[str, PixelUpscale] = MappingProxyType({}),
+) -> HiresUpscaler:
     """Resolve `hr_upscaler` exactly as webui matches it (case-sensitive). None → "Latent".
 
-    Model upscalers (ESRGAN, SwinIR, LDSR, ...) need weights we do not ship: UnknownName.
+    `models`: the installed model upscalers by webui name (upscalers/ folder). Any other
+    name: UnknownName listing what is accepted.
     """
     if name is None:
         return HiresUpscaler(DEFAULT_HR_UPSCALER, latent=True, given=False)
@@ -438,7 +460,24 @@ def hr_upscaler_choice(name: str | None, *, field: str = "hr_upscaler") -> Hires
         return HiresUpscaler(name, latent=True, given=True)
     if name in PIXEL_UPSCALERS:
         return HiresUpscaler(name, latent=False, given=True)
-    raise UnknownName(field, name, available_hr_upscalers(), kind="upscaler")
+    if name in models:
+        return HiresUpscaler(name, latent=False, given=True, model=models[name])
+    raise UnknownName(field, name, available_hr_upscalers(models), kind="upscaler")
+
+
+def img2img_upscaler(
+    name: str | None,
+    models: Mapping[str, PixelUpscale] = MappingProxyType({}),
+    *,
+    field: str = "override_settings.upscaler_for_img2img",
+) -> UpscalerArg:
+    """`opts.upscaler_for_img2img`: None, a built-in pixel upscaler's name, or an installed
+    model upscaler (its upscale). Anything else: UnknownName listing what is accepted."""
+    if name is None or name in PIXEL_UPSCALERS:
+        return name
+    if name in models:
+        return models[name]
+    raise UnknownName(field, name, [*PIXEL_UPSCALERS, *models], kind="upscaler")
 
 
 def upscale_latent(latent: torch.Tensor, width: int, height: int, mode: str) -> torch.Tensor:
@@ -681,7 +720,7 @@ def _uncrop(
     generated: Image.Image,
     size: tuple[int, int],
     region: CropRegion,
-    upscaler: str | None = None,
+    upscaler: UpscalerArg = None,
 ) -> Image.Image:
     # webui `uncrop`: crop-and-resize the generated image to the region, on a transparent canvas.
     canvas = Image.new("RGBA", size)
@@ -705,7 +744,7 @@ def paste_back(
     region: CropRegion,
     mask: Image.Image,
     *,
-    upscaler: str | None = None,
+    upscaler: UpscalerArg = None,
 ) -> Image.Image:
     """The "only masked" finish (webui `apply_overlay` with `paste_to`): fit the generated crop to
     `region` (crop and resize), place it on the original-size canvas, then lay the original's
@@ -821,7 +860,7 @@ def prepare_init_image(
     mask: MaskPlan | None = None,
     inpainting_fill: int = 0,
     background: str = DEFAULT_BACKGROUND,
-    upscaler: str | None = None,
+    upscaler: UpscalerArg = None,
 ) -> InitImage:
     """webui's per-image steps: flatten → resize (unless "only masked" or mode 3) → overlay →
     crop and "resize and fill" ("only masked") → `fill_masked` (inpainting_fill != 1, as webui:
@@ -857,7 +896,7 @@ def prepare_init_image(
 
 
 def finish_image(
-    generated: Image.Image, init: InitImage, *, upscaler: str | None = None
+    generated: Image.Image, init: InitImage, *, upscaler: UpscalerArg = None
 ) -> Image.Image:
     """webui `apply_overlay` (opts.overlay_inpaint): paste an "only masked" result back into
     the init image and lay the original unmasked pixels over it. No overlay: unchanged."""
@@ -881,6 +920,8 @@ __all__ = [
     "HiresUpscaler",
     "InitImage",
     "MaskPlan",
+    "PixelUpscale",
+    "UpscalerArg",
     "available_hr_upscalers",
     "binarize",
     "blur_mask",
@@ -895,6 +936,7 @@ __all__ = [
     "hires_target",
     "hr_upscaler_choice",
     "img2img_steps",
+    "img2img_upscaler",
     "invert_mask",
     "latent_mask",
     "make_overlay",

@@ -28,6 +28,7 @@ from .infotext import parse_generation_parameters
 from .inputs import ALLOWED_FORMATS, open_image
 from .payload import OPTIONS, decode_api_json
 from .samplers import list_samplers, list_schedulers
+from .upscaler_models import WEBUI_NAMES, UpscalerFile
 
 if TYPE_CHECKING:
     from .api import Engine
@@ -61,10 +62,26 @@ class UpscalerRow:
 BUILTIN_UPSCALERS: tuple[UpscalerRow, ...] = tuple(UpscalerRow(name) for name in PIXEL_UPSCALERS)
 
 
+def _model_row(file: UpscalerFile) -> UpscalerRow:
+    # webui's model_name is the upscaler class's: None for its RealESRGAN class (the R-ESRGAN
+    # names), "ESRGAN_4x" for its ESRGAN class (every other file). model_path: the file here
+    # (webui gives the download URL for the R-ESRGAN entries). scale: the file's own.
+    realesrgan = file.name in WEBUI_NAMES.values()
+    return UpscalerRow(
+        file.name,
+        model_name=None if realesrgan else "ESRGAN_4x",
+        model_path=str(file.path),
+        scale=float(file.scale),
+    )
+
+
 def upscalers(engine: Engine) -> list[dict[str, Any]]:
     """`GET /sdapi/v1/upscalers` -> list[UpscalerItem]: name, model_name, model_path,
-    model_url, scale."""
-    return [row.item() for row in BUILTIN_UPSCALERS]
+    model_url, scale. The built-ins first, then the upscalers/ files by lower-cased name
+    (webui's `sd_upscalers` order)."""
+    files = sorted(engine.models.upscalers.files.values(), key=lambda f: f.name.lower())
+    rows = [*BUILTIN_UPSCALERS, *(_model_row(f) for f in files)]
+    return [row.item() for row in rows]
 
 
 def latent_upscale_modes(engine: Engine) -> list[dict[str, Any]]:
@@ -156,9 +173,15 @@ def face_restorers(engine: Engine) -> list[dict[str, Any]]:
 
 
 def realesrgan_models(engine: Engine) -> list[dict[str, Any]]:
-    """`GET /sdapi/v1/realesrgan-models` -> list[RealesrganItem] (name, path, scale): none
-    here."""
-    return []
+    """`GET /sdapi/v1/realesrgan-models` -> list[RealesrganItem] (name, path, scale): the
+    installed Real-ESRGAN release files under webui's names ("R-ESRGAN 4x+", ...), in webui's
+    table order. webui lists its whole table with download URLs; only files are served here."""
+    files = engine.models.upscalers.files
+    return [
+        {"name": name, "path": str(files[name].path), "scale": files[name].scale}
+        for name in WEBUI_NAMES.values()
+        if name in files
+    ]
 
 
 def prompt_styles(engine: Engine) -> list[dict[str, Any]]:

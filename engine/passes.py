@@ -422,7 +422,7 @@ def hires_pass(
         resized = [
             resize_image(
                 1 if target.crop else 0,
-                upscale_pixels(img, target.resize_x, target.resize_y, hires.upscaler.name),
+                upscale_pixels(img, target.resize_x, target.resize_y, hires.upscaler.pixels),
                 target.width,
                 target.height,
             )

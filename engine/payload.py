@@ -517,6 +517,9 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     _opt("comma_padding_backtrack", _check_int, 20, True, range=Range(0, 74)),
     _opt("img2img_color_correction", _check_bool, False, False),
     _opt("upscaler_for_img2img", _check_str, None, True),
+    # webui's sliders: tile 0..512 (0: no tiling), overlap 0..48, in input pixels.
+    _opt("ESRGAN_tile", _check_int, 192, True, range=Range(0, 512)),
+    _opt("ESRGAN_tile_overlap", _check_int, 8, True, range=Range(0, 48)),
 )
 OPTIONS: Final[dict[str, OptionSpec]] = {row.name: row for row in _OPTION_ROWS}
 
@@ -564,6 +567,8 @@ class Settings(BaseModel):
     comma_padding_backtrack: int = _d("comma_padding_backtrack")
     img2img_color_correction: bool = _d("img2img_color_correction")
     upscaler_for_img2img: str | None = _d("upscaler_for_img2img")
+    ESRGAN_tile: int = _d("ESRGAN_tile")
+    ESRGAN_tile_overlap: int = _d("ESRGAN_tile_overlap")
 
 
 if set(Settings.model_fields) != set(OPTIONS):  # pragma: no cover - guards edits of one side

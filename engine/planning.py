@@ -8,7 +8,9 @@ any model work. `Models` is what setup loaded; the passes only read it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import torch
@@ -23,10 +25,12 @@ from .geometry import (
     HiresUpscaler,
     InitImage,
     MaskPlan,
+    PixelUpscale,
     firstphase_to_hires,
     hires_target,
     hr_upscaler_choice,
     img2img_steps,
+    img2img_upscaler,
     prepare_init_image,
     prepare_mask,
 )
@@ -55,6 +59,7 @@ from .samplers import (
 )
 from .schedules import Discretization
 from .seeds import fix_seed, request_seeds
+from .upscaler_models import UpscalerCatalog
 from .vae import VaeCatalog, VaeChoice
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,20 @@ class Models:
     vaes: VaeCatalog | None = None
     extensions: ExtensionRegistry | None = None
     lora_managers: dict[str, LoraManager] = field(default_factory=dict)
+    upscalers: UpscalerCatalog = field(default_factory=UpscalerCatalog)
+
+    def model_upscalers(self, settings: Settings) -> dict[str, PixelUpscale]:
+        """The installed model upscalers by webui name, each as webui's
+        `Upscaler.upscale(img, scale)` with the request's ESRGAN tile options."""
+        return {
+            name: partial(
+                self.upscalers.upscale,
+                name,
+                tile=settings.ESRGAN_tile,
+                overlap=settings.ESRGAN_tile_overlap,
+            )
+            for name in self.upscalers.names
+        }
 
     def lora_manager(self, loaded: LoadedCheckpoint) -> LoraManager:
         """One adapter cache per checkpoint, made on first use."""
@@ -236,7 +255,9 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
             lora_pairs += _resolved(hires.loras)
     else:
         assert decoded is not None
-        img2img = _plan_img2img(req, decoded, settings, sampler, extras, comments)
+        img2img = _plan_img2img(
+            req, decoded, settings, sampler, extras, comments, models.model_upscalers(settings)
+        )
     if hashes := lora_hashes(lora_pairs):
         extras["Lora hashes"] = hashes
     texts = cond_prompts + negatives
@@ -351,7 +372,7 @@ def _plan_hires(
     extras.update(target.infotext)
     if req.hr_second_pass_steps:
         extras["Hires steps"] = req.hr_second_pass_steps
-    upscaler = hr_upscaler_choice(req.hr_upscaler)
+    upscaler = hr_upscaler_choice(req.hr_upscaler, models=models.model_upscalers(settings))
     if req.hr_upscaler is not None:
         extras["Hires upscaler"] = req.hr_upscaler
     schedule, run = img2img_steps(
@@ -490,6 +511,7 @@ def _plan_img2img(
     sampler: SamplerChoice,
     extras: dict[str, Any],
     comments: list[str],
+    model_upscalers: Mapping[str, PixelUpscale],
 ) -> Img2Img:
     images, mask_image = decoded
     # 2. The mask as webui processes it (binarize, invert, blur, crop or resize).
@@ -514,7 +536,7 @@ def _plan_img2img(
         if mask_plan.mask is None:
             mask_plan = None
     # 3. Init images resized/cropped/filled; one image repeats for the batch (webui).
-    upscaler = settings.upscaler_for_img2img
+    upscaler = img2img_upscaler(settings.upscaler_for_img2img, model_upscalers)
     inits = [
         prepare_init_image(
             image,

@@ -1052,6 +1052,9 @@ def make_all(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     write_safetensors(paths["embedding"], sd1_embedding(SD1, EMBEDDING), seed)
     write_safetensors(paths["embedding-sdxl"], sdxl_embedding(SDXL, EMBEDDING), seed)
     write_safetensors(paths["vae"], ldm_vae(VAE), seed)
+    __import__("importlib").import_module(
+        f"{__package__}.make_tiny_upscalers" if __package__ else "make_tiny_upscalers"
+    ).write_all(out_dir, seed)
     return paths
 
 

@@ -38,6 +38,13 @@ def main() -> int:
     if output.listing:
         print(json.dumps(json.loads(output.listing), indent=2))
         return 0
+    if args.endpoint.startswith("extra-"):  # the extras endpoints: images and html_info
+        for index, image in enumerate(output.images):
+            target = args.out / f"{args.payload.stem}-extras-{index}{image.suffix}"
+            shutil.copyfile(image, target)
+            print(f"wrote {target}")
+        print(output.info)
+        return 0
     info = json.loads(output.info)
     for index, image in enumerate(output.images):
         target = args.out / f"{args.payload.stem}-{info['all_seeds'][index]}{image.suffix}"

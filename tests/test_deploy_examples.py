@@ -84,11 +84,22 @@ def _png_with_infotext() -> str:
     return json.dumps({"image": base64.b64encode(buffer.getvalue()).decode()})
 
 
+def _extras_body() -> str:
+    body = json.loads(_png_with_infotext())
+    return json.dumps({**body, "upscaler_1": "R-ESRGAN 4x+", "upscaling_resize": 2})
+
+
 # Endpoints that read `api_json`: a body like the README's.
-BODIES = {"png-info": _png_with_infotext}
+BODIES = {"png-info": _png_with_infotext, "extra-single-image": _extras_body}
 
 
 @pytest.mark.parametrize("endpoint", LISTINGS)
 def test_listing_in_the_readme_is_served(engine: Engine, endpoint: str) -> None:
     body = BODIES[endpoint]() if endpoint in BODIES else "{}"
-    assert engine.handle(endpoint, body).listing is not None
+    response = engine.handle(endpoint, body)
+    if endpoint.startswith("extra-"):
+        (image,) = response.images
+        assert Image.open(io.BytesIO(image.data)).size == (16, 16)
+        assert "R-ESRGAN 4x+" in response.info
+    else:
+        assert response.listing is not None

@@ -157,6 +157,15 @@ def test_manifest_is_checked_before_anything_downloads(tmp_path: Path) -> None:
         read_manifest(manifest)
 
 
+def test_manifest_takes_upscaler_files(tmp_path: Path) -> None:
+    manifest = tmp_path / "models.toml"
+    manifest.write_text(
+        '[[file]]\npath = "upscalers/RealESRGAN_x4plus.pth"\nurl = "https://example.org/x"\n'
+        'sha256 = "' + "0" * 64 + '"\nsize = 1\n'
+    )
+    assert [f.path for f in read_manifest(manifest)] == ["upscalers/RealESRGAN_x4plus.pth"]
+
+
 def test_the_script_end_to_end(
     server: ModelServer, model_bytes: dict[str, bytes], tmp_path: Path
 ) -> None:

@@ -136,6 +136,7 @@ KEPT_IN = [
     "checkpoints/realisticVision.safetensors",
     "checkpoints/sdxl/juggernaut.safetensors",
     "loras/detail.safetensors",
+    "upscalers/RealESRGAN_x4plus.pth",
     "vae/sdxl_vae.safetensors",
     # The shipped hash cache: a fresh container hashes nothing.
     ".cache/hashes.json",

@@ -16,8 +16,6 @@ from urllib.parse import urlparse
 import pytest
 from PIL import Image
 
-from engine.api import ENDPOINTS
-
 from .helpers import SD1, card_image, payload
 from .test_http import CogServer, image_bytes, server
 from .test_listings import (
@@ -138,6 +136,11 @@ class CogTransport:
         if output["listing"]:
             return Reply(200, json.loads(output["listing"]))
         images = [base64.b64encode(data).decode() for data in image_bytes(prediction)]
+        # webui's extras answers: ExtrasSingleImageResponse / ExtrasBatchImagesResponse.
+        if endpoint == "extra-single-image":
+            return Reply(200, {"image": images[0], "html_info": output["info"]})
+        if endpoint == "extra-batch-images":
+            return Reply(200, {"images": images, "html_info": output["info"]})
         parameters = json.loads(output["parameters"]) if output["parameters"] else {}
         return Reply(200, {"images": images, "parameters": parameters, "info": output["info"]})
 
@@ -255,18 +258,20 @@ def test_webuiapi_controlnet_units_run_unchanged(client: Any) -> None:
 
 def test_webuiapi_extra_single_image(client: Any) -> None:
     image = card_image(32, 32)
-    if "extra-single-image" not in ENDPOINTS:
-        # Not served (yet): a clear error naming the endpoint and what is served.
-        with pytest.raises(RuntimeError) as err:
-            client.extra_single_image(image=image, upscaler_1="Lanczos", upscaling_resize=2)
-        status, reply = err.value.args  # webuiapi raises RuntimeError(status, text)
-        assert status == 500
-        text = json.loads(reply)["detail"]
-        assert "endpoint" in text and "'extra-single-image'" in text and "'txt2img'" in text
-        assert "Traceback" not in text
-        return
     result = client.extra_single_image(image=image, upscaler_1="Lanczos", upscaling_resize=2)
+    body = last_body(client, "extra-single-image")
+    assert body["upscaler_1"] == "Lanczos" and body["gfpgan_visibility"] == 0
     assert result.images[0].size == (64, 64)
+    assert result.info == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos</p>"
+
+
+def test_webuiapi_extra_batch_images_with_a_model_upscaler(client: Any) -> None:
+    images = [card_image(16, 16), card_image(24, 16)]
+    result = client.extra_batch_images(
+        images=images, upscaler_1="R-ESRGAN General 4xV3", upscaling_resize=2
+    )
+    assert [i.size for i in result.images] == [(32, 32), (48, 32)]
+    assert "Postprocess upscaler: R-ESRGAN General 4xV3" in result.info
 
 
 def test_webuiapi_png_info_of_its_own_txt2img_image(client: Any) -> None:

@@ -263,8 +263,9 @@ def test_hires_steps_follow_webui_arithmetic(engine: Engine) -> None:
 
 def test_unknown_hires_upscaler_lists_the_available_ones(engine: Engine) -> None:
     with pytest.raises(UnknownName) as err:
-        run(engine, payload(enable_hr=True, hr_upscaler="R-ESRGAN 4x+"))
+        run(engine, payload(enable_hr=True, hr_upscaler="4x-UltraSharp"))
     assert "hr_upscaler" in str(err.value) and "Lanczos" in str(err.value)
+    assert "'R-ESRGAN 4x+'" in str(err.value)  # the installed model upscalers are offered too
 
 
 def test_hires_prompt_and_sampler_are_reported(engine: Engine) -> None:

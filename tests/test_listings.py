@@ -141,9 +141,10 @@ def test_list_listing_items_have_webuis_fields(engine: Engine, name: str) -> Non
 def test_upscalers_are_webuis_builtins_and_latent_modes_are_their_own_listing(
     engine: Engine,
 ) -> None:
-    # webui 1.10.1 lists UpscalerNone, Lanczos and Nearest (scale 4, no model) first; the
-    # latent modes are only in latent-upscale-modes, in shared.latent_upscale_modes order.
-    assert listing(engine, "upscalers") == [
+    # webui 1.10.1 lists UpscalerNone, Lanczos and Nearest (scale 4, no model) first (the
+    # upscalers/ files follow: tests/test_upscalers.py); the latent modes are only in
+    # latent-upscale-modes, in shared.latent_upscale_modes order.
+    assert listing(engine, "upscalers")[:3] == [
         {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
         for n in ("None", "Lanczos", "Nearest")
     ]
@@ -232,7 +233,7 @@ def test_webui_pt_embedding_lists_its_training_step_and_checkpoint(tmp_path: Pat
 
 
 def test_empty_listings_where_this_server_has_none(engine: Engine) -> None:
-    for name in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):
+    for name in ("hypernetworks", "face-restorers", "prompt-styles"):
         assert listing(engine, name) == [], name
 
 

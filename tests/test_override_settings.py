@@ -47,6 +47,12 @@ INPAINTING = {
 # last words into the next chunk; with 0 they stay.
 LONG_PROMPT = "cat " * 70 + ", " + "dog " * 10
 EMPHASISED = "a (lighthouse:1.6) on a [cliff]"
+MODEL_HIRES = {
+    "enable_hr": True,
+    "hr_scale": 2,
+    "hr_upscaler": "R-ESRGAN 4x+",
+    "denoising_strength": 0.3,
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,10 @@ HONOURED = (
         "Nearest",
         {**IMG2IMG, "init_images": [b64_png(card_image(32, 32))]},
     ),
+    # A model upscaler in the hires pass: the 64x64 first pass fits one default (192) tile;
+    # 32-pixel tiles cut it into several, and their overlap decides how the seams blend.
+    Row("ESRGAN_tile", 32, MODEL_HIRES),
+    Row("ESRGAN_tile_overlap", 0, {**MODEL_HIRES, "override_settings": {"ESRGAN_tile": 32}}),
 )
 
 # Known, validated, and not acted on: a warning names them, and the picture is the plain one.
