@@ -1,5 +1,11 @@
 """The pipeline cache: one set of weights per checkpoint, loaded once at setup.
 
+Identical VAEs are stored once: fine-tunes usually carry their base model's VAE byte for byte,
+so each checkpoint's VAE gets a content digest at load and a checkpoint whose VAE matches an
+earlier one's uses that module (its own copy is dropped). A VAE is only read by requests
+(never patched: LoRAs and ControlNets touch the UNet and text encoders), so sharing it changes
+no picture. Text encoders are not shared: LoRA adapters are injected into them per checkpoint.
+
 A request never changes a cached pipeline: the sampler loop (sampling.py) reads its modules
 (UNet, VAE, text encoders) and brings its own fresh scheduler, so txt2img, img2img and
 inpainting all run on the same weights and no scheduler state or call-time attribute can carry
@@ -8,6 +14,7 @@ over to the next request.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +38,7 @@ class PipelineCache:
     placement: Placement
     cache_root: Path
     loaded: dict[str, LoadedCheckpoint] = field(default_factory=dict)
+    _vaes: dict[str, Any] = field(default_factory=dict)  # content digest -> the shared module
 
     def load_all(self) -> None:
         """Load every checkpoint (setup). A file that fails to load fails setup."""
@@ -41,6 +49,7 @@ class PipelineCache:
                 "use a larger GPU, fewer checkpoints, or SD_DTYPE=float16",
             ):
                 loaded = load_checkpoint(info, self.placement, self.cache_root)
+            self._share_vae(loaded)
             self.loaded[info.title] = loaded
             on_gpu = ""
             if self.placement.device == "cuda":
@@ -58,16 +67,38 @@ class PipelineCache:
     def get(self, info: CheckpointInfo) -> LoadedCheckpoint:
         return self.loaded[info.title]
 
+    def _share_vae(self, loaded: LoadedCheckpoint) -> None:
+        digest = module_digest(loaded.pipe.vae)
+        shared = self._vaes.setdefault(digest, loaded.pipe.vae)
+        if shared is not loaded.pipe.vae:
+            log.info("%s: VAE identical to an earlier checkpoint's; stored once", loaded.info.title)
+            loaded.pipe.vae = shared
 
-def weight_bytes(pipe: Any) -> int:
-    """Bytes of the parameters and buffers of a pipeline's modules (shared ones once)."""
+    def resident_bytes(self) -> int:
+        """Bytes of every cached checkpoint's weights, each tensor counted once."""
+        return weight_bytes(*(loaded.pipe for loaded in self.loaded.values()))
+
+
+def weight_bytes(*pipes: Any) -> int:
+    """Bytes of the parameters and buffers of pipelines' modules (shared ones once)."""
     seen: set[int] = set()
     total = 0
-    for component in getattr(pipe, "components", {}).values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for tensor in [*component.parameters(), *component.buffers()]:
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
+    for pipe in pipes:
+        for component in getattr(pipe, "components", {}).values():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            for tensor in [*component.parameters(), *component.buffers()]:
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor.numel() * tensor.element_size()
     return total
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's tensors (names, dtypes, shapes, bytes) in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()
