@@ -131,6 +131,9 @@ WEBUI_OPTION_DEFAULTS: dict[str, Any] = {
     "comma_padding_backtrack": 20,
     "img2img_color_correction": False,
     "upscaler_for_img2img": None,
+    # modules/shared_options.py, "Upscaling" section.
+    "ESRGAN_tile": 192,
+    "ESRGAN_tile_overlap": 8,
 }
 
 
