@@ -35,6 +35,7 @@ from .errors import Problem, RequestError, UnknownName, show_choices
 from .geometry import LANCZOS, PIXEL_UPSCALERS
 from .images import EncodedImage
 from .inputs import open_image
+from .listings import IGNORED_INFO_KEYS
 from .payload import _Bad, _check_bool, _check_float, _check_int, _check_str, decode_api_json
 from .playground import _image_file as playground_image
 from .upscaler_models import DEFAULT_TILE, DEFAULT_TILE_OVERLAP
@@ -97,26 +98,8 @@ _FIELDS: Mapping[str, tuple[Callable[[Any], Any], Any]] = {
     "upscale_first": (_check_bool, False),
 }
 
-# webui's images.IGNORED_INFO_KEYS: what `read_info_from_image` does not carry over.
-_IGNORED_INFO = frozenset(
-    {
-        "jfif",
-        "jfif_version",
-        "jfif_unit",
-        "jfif_density",
-        "dpi",
-        "exif",
-        "loop",
-        "background",
-        "timestamp",
-        "duration",
-        "progressive",
-        "progression",
-        "icc_profile",
-        "chromaticity",
-        "photoshop",
-    }
-)
+# webui's images.IGNORED_INFO_KEYS: one table, in listings.py (png-info reads them too).
+_IGNORED_INFO = IGNORED_INFO_KEYS
 
 Upscale = Callable[[Image.Image, float], Image.Image]
 
