@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from typing import Any
 from .catalog import Catalog, HashCache
 from .device import choose_placement, describe
 from .embeddings import EmbeddingCatalog
-from .errors import RequestError
+from .errors import ModelLoadError, RequestError
 from .extensions import ExtensionRegistry
 from .extras import EXTRAS_ENDPOINTS, run_extras
 from .fetch import fetch_from_env
@@ -29,6 +30,7 @@ from .payload import Limits, choose_mode, decode_api_json, parse_request
 from .pipelines import PipelineCache
 from .planning import Models
 from .playground import merge_playground
+from .refresh import rescan
 from .response import Result
 from .upscaler_models import UpscalerCatalog
 from .vae import VaeCatalog
@@ -91,10 +93,12 @@ class Engine:
 
     models: Models
     limits: Limits
+    config: EngineConfig | None
 
-    def __init__(self, models: Models, limits: Limits):
+    def __init__(self, models: Models, limits: Limits, config: EngineConfig | None = None):
         self.models = models
         self.limits = limits
+        self.config = config
 
     @classmethod
     def setup(
@@ -151,7 +155,23 @@ class Engine:
             extensions=extensions,
             upscalers=upscalers,
         )
-        return cls(models, limits)
+        return cls(models, limits, config)
+
+    def rescanned(self) -> Engine:
+        """A new engine over the model folders as they are now (webui's refresh-checkpoints,
+        -loras, -vae, -embeddings): unchanged models reused, new ones loaded, removed ones
+        dropped. This engine is left as it was, so a request running on it is unaffected."""
+        if self.config is None:
+            raise ModelLoadError("this engine was not set up from model folders; nothing to rescan")
+        cache = self.config.cache_dir / "hashes.json"
+        hashes = HashCache(cache, root=self.config.models_dir)
+        return Engine(rescan(self.models, hashes), self.limits, self.config)
+
+    def with_default_checkpoint(self, name: str, field: str = "sd_model_checkpoint") -> Engine:
+        """A new engine whose requests without a checkpoint get `name` (any webui name);
+        an unknown name is a RequestError naming `field`."""
+        info = self.models.catalog.resolve_checkpoint(name, field=field)
+        return Engine(dataclasses.replace(self.models, default=info), self.limits, self.config)
 
     def handle(
         self,

@@ -42,9 +42,11 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     ):
         for batch in range(req.n_iter):
             lo, hi = batch * plan.batch_size, (batch + 1) * plan.batch_size
-            batch_images, batch_used = run_batch(plan, lo, hi, progress)
-            pil_images += batch_images
-            used.update(batch_used)
+            done = run_batch(plan, lo, hi, progress)
+            pil_images += done.images
+            used.update(done.used)
+            if done.stopped is not None and not done.stopped.skip:
+                break  # webui's interrupt: the batches so far are the answer
     # 3. Infotext per image, encoded files, the info JSON.
     infotexts = [image_infotext(plan, i, used) for i in range(len(pil_images))]
     settings = parsed.settings

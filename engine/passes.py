@@ -38,6 +38,7 @@ from .sampling import (
     CFGDenoiser,
     MaskBlend,
     Stage,
+    StopSampling,
     circular_padding,
     decode_latents,
     encode_images,
@@ -60,9 +61,18 @@ Embeddings = dict[str, str]  # textual-inversion name -> hash, as text encoding 
 Sampled = tuple[torch.Tensor, Embeddings]  # a pass's final latents and the embeddings it used
 
 
-def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> tuple[list[Any], Embeddings]:
-    """One UNet batch: noise, first pass (txt2img or img2img), hires pass, decode, overlay.
-    Returns the images and the embeddings the prompts used."""
+@dataclass(frozen=True)
+class Batch:
+    """One batch's pictures, the embeddings its prompts used, and whether a progress callback
+    stopped it (webui's interrupt or skip)."""
+
+    images: list[Any]
+    used: Embeddings
+    stopped: StopSampling | None = None
+
+
+def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> Batch:
+    """One UNet batch: noise, first pass (txt2img or img2img), hires pass, decode, overlay."""
     loaded = plan.checkpoint
     seeds, prompts, negatives = (
         plan.seeds[lo:hi],
@@ -75,6 +85,7 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> tuple[list[An
     # Latents stay float32 between steps; only the UNet input is cast (CFGDenoiser).
     noise = noise.to(device=placement(loaded).device)
     batch = lo // plan.batch_size
+    stopped: StopSampling | None = None
     tiled = [m.pipe.unet for m in _models_used(plan)] + [plan.vae.vae]
     with (
         torch.inference_mode(),
@@ -83,19 +94,24 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> tuple[list[An
     ):
         # 2. The first pass, with the prompt's LoRAs.
         loras.switch(plan.loras, batch)
-        if plan.img2img is None:
-            latents, used = txt2img_pass(
-                plan, seeds, noise, generators, prompts, negatives, progress
-            )
-        else:
-            latents, used = img2img_pass(
-                plan, plan.img2img, lo, hi, noise, generators, prompts, negatives, progress
-            )
-        # 3. Hires fix: upscale, then img2img at the target size with fresh noise of the same seeds.
-        if plan.hires is not None:
-            loras.switch(plan.hires.loras, batch)  # hr_prompt's LoRAs (kept when the same)
-            latents, hires_used = hires_pass(plan, plan.hires, latents, lo, hi, progress)
-            used = {**used, **hires_used}
+        try:
+            if plan.img2img is None:
+                latents, used = txt2img_pass(
+                    plan, seeds, noise, generators, prompts, negatives, progress
+                )
+            else:
+                latents, used = img2img_pass(
+                    plan, plan.img2img, lo, hi, noise, generators, prompts, negatives, progress
+                )
+            # 3. Hires fix: upscale, then img2img at the target size with fresh noise.
+            if plan.hires is not None:
+                loras.switch(plan.hires.loras, batch)  # hr_prompt's LoRAs (kept when the same)
+                latents, hires_used = hires_pass(plan, plan.hires, latents, lo, hi, progress)
+                used = {**used, **hires_used}
+        except StopSampling as stop:
+            # Interrupt/skip (webui): the last prediction is decoded; no hires pass after it.
+            assert stop.latents is not None
+            latents, used, stopped = stop.latents, stop.used, stop
         # 4. Decode; NaN is an error, never a black picture.
         if has_non_finite(latents):
             raise GenerationError(
@@ -108,7 +124,7 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> tuple[list[An
     if plan.img2img is not None and plan.img2img.mask is not None:
         inits = _batch_inits(plan.img2img, hi - lo)
         images = [finish_image(img, init) for img, init in zip(images, inits, strict=True)]
-    return images, used
+    return Batch(images, used, stopped)
 
 
 def _models_used(plan: Plan) -> list[LoadedCheckpoint]:
@@ -254,13 +270,23 @@ def _run(plan: Plan, job: PassJob, progress: Progress) -> Sampled:
         cfg_hooks=tuple(plan.effects.cfg_hooks),
         progress=progress,
     )
-    latents = run_pass(
-        spec, denoiser, job.noise, job.generators, job.seeds, plan.rng_device, job.init
-    )
+    try:
+        latents = run_pass(
+            spec, denoiser, job.noise, job.generators, job.seeds, plan.rng_device, job.init
+        )
+    except StopSampling as stop:
+        # webui keeps the last x0 prediction; stopped before any step: the pass' start.
+        start = job.init if job.init is not None else job.noise
+        stop.latents = start if denoiser.last_denoised is None else denoiser.last_denoised
+        stop.used = _used(conditioners)
+        raise
     if job.blend is not None:
         latents = job.blend.apply(latents)  # webui's final blend of the inpainted latent
-    used = {name: h for c in conditioners for name, h in c.used_embeddings.items()}
-    return latents, used
+    return latents, _used(conditioners)
+
+
+def _used(conditioners: list[TextConditioner]) -> Embeddings:
+    return {name: h for c in conditioners for name, h in c.used_embeddings.items()}
 
 
 def txt2img_pass(

@@ -43,26 +43,42 @@ class PipelineCache:
     def load_all(self) -> None:
         """Load every checkpoint (setup). A file that fails to load fails setup."""
         for info in self.catalog.checkpoints:
-            started = time.perf_counter()
-            with reported(
-                f"loading checkpoint {info.title} at setup",
-                "use a larger GPU, fewer checkpoints, or SD_DTYPE=float16",
-            ):
-                loaded = load_checkpoint(info, self.placement, self.cache_root)
-            self._share_vae(loaded)
-            self.loaded[info.title] = loaded
-            on_gpu = ""
-            if self.placement.device == "cuda":
-                on_gpu = f"; CUDA memory allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB"
-            log.info(
-                "loaded %s in %.2f s (%.1f MiB of weights on %s%s)",
-                info.title,
-                time.perf_counter() - started,
-                weight_bytes(loaded.pipe) / 2**20,
-                self.placement.device,
-                on_gpu,
-            )
+            self.load(info)
         log.info("loaded %d checkpoint(s): %s", len(self.loaded), ", ".join(self.loaded))
+
+    def load(self, info: CheckpointInfo) -> None:
+        """Load one checkpoint into the cache (sharing an identical VAE)."""
+        started = time.perf_counter()
+        with reported(
+            f"loading checkpoint {info.title}",
+            "use a larger GPU, fewer checkpoints, or SD_DTYPE=float16",
+        ):
+            loaded = load_checkpoint(info, self.placement, self.cache_root)
+        self._share_vae(loaded)
+        self.loaded[info.title] = loaded
+        on_gpu = ""
+        if self.placement.device == "cuda":
+            on_gpu = f"; CUDA memory allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB"
+        log.info(
+            "loaded %s in %.2f s (%.1f MiB of weights on %s%s)",
+            info.title,
+            time.perf_counter() - started,
+            weight_bytes(loaded.pipe) / 2**20,
+            self.placement.device,
+            on_gpu,
+        )
+
+    def rescanned(self, catalog: Catalog) -> PipelineCache:
+        """A cache for a rescanned `catalog`: unchanged checkpoints (same title, file and
+        hashes) are reused as loaded, the others load now; this cache is left as it was."""
+        fresh = PipelineCache(catalog, self.placement, self.cache_root, _vaes=dict(self._vaes))
+        for info in catalog.checkpoints:
+            kept = self.loaded.get(info.title)
+            if kept is not None and kept.info == info:
+                fresh.loaded[info.title] = kept
+            else:
+                fresh.load(info)
+        return fresh
 
     def get(self, info: CheckpointInfo) -> LoadedCheckpoint:
         return self.loaded[info.title]

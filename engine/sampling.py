@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -38,6 +38,27 @@ class StepConditioning:
 
 Schedule = Callable[[int], StepConditioning]  # step index -> conditioning
 Progress = Callable[[int, int], None]
+
+
+class StopSampling(Exception):
+    """Raised by a progress callback to end sampling at a step boundary (webui's interrupt
+    and skip). The pass keeps the last denoised prediction, as webui's `launch_sampling`
+    returns `last_latent` on its InterruptedException. `skip` ends only the current batch;
+    otherwise the remaining batches are dropped too."""
+
+    def __init__(self, skip: bool = False) -> None:
+        super().__init__("skip" if skip else "interrupt")
+        self.skip = skip
+        self.latents: torch.Tensor | None = None  # filled by the pass that stopped
+        self.used: dict[str, str] = {}
+
+
+@runtime_checkable
+class LatentObserver(Protocol):
+    """A progress callback that also wants each step's denoised prediction (live previews).
+    `sdxl` says which latent space it is in (the previews' colour approximation differs)."""
+
+    def observe(self, denoised: torch.Tensor, sdxl: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -139,6 +160,8 @@ class CFGDenoiser:
     calls: int = 0
     stage_index: int = 0
     last_uncond: torch.Tensor | None = None
+    # The latest denoised (x0) prediction: what an interrupted pass returns (webui's last_latent).
+    last_denoised: torch.Tensor | None = None
 
     @property
     def stage(self) -> Stage:
@@ -168,6 +191,7 @@ class CFGDenoiser:
             denoised = x + out * -sig
         if self.blend is not None:
             denoised = self.blend.apply(denoised)
+        self._stepped(denoised)
         return denoised
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -183,7 +207,20 @@ class CFGDenoiser:
             out = a_t.sqrt() * out + (1 - a_t).sqrt() * x
             if self.last_uncond is not None:
                 self.last_uncond = a_t.sqrt() * self.last_uncond + (1 - a_t).sqrt() * x
+        alphas = self.stage.discretization.alphas_cumprod
+        a_t = alphas[t.to(torch.long).cpu()].view(-1, 1, 1, 1).to(x.device, torch.float32)
+        self._stepped((x - (1 - a_t).sqrt() * out) / a_t.sqrt())  # the x0 prediction
         return out
+
+    def _stepped(self, denoised: torch.Tensor) -> None:
+        """After each model call: keep the x0 prediction, then report progress (the callback
+        may stop sampling here by raising StopSampling)."""
+        self.last_denoised = denoised
+        if self.progress is None:
+            return
+        if isinstance(self.progress, LatentObserver):
+            self.progress.observe(denoised, self.stage.time_ids is not None)
+        self.progress(min(self.calls, self.total), self.total)
 
     def _guided(self, model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The UNet over [negative, positives...] and the CFG sum, in the model's output space."""
@@ -215,8 +252,6 @@ class CFGDenoiser:
         for cfg_hook in self.cfg_hooks:
             guided = cfg_hook(guided, outputs, cond, info)
         self.calls += 1
-        if self.progress is not None:
-            self.progress(min(self.calls, self.total), self.total)
         return guided
 
 

@@ -69,6 +69,12 @@ class VaeCatalog:
             files[path.name] = VaeFile(path.name, path, digest[:10])
         return cls(files, placement, cache_root)
 
+    def keep_loaded(self, previous: VaeCatalog) -> None:
+        """Reuse `previous`'s loaded modules for files that did not change (a rescan)."""
+        for (name, family), module in previous._loaded.items():
+            if self.files.get(name) == previous.files.get(name):
+                self._loaded[(name, family)] = module
+
     def listing(self) -> list[dict[str, Any]]:
         """webui GET /sdapi/v1/sd-vae."""
         return [{"model_name": f.name, "filename": str(f.path)} for f in self.files.values()]
