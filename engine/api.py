@@ -26,7 +26,7 @@ from .loading import Placement
 from .memory_release import configure_allocator, release_host_memory
 from .networks import LoraCatalog
 from .passes import Progress
-from .payload import Limits, choose_mode, decode_api_json, parse_request
+from .payload import Limits, ParsedRequest, choose_mode, decode_api_json, parse_request
 from .pipelines import PipelineCache
 from .planning import Models
 from .playground import merge_playground
@@ -203,8 +203,18 @@ class Engine:
             raise RequestError.single(
                 "endpoint", endpoint, f"must be one of {', '.join(map(repr, choices))}"
             )
+        return self.generate(self.parse(name, api_json, playground), progress)
+
+    def parse(
+        self, endpoint: str, api_json: str, playground: Mapping[str, Any] | None = None
+    ) -> ParsedRequest:
+        """A txt2img/img2img payload checked and typed (every field and limit), no model work:
+        a server can refuse a bad request before it queues it."""
         payload = merge_playground(decode_api_json(api_json, self.limits), playground or {})
-        parsed = parse_request(payload, choose_mode(name, payload), self.limits)
+        return parse_request(payload, choose_mode(endpoint, payload), self.limits)
+
+    def generate(self, parsed: ParsedRequest, progress: Progress = log_progress) -> Response:
+        """Run a parsed txt2img/img2img request."""
         try:
             result: Result = generate(self.models, parsed, progress)
         finally:
