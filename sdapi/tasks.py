@@ -105,6 +105,8 @@ class FairQueue:
         self._lanes: OrderedDict[str, deque[Task]] = OrderedDict()
         self._cond = threading.Condition()
         self._closed = False
+        self._served: dict[str, int] = {}  # client -> the turn it was last served
+        self._turn = 0
         self.current: Task | None = None
         self.tasks: dict[str, Task] = {}  # queued and running, by id
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -121,12 +123,19 @@ class FairQueue:
         return task
 
     def queued(self) -> list[Task]:
-        """Waiting tasks in the order they will run (round-robin over clients)."""
+        """Waiting tasks in the order they will run (turns by client, as `_take` picks)."""
         with self._cond:
-            lanes = [list(lane) for lane in self._lanes.values()]
+            served = dict(self._served)
+            lanes = {client: list(lane) for client, lane in self._lanes.items()}
         order: list[Task] = []
-        for depth in range(max((len(lane) for lane in lanes), default=0)):
-            order += [lane[depth] for lane in lanes if depth < len(lane)]
+        turn = self._turn
+        while lanes:
+            client = min(lanes, key=lambda c: served.get(c, -1))
+            order.append(lanes[client].pop(0))
+            if not lanes[client]:
+                del lanes[client]
+            turn += 1
+            served[client] = turn
         return order
 
     def running_for(self, client: str) -> Task | None:
@@ -154,27 +163,34 @@ class FairQueue:
                 self._cond.wait()
             if self._closed:
                 return None
-            client, lane = next(iter(self._lanes.items()))
+            # Fair turns: the client served longest ago (a newcomer: never) goes next.
+            client = min(self._lanes, key=lambda c: self._served.get(c, -1))
+            lane = self._lanes[client]
             task = lane.popleft()
-            del self._lanes[client]
-            if lane:
-                self._lanes[client] = lane  # to the back: the next client goes first
+            if not lane:
+                del self._lanes[client]
+            self._turn += 1
+            self._served[client] = self._turn
             self.current = task
             return task
 
     def _work(self) -> None:
         while (task := self._take()) is not None:
             task.started_at = time.time()
+            error: Exception | None = None
+            result: Any = None
             try:
                 result = task.run(task)
             except Exception as exc:  # noqa: BLE001 (handed to the waiting HTTP handler)
-                task.future.set_exception(exc)
+                error = exc
+            # Book-keeping first, so a client that has its answer finds the task completed.
+            with self._cond:
+                self.current = None
+                self.tasks.pop(task.id, None)
+                self.finished[task.id] = None
+                while len(self.finished) > FINISHED_MEMORY:
+                    self.finished.popitem(last=False)
+            if error is not None:
+                task.future.set_exception(error)
             else:
                 task.future.set_result(result)
-            finally:
-                with self._cond:
-                    self.current = None
-                    self.tasks.pop(task.id, None)
-                    self.finished[task.id] = None
-                    while len(self.finished) > FINISHED_MEMORY:
-                        self.finished.popitem(last=False)
