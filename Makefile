@@ -17,7 +17,7 @@ TINY := .tiny-models
 REAL_MODELS := $(wildcard checkpoints/*.safetensors checkpoints/*.ckpt checkpoints/*.pt checkpoints/*/model_index.json)
 RUN_MODELS := $(if $(REAL_MODELS),.,$(TINY))
 
-.PHONY: run test lint install models clean
+.PHONY: run serve test lint install models clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ endif
 
 run: models
 	SD_MODELS_DIR=$(RUN_MODELS) $(PY) scripts/run_example.py examples/txt2img.json --out output
+
+# The webui API on http://127.0.0.1:7860 (PORT or ARGS="--port N --api-auth u:p" to change).
+serve: models
+	SD_MODELS_DIR=$(RUN_MODELS) $(PY) -m sdapi $(ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

@@ -187,6 +187,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
         return JSONResponse(error_body(type(exc).__name__, str(exc)), status_code=status)
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")  # webui's api_error_handler: 500, same body
+        return JSONResponse(error_body(type(exc).__name__, str(exc)), status_code=500)
+
     # ---- generation and extras (queued)
 
     def generation(endpoint: str) -> Callable[[Request], Awaitable[dict[str, Any]]]:

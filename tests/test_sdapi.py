@@ -22,6 +22,7 @@ from PIL import Image
 
 from engine.api import Engine
 from engine.listings import INSPECTORS, LISTINGS
+from engine.oom import OutOfMemory
 from sdapi.app import ServerConfig, parse_auth
 
 from .helpers import SD1, SDXL, b64_png, box_mask, card_image, payload
@@ -480,3 +481,34 @@ def test_cors_is_off_unless_asked_and_every_answer_is_timed(url: str, engine: En
         other.headers.update(origin)
         _, _, headers = other.call("GET", "/sdapi/v1/samplers")
         assert headers.get("access-control-allow-origin") == "http://example.test"
+
+
+def test_interrupt_in_the_first_pass_skips_the_hires_pass(url: str) -> None:
+    client = Client(url)
+    body = long_body(enable_hr=True, hr_scale=2, hr_second_pass_steps=2, denoising_strength=0.5)
+    thread, out = run_in_thread(lambda: client.post("/sdapi/v1/txt2img", body))
+    state = wait_until(
+        lambda: (s := client.get("/sdapi/v1/progress")[1]["state"])["sampling_step"] >= 2 and s,
+        "the first pass to run",
+    )
+    assert state["job_count"] == 2 and state["job_no"] == 0  # webui counts the hires pass
+    assert client.post("/sdapi/v1/interrupt") == (200, {})
+    status, reply = finished(thread, out)
+    assert status == 200
+    # webui's sample_hr_pass returns the first pass' samples when interrupted.
+    assert decoded(reply["images"][0]).shape == (64, 64, 3)
+
+
+def test_out_of_memory_is_a_507_in_webuis_error_body(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failing = Engine(engine.models, engine.limits)
+
+    def no_memory(*args: Any, **kwargs: Any) -> Any:
+        raise OutOfMemory("out of memory while generating 1 image(s) of 64x64: try smaller")
+
+    monkeypatch.setattr(failing, "generate", no_memory)
+    with serving(failing) as base:
+        status, reply = Client(base).post("/sdapi/v1/txt2img", json.loads(payload()))
+    assert status == 507
+    assert reply["error"] == "OutOfMemory" and "64x64" in reply["detail"]

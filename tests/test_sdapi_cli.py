@@ -166,3 +166,17 @@ def test_refresh_loras_and_vae(client: Client, models: Path) -> None:
     assert client.post("/sdapi/v1/refresh-vae") == (200, None)
     assert "copy-vae.safetensors" in titles(client, "sd-vae", "model_name")
     assert client.post("/sdapi/v1/refresh-embeddings") == (200, None)
+
+
+def test_a_file_that_fails_to_load_fails_the_refresh_and_the_old_models_serve(
+    client: Client, models: Path
+) -> None:
+    broken = models / "checkpoints" / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file at all")
+    try:
+        status, reply = client.post("/sdapi/v1/refresh-checkpoints")
+        assert status == 500 and "broken.safetensors" in reply["detail"], reply
+        assert not any(t.startswith("broken") for t in titles(client, "sd-models", "title"))
+        assert generate(client)[0] == 200
+    finally:
+        broken.unlink()
