@@ -512,3 +512,18 @@ def test_out_of_memory_is_a_507_in_webuis_error_body(
         status, reply = Client(base).post("/sdapi/v1/txt2img", json.loads(payload()))
     assert status == 507
     assert reply["error"] == "OutOfMemory" and "64x64" in reply["detail"]
+
+
+def test_two_webuiapi_clients_at_once_get_their_own_pictures(url: str, engine: Engine) -> None:
+    (first, sent_first), (second, sent_second) = webui(url), webui(url)
+    jobs = [
+        run_in_thread(lambda: first.txt2img(prompt="a fox", width=64, height=64, steps=6, seed=1)),
+        run_in_thread(
+            lambda: second.txt2img(prompt="a ship", width=96, height=64, steps=6, seed=2)
+        ),
+    ]
+    results = [finished(*job) for job in jobs]
+    assert [r.image.size for r in results] == [(64, 64), (96, 64)]
+    for result, sent in zip(results, (sent_first, sent_second), strict=True):
+        alone = engine_pixels(engine, "txt2img", sent[-1].decode())[0]
+        assert np.array_equal(np.asarray(result.image.convert("RGB")), alone)
