@@ -582,10 +582,8 @@ def _plan_refiner(
 ) -> Refiner | None:
     if req.refiner_checkpoint in _OFF or req.refiner_switch_at is None:
         return None
-    if not 0 < req.refiner_switch_at <= 1:
-        raise RequestError.single(
-            "refiner_switch_at", req.refiner_switch_at, "a fraction of the steps: 0 < value <= 1"
-        )
+    # 0..1 is checked with the field. At 0 webui's apply_refiner switches before the first
+    # step (`completed_ratio < 0` never holds): the refiner runs every step.
     refiner = _checkpoint(models, req.refiner_checkpoint, "refiner_checkpoint")
     if req.refiner_switch_at == 1:
         # webui switches once (999 - timestep) / 1000 reaches the value: never at 1 (slider max).

@@ -347,6 +347,13 @@ def test_refiner_switches_checkpoints_at_its_fraction(two_sd1_engine: Engine) ->
     for off in ("", "None"):
         same, _ = run(engine, payload(steps=6, refiner_checkpoint=off, refiner_switch_at=0.5))
         assert same == plain
+    # At 0 webui switches before the first step: the refiner's picture (same VAE and text
+    # encoder here).
+    from_start, info = run(
+        engine, payload(steps=6, refiner_checkpoint="b-refiner", refiner_switch_at=0)
+    )
+    assert mean_pixel_change(from_start, only_refiner) == 0.0
+    assert "Refiner switch at: 0.0," in info["infotexts"][0]  # a float field, as webui
 
 
 def test_refiner_of_another_family_is_an_error(engine: Engine) -> None:
