@@ -20,6 +20,7 @@ final latents must agree to a relative error of 1e-4 (`TOLERANCE`).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -30,8 +31,8 @@ from engine.kdiffusion import sample_unipc
 from engine.loading import LoadedCheckpoint
 from engine.runner import SamplerPass, run_pass
 from engine.samplers import resolve_sampler
-from engine.sampling import CFGDenoiser, CondPart, Stage, StepConditioning
-from engine.schedules import Discretization
+from engine.sampling import CFGDenoiser, CondPart, Stage, StepConditioning, UNetExtras
+from engine.schedules import Discretization, LCMDiscretization
 from tests.test_kdiffusion_reference import (
     CFG,
     SEEDS,
@@ -339,6 +340,161 @@ def test_restart_matches_k_diffusion_heun_with_restarts(
     ours = _engine(sd1, conds, "Restart", schedule, steps)
     error = _relative_error(ours, reference)
     assert error <= TOLERANCE, f"Restart {schedule} {steps} steps: relative error {error:.2e}"
+
+
+# --------------------------------------------------------------------------------------------
+# LCM (webui sd_samplers_lcm). webui wraps the model in LCMCompVisDenoiser: the 50 timesteps
+# 19, 39, ..., 999 of LCM's original schedule, the UNet at the nearest of them, and LCM's
+# boundary scalings (sigma_data 0.5, timestep x 10); "Automatic" is its get_sigmas(n), n
+# timesteps evenly from 999 to 19. Each step is x = denoised, plus sigma_next times one
+# per-image draw except after the last. With n - 1 dividing 49 (n = 2, 8, 50) every sigma is a
+# grid sigma and this is diffusers' LCMScheduler on the custom timesteps below (VP sample =
+# VE sample / sqrt(1 + sigma^2); webui applies c_skip to the VE sample, diffusers to the VP
+# one: c_skip <= 6.9e-6 and the two samples differ by about 1% at timestep 19, so the
+# predictions differ by about 1e-7 of the sample).
+
+
+def _lcm_grid(steps: int) -> list[int]:
+    return [round(999 - i * 980 / (steps - 1)) for i in range(steps)]
+
+
+def _lcm_reference(sd1: LoadedCheckpoint, conds: Any, steps: int) -> Any:
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler.from_config(
+        _ldm_config(sd1), original_inference_steps=50, timestep_scaling=10.0
+    )
+    scheduler.alphas_cumprod = _ldm_alphas_cumprod()
+    grid = _lcm_grid(steps)
+    scheduler.set_timesteps(timesteps=grid)
+    a_top = scheduler.alphas_cumprod[grid[0]]
+    # webui starts from noise * sigma_max in sigma space: that is noise * sqrt(1 - a) as VP.
+    x = _start_noise() * (1 - a_top).sqrt()
+    generators = _generators()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = _cfg(*_unet_eps(sd1, conds, x, t), CFG)
+            x = scheduler.step(eps, t, x, generator=generators).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("steps", [2, 8])
+def test_lcm_matches_diffusers_lcm_scheduler(sd1: LoadedCheckpoint, conds: Any, steps: int) -> None:
+    reference = _lcm_reference(sd1, conds, steps)
+    ours = _engine(sd1, conds, "LCM", "automatic", steps)
+    error = _relative_error(ours, reference)
+    assert error <= TOLERANCE, f"LCM {steps} steps: relative error {error:.2e}"
+
+
+# Other step counts interpolate sigma between grid points (the UNet still sees the nearest grid
+# timestep) and other schedule types space the sigmas freely; diffusers cannot express either.
+# There the reference is k-diffusion's DiscreteEpsDDPMDenoiser over the alphas_cumprod of the
+# 50 LCM timesteps (taken from diffusers' LCMScheduler), quantized (the nearest grid timestep;
+# its get_sigmas, sigma_min/max and t_to_sigma are webui's LCM schedule), followed by diffusers'
+# LCM boundary scalings at that timestep.
+
+
+class _LCMGridModel(torch.nn.Module):
+    """What DiscreteEpsDDPMDenoiser wraps: eps at grid index i, i.e. at LCM timestep grid[i]."""
+
+    def __init__(self, unet: Any, grid: torch.Tensor):
+        super().__init__()
+        self.unet, self.grid = unet, grid
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, self.grid[index], encoder_hidden_states=cond).sample
+
+
+def _lcm_kdiffusion_reference(
+    kd: Any, sd1: LoadedCheckpoint, conds: Any, schedule: str, steps: int
+) -> Any:
+    from diffusers import LCMScheduler
+
+    cond, uncond = conds
+    scheduler = LCMScheduler.from_config(
+        _ldm_config(sd1), original_inference_steps=50, timestep_scaling=10.0
+    )
+    scheduler.set_timesteps(50)
+    grid = scheduler.timesteps.flip(0)  # 19, 39, ..., 999
+    alphas = _ldm_alphas_cumprod()[grid]
+    denoiser = kd.external.DiscreteEpsDDPMDenoiser(
+        _LCMGridModel(sd1.pipe.unet, grid), alphas, quantize=True
+    )
+
+    def cfg(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([cond, uncond])
+        out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=both)
+        denoised_cond, denoised_uncond = out.chunk(2)
+        denoised = denoised_uncond + (denoised_cond - denoised_uncond) * CFG
+        timestep = grid[denoiser.sigma_to_t(sigma)]
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timestep)
+        return c_out.view(-1, 1, 1, 1) * denoised + c_skip.view(-1, 1, 1, 1) * x
+
+    lo, hi = float(denoiser.sigma_min), float(denoiser.sigma_max)
+    sigmas = {
+        "uniform": lambda: denoiser.get_sigmas(steps),
+        "karras": lambda: kd.sampling.get_sigmas_karras(steps, lo, hi),
+        "exponential": lambda: kd.sampling.get_sigmas_exponential(steps, lo, hi),
+        "polyexponential": lambda: kd.sampling.get_sigmas_polyexponential(steps, lo, hi),
+    }[schedule]()
+    generators = _generators()
+    x = _start_noise() * sigmas[0]
+    ones = x.new_ones([x.shape[0]])
+    with torch.no_grad():
+        for sigma, sigma_next in itertools.pairwise(sigmas):
+            x = cfg(x, sigma * ones)
+            if sigma_next > 0:
+                x = x + sigma_next * _draw(generators, x)
+    return x
+
+
+@pytest.mark.parametrize(
+    ("schedule", "steps"),
+    [("uniform", 4), ("uniform", 8), ("karras", 4), ("exponential", 5), ("polyexponential", 4)],
+)
+def test_lcm_matches_k_diffusion_over_lcm_timesteps(
+    sd1: LoadedCheckpoint, conds: Any, schedule: str, steps: int
+) -> None:
+    """LCM's "Automatic" is "uniform" (webui: the wrapper's own get_sigmas)."""
+    reference = _lcm_kdiffusion_reference(_import_k_diffusion(), sd1, conds, schedule, steps)
+    ours = _engine(sd1, conds, "LCM", schedule, steps)
+    error = _relative_error(ours, reference)
+    assert error <= TOLERANCE, f"LCM {schedule} {steps} steps: relative error {error:.2e}"
+
+
+def test_lcm_wrapper_is_lcms_50_timesteps(sd1: LoadedCheckpoint, conds: Any) -> None:
+    """The engine's LCM wrapper against diffusers' LCM timesteps: its sigmas are theirs, the
+    UNet only ever sees them, and an 8-step "Automatic" schedule is every seventh of them."""
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler.from_config(_ldm_config(sd1), original_inference_steps=50)
+    scheduler.set_timesteps(50)
+    grid = scheduler.timesteps.flip(0)
+    alphas = _ldm_alphas_cumprod()[grid]
+    lcm = LCMDiscretization.of(Discretization.from_config(sd1.scheduler_config))
+    torch.testing.assert_close(lcm.sigmas, ((1 - alphas) / alphas) ** 0.5, rtol=1e-6, atol=0)
+    assert lcm.sigma_to_t(lcm.sigmas * 1.01).tolist() == grid.tolist()
+    assert lcm.sigma_to_t(lcm.get_sigmas(8)[:-1]).tolist() == _lcm_grid(8)
+    torch.testing.assert_close(lcm.get_sigmas(8)[:-1], lcm.sigmas[list(range(49, -1, -7))])
+
+    seen: list[int] = []
+
+    def spy(batch: Any, t: Any, kwargs: Any, info: Any) -> UNetExtras:
+        seen.append(int(t[0]))
+        return UNetExtras()
+
+    cond, uncond = conds
+    stage = Stage(
+        unet=sd1.pipe.unet,
+        schedule=lambda i: StepConditioning(CondPart(uncond), (CondPart(cond),)),
+        discretization=Discretization.from_config(sd1.scheduler_config),
+        hooks=(spy,),
+    )
+    spec = SamplerPass(resolve_sampler("LCM", None, "karras"), 5, 5)
+    with torch.no_grad():
+        run_pass(spec, CFGDenoiser([stage], CFG, 5), _start_noise(), _generators(), SEEDS, "cpu")
+    assert len(seen) == 5 and set(seen) <= set(grid.tolist())
+    assert seen[0] == 999 and seen[-1] == 19  # Karras between LCM's own sigma_max and min
 
 
 def test_unipc_needs_as_many_steps_as_its_order(sd1: LoadedCheckpoint, conds: Any) -> None:
