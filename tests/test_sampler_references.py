@@ -7,8 +7,11 @@ sd_samplers_extra.py, sd_samplers_timesteps_impl.py); each reference is another 
 implementation of the same mathematics, driven the way webui drives it:
 
 - UniPC: diffusers' UniPCMultistepScheduler (bh1 or bh2, order 3, data prediction, lower-order
-  final steps) on the step counts where webui's time-uniform grid is integer timesteps.
-- LCM: diffusers' LCMScheduler on webui's LCM timesteps, with webui's per-image noise.
+  final steps) on the step counts where webui's time-uniform grid is integer timesteps, and
+  on an img2img window.
+- LCM: diffusers' LCMScheduler on webui's LCM timesteps, with webui's per-image noise; for
+  other step counts and schedule types k-diffusion's DiscreteEpsDDPMDenoiser over LCM's 50
+  timesteps with diffusers' LCM boundary scalings.
 - Restart: k-diffusion's own get_sigmas_karras and sample_heun, composed with the restart
   schedule of webui's restart_sampler (written here from its description).
 - DDIM CFG++: diffusers' DDIMScheduler.step with its inputs arranged so that its update is the
@@ -205,6 +208,45 @@ def test_unipc_function_matches_diffusers_unipc(
     assert error <= TOLERANCE, f"UniPC {variant} {steps} steps: relative error {error:.2e}"
     other = _unipc_reference(sd1, conds, steps, "bh2" if variant == "bh1" else "bh1")
     assert _relative_error(other, reference) > 1e-3  # the variants differ measurably
+
+
+def test_unipc_img2img_window_matches_diffusers_unipc(sd1: LoadedCheckpoint, conds: Any) -> None:
+    """img2img, 10 steps, 3 of them run: webui noises the init latent to the alpha of grid
+    timestep 301 (timesteps[t_enc]) and starts UniPC at continuous time 201 / 1000 + 1 / 1000
+    (timesteps[t_enc - 1], its "likely off by a bit"), 3 steps down to 1 / 1000: the UNet at
+    201, 134, 67. diffusers' scheduler is given that grid (timesteps and the matching sigmas)
+    after its own set_timesteps; its step arithmetic is unchanged."""
+    from diffusers import UniPCMultistepScheduler
+
+    init = torch.randn(_start_noise().shape, generator=torch.Generator().manual_seed(7))
+    alphas = _ldm_alphas_cumprod()
+    a_start = alphas[301]
+    x = init * a_start.sqrt() + _start_noise() * (1 - a_start).sqrt()
+    scheduler = UniPCMultistepScheduler.from_config(
+        _ldm_config(sd1),
+        solver_order=3,
+        solver_type="bh1",
+        predict_x0=True,
+        lower_order_final=True,
+        final_sigmas_type="sigma_min",
+    )
+    scheduler.alphas_cumprod = alphas
+    scheduler.set_timesteps(3)
+    window = torch.tensor([201, 134, 67])
+    sigmas = ((1 - alphas[[*window.tolist(), 0]]) / alphas[[*window.tolist(), 0]]) ** 0.5
+    scheduler.timesteps, scheduler.sigmas = window, sigmas
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = _cfg(*_unet_eps(sd1, conds, x, t), CFG)
+            x = scheduler.step(eps, t, x).prev_sample
+    reference = x
+
+    spec = SamplerPass(resolve_sampler("UniPC", None, "automatic"), 10, 3, img2img=True)
+    denoiser = _denoiser(sd1, conds, spec.model_calls)
+    with torch.no_grad():
+        ours = run_pass(spec, denoiser, _start_noise(), _generators(), SEEDS, "cpu", init)
+    error = _relative_error(ours, reference)
+    assert error <= TOLERANCE, f"UniPC img2img: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("steps", [8, 9])
