@@ -366,18 +366,22 @@ def _restart_reference(kd: Any, sd1: LoadedCheckpoint, conds: Any, sigmas: torch
 
 @pytest.mark.parametrize(
     ("schedule", "steps"),
-    [("karras", 6), ("exponential", 6), ("karras", 20), ("karras", 36)],
+    [("karras", 6), ("exponential", 6), ("karras", 20), ("karras", 36), ("ddim", 20)],
 )
 def test_restart_matches_k_diffusion_heun_with_restarts(
     sd1: LoadedCheckpoint, conds: Any, schedule: str, steps: int
 ) -> None:
+    """The DDIM schedule (webui sd_schedulers.ddim_scheduler: every (1000 // n)-th model sigma from
+    index 1, descending) neither starts at sigma_max nor ends at sigma_min: from 20 steps the
+    restart schedule must take its ends from the given schedule, not from the model."""
     kd = _import_k_diffusion()
     compvis = kd.external.CompVisDenoiser(_CompVisModel(sd1.pipe.unet), quantize=False)
     lo, hi = float(compvis.sigmas[0]), float(compvis.sigmas[-1])
     sigmas = {
-        "karras": kd.sampling.get_sigmas_karras,
-        "exponential": kd.sampling.get_sigmas_exponential,
-    }[schedule](steps, lo, hi)
+        "karras": lambda: kd.sampling.get_sigmas_karras(steps, lo, hi),
+        "exponential": lambda: kd.sampling.get_sigmas_exponential(steps, lo, hi),
+        "ddim": lambda: kd.sampling.append_zero(compvis.sigmas[1 :: 1000 // steps].flip(0)),
+    }[schedule]()
     reference = _restart_reference(kd, sd1, conds, sigmas)
     ours = _engine(sd1, conds, "Restart", schedule, steps)
     error = _relative_error(ours, reference)
