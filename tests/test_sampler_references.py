@@ -58,10 +58,22 @@ def sd1(engine: Any) -> LoadedCheckpoint:
 
 
 @pytest.fixture(scope="module")
-def conds(sd1: LoadedCheckpoint) -> tuple[torch.Tensor, torch.Tensor]:
+def sd2(engine: Any) -> LoadedCheckpoint:
+    """The tiny v-prediction model."""
+    from tests.helpers import SD2
+
+    return next(v for k, v in engine.models.cache.loaded.items() if k.startswith(SD2))
+
+
+def _conds_for(model: LoadedCheckpoint) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
-    dim = sd1.pipe.unet.config.cross_attention_dim
+    dim = model.pipe.unet.config.cross_attention_dim
     return torch.randn(2, 77, dim, generator=gen), torch.randn(2, 77, dim, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def conds(sd1: LoadedCheckpoint) -> tuple[torch.Tensor, torch.Tensor]:
+    return _conds_for(sd1)
 
 
 def _generators() -> list[torch.Generator]:
@@ -84,6 +96,7 @@ def _denoiser(sd1: LoadedCheckpoint, conds: Any, calls: int) -> CFGDenoiser:
         unet=sd1.pipe.unet,
         schedule=lambda i: StepConditioning(CondPart(uncond), (CondPart(cond),)),
         discretization=Discretization.from_config(sd1.scheduler_config),
+        prediction_type=sd1.prediction_type,
     )
     return CFGDenoiser([stage], CFG, calls)
 
@@ -113,7 +126,8 @@ def _engine(
 def _unet_eps(
     sd1: LoadedCheckpoint, conds: Any, x: torch.Tensor, t: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The conditional and unconditional noise predictions at timestep t (one UNet batch)."""
+    """The conditional and unconditional UNet outputs at timestep t (one batch): eps, or v
+    for a v-prediction model."""
     cond, uncond = conds
     timesteps = torch.as_tensor(t).reshape(-1).expand(2 * x.shape[0])
     out = sd1.pipe.unet(
@@ -127,9 +141,14 @@ def _cfg(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> torc
     return eps_uncond + (eps_cond - eps_uncond) * scale
 
 
-def _ldm_config(sd1: LoadedCheckpoint) -> dict[str, Any]:
+def _ldm_config(sd1: LoadedCheckpoint, prediction_type: str | None = None) -> dict[str, Any]:
     """The model's scheduler config for diffusers' schedulers."""
-    return {**sd1.scheduler_config, "prediction_type": "epsilon"}
+    return {**sd1.scheduler_config, "prediction_type": prediction_type or sd1.prediction_type}
+
+
+def _as_eps(output: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, v: bool) -> torch.Tensor:
+    """A v prediction as the eps it implies (v = sqrt(a) eps - sqrt(1 - a) x0)."""
+    return a_t.sqrt() * output + (1 - a_t).sqrt() * x if v else output
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +298,7 @@ WEBUI_GRID = [t + 1 for t in range(0, 1000, 1000 // STEPS)][::-1][:-1]  # 997 ..
 def _ddim_cfgpp_reference(sd1: LoadedCheckpoint, conds: Any, eta: float) -> Any:
     from diffusers import DDIMScheduler
 
-    config = {**_ldm_config(sd1), "set_alpha_to_one": False, "steps_offset": 1}
+    config = {**_ldm_config(sd1, "epsilon"), "set_alpha_to_one": False, "steps_offset": 1}
     scheduler = DDIMScheduler.from_config(config, timestep_spacing="leading")
     scheduler.set_timesteps(STEPS)
     # Its step goes from t to t - 1000 // steps (the last to timestep 1's alpha, webui's
@@ -289,9 +308,10 @@ def _ddim_cfgpp_reference(sd1: LoadedCheckpoint, conds: Any, eta: float) -> Any:
     x = _start_noise()
     with torch.no_grad():
         for t in WEBUI_GRID:
-            eps_cond, eps_uncond = _unet_eps(sd1, conds, x, t)
-            eps_cfg = _cfg(eps_cond, eps_uncond, CFG / 12.5)
             a_t = scheduler.alphas_cumprod[t]
+            v = sd1.prediction_type == "v_prediction"
+            eps_cond, eps_uncond = (_as_eps(o, x, a_t, v) for o in _unet_eps(sd1, conds, x, t))
+            eps_cfg = _cfg(eps_cond, eps_uncond, CFG / 12.5)
             shifted = x - (1 - a_t).sqrt() * (eps_cfg - eps_uncond)
             noise = _draw(generators, x)
             out = scheduler.step(eps_uncond, t, shifted, eta=eta, variance_noise=noise)
@@ -343,7 +363,8 @@ def _restart_segments(kd: Any, sigmas: torch.Tensor) -> list[torch.Tensor]:
 
 def _restart_reference(kd: Any, sd1: LoadedCheckpoint, conds: Any, sigmas: torch.Tensor) -> Any:
     cond, uncond = conds
-    denoiser = kd.external.CompVisDenoiser(_CompVisModel(sd1.pipe.unet), quantize=False)
+    wrapper = {"epsilon": kd.external.CompVisDenoiser, "v_prediction": kd.external.CompVisVDenoiser}
+    denoiser = wrapper[sd1.prediction_type](_CompVisModel(sd1.pipe.unet), quantize=False)
 
     def cfg(x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
         out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
@@ -408,7 +429,7 @@ def _lcm_reference(sd1: LoadedCheckpoint, conds: Any, steps: int) -> Any:
     from diffusers import LCMScheduler
 
     scheduler = LCMScheduler.from_config(
-        _ldm_config(sd1), original_inference_steps=50, timestep_scaling=10.0
+        _ldm_config(sd1, "epsilon"), original_inference_steps=50, timestep_scaling=10.0
     )
     scheduler.alphas_cumprod = _ldm_alphas_cumprod()
     grid = _lcm_grid(steps)
@@ -458,7 +479,7 @@ def _lcm_kdiffusion_reference(
 
     cond, uncond = conds
     scheduler = LCMScheduler.from_config(
-        _ldm_config(sd1), original_inference_steps=50, timestep_scaling=10.0
+        _ldm_config(sd1, "epsilon"), original_inference_steps=50, timestep_scaling=10.0
     )
     scheduler.set_timesteps(50)
     grid = scheduler.timesteps.flip(0)  # 19, 39, ..., 999
@@ -513,7 +534,7 @@ def test_lcm_wrapper_is_lcms_50_timesteps(sd1: LoadedCheckpoint, conds: Any) -> 
     UNet only ever sees them, and an 8-step "Automatic" schedule is every seventh of them."""
     from diffusers import LCMScheduler
 
-    scheduler = LCMScheduler.from_config(_ldm_config(sd1), original_inference_steps=50)
+    scheduler = LCMScheduler.from_config(_ldm_config(sd1, "epsilon"), original_inference_steps=50)
     scheduler.set_timesteps(50)
     grid = scheduler.timesteps.flip(0)
     alphas = _ldm_alphas_cumprod()[grid]
@@ -541,6 +562,38 @@ def test_lcm_wrapper_is_lcms_50_timesteps(sd1: LoadedCheckpoint, conds: Any) -> 
         run_pass(spec, CFGDenoiser([stage], CFG, 5), _start_noise(), _generators(), SEEDS, "cpu")
     assert len(seen) == 5 and set(seen) <= set(grid.tolist())
     assert seen[0] == 999 and seen[-1] == 19  # Karras between LCM's own sigma_max and min
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny v-prediction model (SD 2.x): webui's timestep samplers convert v to eps
+# (CompVisTimestepsVDenoiser), k-diffusion samplers use CompVisVDenoiser, and LCM reads the
+# output as eps whatever the model predicts (LCMCompVisDenoiser subclasses the eps wrapper).
+# The references: diffusers' UniPC in v mode, DDIM CFG++ as above on eps = sqrt(a) v +
+# sqrt(1 - a) x, k-diffusion's CompVisVDenoiser under Restart, LCM's eps-reading reference.
+
+
+@pytest.mark.parametrize("sampler", ["UniPC", "DDIM CFG++", "Restart", "LCM"])
+def test_v_prediction_model_matches_the_references(sd2: LoadedCheckpoint, sampler: str) -> None:
+    assert sd2.prediction_type == "v_prediction"
+    conds = _conds_for(sd2)
+    kd = _import_k_diffusion()
+    if sampler == "UniPC":
+        reference = _unipc_reference(sd2, conds, 27, "bh1")
+        ours = _engine(sd2, conds, sampler, "automatic", 26)
+    elif sampler == "DDIM CFG++":
+        reference = _ddim_cfgpp_reference(sd2, conds, 1.0)
+        ours = _engine(sd2, conds, sampler, "automatic", STEPS, eta=1.0)
+    elif sampler == "Restart":
+        lo, hi = (
+            float(s) for s in Discretization.from_config(sd2.scheduler_config).sigmas[[0, -1]]
+        )
+        reference = _restart_reference(kd, sd2, conds, kd.sampling.get_sigmas_karras(6, lo, hi))
+        ours = _engine(sd2, conds, sampler, "karras", 6)
+    else:
+        reference = _lcm_kdiffusion_reference(kd, sd2, conds, "uniform", 4)
+        ours = _engine(sd2, conds, sampler, "uniform", 4)
+    error = _relative_error(ours, reference)
+    assert error <= TOLERANCE, f"{sampler} (v-prediction): relative error {error:.2e}"
 
 
 def test_unipc_needs_as_many_steps_as_its_order(sd1: LoadedCheckpoint, conds: Any) -> None:
