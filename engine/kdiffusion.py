@@ -375,7 +375,8 @@ def sample_dpmpp_3m_sde(
 def sample_lcm(
     model: Model, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, o: Options
 ) -> torch.Tensor:
-    """webui sd_samplers_lcm.sample_lcm."""
+    """webui sd_samplers_lcm.sample_lcm; `model` wraps the UNet the LCM way (the runner gives
+    its stages an LCMDiscretization: LCM's timesteps and consistency scalings)."""
     s_in = _ones(x)
     sampler = noise.sampler()
     for i in range(len(sigmas) - 1):

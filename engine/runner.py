@@ -8,7 +8,7 @@ computes webui's sigmas or timestep grid for it, builds the starting latent from
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,9 +16,16 @@ import torch
 from . import kdiffusion
 from .errors import RequestError
 from .kdiffusion import Noise, Options
-from .samplers import Kind, SamplerChoice
+from .samplers import Kind, ModelWrap, SamplerChoice
 from .sampling import CFGDenoiser
-from .schedules import Discretization, sigmas_for, timestep_grid
+from .schedules import Discretization, LCMDiscretization, sigmas_for, timestep_grid
+
+# The model wrapper of each kind (webui builds it per sampler): the schedule and the denoiser
+# read the stage's discretization.
+WRAPS: dict[ModelWrap, Callable[[Discretization], Discretization]] = {
+    ModelWrap.COMPVIS: lambda model: model,
+    ModelWrap.LCM: LCMDiscretization.of,
+}
 
 # webui's UniPC options: uni_pc_order 3, variant bh1, time_uniform skips, lower-order final.
 UNIPC_ORDER = 3
@@ -117,6 +124,8 @@ def run_pass(
     txt2img starts from `noise` scaled to the first sigma; img2img (`init` given) from the
     init latent noised to the window's first sigma (webui sample_img2img)."""
     row = spec.choice.row
+    wrap = WRAPS[row.model_wrap]
+    denoiser.stages = [replace(s, discretization=wrap(s.discretization)) for s in denoiser.stages]
     model = denoiser.stage.discretization
     noise = noise.to(torch.float32)
     draw = step_noise(generators, tuple(noise.shape[1:]), noise.device)

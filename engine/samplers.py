@@ -47,6 +47,13 @@ class Kind(Enum):
     UNIPC = "unipc"  # UniPC (webui's bh1 code) over the timestep range
 
 
+class ModelWrap(Enum):
+    """The k-diffusion model wrapper webui puts around the UNet for a sampler."""
+
+    COMPVIS = "compvis"  # CompVis(V)Denoiser over the model's 1000 timesteps
+    LCM = "lcm"  # sd_samplers_lcm.LCMCompVisDenoiser: LCM's 50 timesteps, boundary scalings
+
+
 @dataclass(frozen=True)
 class ScheduleRow:
     """One webui "Schedule type"."""
@@ -77,6 +84,7 @@ class SamplerRow:
     # webui's sampler_extra_params: the s_* settings this sampler's function takes.
     extra_params: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()  # Python packages the function needs
+    model_wrap: ModelWrap = ModelWrap.COMPVIS
 
     @property
     def schedules(self) -> tuple[str, ...]:
@@ -254,7 +262,7 @@ SAMPLERS: tuple[SamplerRow, ...] = (
     ),
     SamplerRow("PLMS", ("plms",), (), "sample_plms", kind=Kind.TIMESTEPS),
     SamplerRow("UniPC", ("unipc",), (), "sample_unipc", kind=Kind.UNIPC),
-    SamplerRow("LCM", ("k_lcm",), (), "sample_lcm"),
+    SamplerRow("LCM", ("k_lcm",), (), "sample_lcm", model_wrap=ModelWrap.LCM),
 )
 
 

@@ -145,9 +145,10 @@ class CFGDenoiser:
     AND-part, extension hooks, inpainting inputs and blends, the refiner switch.
 
     k-diffusion samplers call it with sigmas and get the denoised latent (CompVis(V)Denoiser:
-    input scaled by 1/sqrt(sigma^2+1), the fractional timestep of sigma to the UNet); webui's
-    timestep samplers call `eps` with integer timesteps and get the noise prediction. Latents
-    stay float32 between steps; only the UNet input is cast to the model's dtype."""
+    input scaled by 1/sqrt(sigma^2+1), the fractional timestep of sigma to the UNet; LCM's
+    wrapper is the stage's LCMDiscretization); webui's timestep samplers call `eps` with
+    integer timesteps and get the noise prediction. Latents stay float32 between steps; only
+    the UNet input is cast to the model's dtype."""
 
     stages: Sequence[Stage]
     cfg_scale: float
@@ -185,10 +186,12 @@ class CFGDenoiser:
         c_in = 1 / (sig**2 + 1) ** 0.5
         t = model.sigma_to_t(sigma.cpu()).to(x.device)
         out = self._guided(x * c_in, t)
-        if self.stage.prediction_type == "v_prediction":
+        if self.stage.prediction_type == "v_prediction" and not model.output_is_eps:
             denoised = out * (-sig / (sig**2 + 1) ** 0.5) + x * (1 / (sig**2 + 1))
         else:
             denoised = x + out * -sig
+        # Per branch in webui; CFG's weights sum to 1, so after the combination is the same.
+        denoised = model.scale_output(sigma, denoised, x)
         if self.blend is not None:
             denoised = self.blend.apply(denoised)
         self._stepped(denoised)

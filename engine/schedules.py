@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -88,10 +88,72 @@ class Discretization:
         log_sigma = (1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]
         return log_sigma.exp()
 
+    # Whether the UNet output is read as eps whatever the model's prediction type.
+    output_is_eps: ClassVar[bool] = False
+
+    def scale_output(
+        self, sigma: torch.Tensor, denoised: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """The wrapper's last step on the denoised prediction (none for CompVisDenoiser)."""
+        return denoised
+
     def get_sigmas(self, n: int) -> torch.Tensor:
         """The model's own schedule: n timesteps evenly from 999 to 0, then 0."""
         t = torch.linspace(len(self.sigmas) - 1, 0, n)
         return append_zero(self.t_to_sigma(t))
+
+
+# webui sd_samplers_lcm: LCM models are distilled on 50 of the 1000 timesteps, with consistency
+# boundary scalings of sigma_data 0.5 and the timestep times 10.
+LCM_ORIGINAL_STEPS = 50
+LCM_SIGMA_DATA = 0.5
+LCM_TIMESTEP_SCALING = 10.0
+
+
+@dataclass(frozen=True)
+class LCMDiscretization(Discretization):
+    """webui's LCMCompVisDenoiser, which its LCM sampler puts around the model instead of
+    CompVisDenoiser: the sigmas of LCM's 50 timesteps (19, 39, ..., 999), the UNet called at
+    the nearest of them (no interpolation), its own `get_sigmas` (n timesteps evenly from 999
+    to 19) and the consistency scalings c_out * denoised + c_skip * x on every prediction.
+    As in webui, the UNet output is read as eps even for v-prediction models."""
+
+    skip: int = 20
+    output_is_eps: ClassVar[bool] = True
+
+    @classmethod
+    def of(cls, model: Discretization) -> LCMDiscretization:
+        total = len(model.alphas_cumprod)
+        skip = total // LCM_ORIGINAL_STEPS
+        # webui: alphas_cumprod_valid[49 - x] = alphas_cumprod[999 - x * skip].
+        timesteps = (total - 1) - torch.arange(LCM_ORIGINAL_STEPS - 1, -1, -1) * skip
+        alphas = model.alphas_cumprod[timesteps]
+        sigmas = ((1 - alphas) / alphas) ** 0.5
+        return cls(model.alphas_cumprod, sigmas, sigmas.log(), skip)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The timestep of the nearest grid sigma (in log sigma), an integer."""
+        dists = sigma.log() - self.log_sigmas.to(sigma.device)[:, None]
+        index = dists.abs().argmin(dim=0).view(sigma.shape)
+        return index * self.skip + (self.skip - 1)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        index = ((t - (self.skip - 1)) / self.skip).float()
+        return super().t_to_sigma(index.clamp(min=0, max=len(self.sigmas) - 1))
+
+    def get_sigmas(self, n: int) -> torch.Tensor:
+        start = float(self.sigma_to_t(torch.tensor(self.sigma_max)))
+        end = float(self.sigma_to_t(torch.tensor(self.sigma_min)))
+        return append_zero(self.t_to_sigma(torch.linspace(start, end, n)))
+
+    def scale_output(
+        self, sigma: torch.Tensor, denoised: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        scaled = self.sigma_to_t(sigma.cpu()).to(torch.float32) * LCM_TIMESTEP_SCALING
+        scaled = scaled.view(-1, 1, 1, 1).to(x.device)
+        c_skip = LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2)
+        c_out = scaled / (scaled**2 + LCM_SIGMA_DATA**2) ** 0.5
+        return c_out * denoised + c_skip * x
 
 
 # ---------------------------------------------------------------------------------------------
