@@ -515,6 +515,8 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     _opt("sd_lora", _check_str, "None", False),
     _opt("use_old_scheduling", _check_bool, False, False),
     _opt("comma_padding_backtrack", _check_int, 20, True, range=Range(0, 74)),
+    # webui's Comments script (modules/processing_scripts/comments.py): `#` comments in prompts.
+    _opt("enable_prompt_comments", _check_bool, True, True),
     _opt("img2img_color_correction", _check_bool, False, False),
     _opt("upscaler_for_img2img", _check_str, None, True),
     # webui's sliders: tile 0..512 (0: no tiling), overlap 0..48, in input pixels.
@@ -565,6 +567,7 @@ class Settings(BaseModel):
     sd_lora: str = _d("sd_lora")
     use_old_scheduling: bool = _d("use_old_scheduling")
     comma_padding_backtrack: int = _d("comma_padding_backtrack")
+    enable_prompt_comments: bool = _d("enable_prompt_comments")
     img2img_color_correction: bool = _d("img2img_color_correction")
     upscaler_for_img2img: str | None = _d("upscaler_for_img2img")
     ESRGAN_tile: int = _d("ESRGAN_tile")

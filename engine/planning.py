@@ -51,6 +51,7 @@ from .prompt_parser import (
     extract_extra_networks,
     get_learned_conditioning_prompt_schedules,
     lora_weights,
+    strip_comments,
 )
 from .samplers import (
     SamplerChoice,
@@ -227,6 +228,9 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     count = batch_size * req.n_iter
     prompts = all_prompts(req, req.batch_size * req.n_iter)[:count]
     negatives = all_negative_prompts(req, req.batch_size * req.n_iter)[:count]
+    if settings.enable_prompt_comments:  # webui's Comments script, before any tag is read
+        prompts = [strip_comments(p) for p in prompts]
+        negatives = [strip_comments(n) for n in negatives]
     seeds, subseeds = request_seeds(
         fix_seed(req.seed), fix_seed(req.subseed), req.subseed_strength, count
     )
@@ -362,8 +366,14 @@ def _plan_hires(
             extras["Hires sampler"] = hr_sampler.sampler
         if hr_sampler.schedule_label != sampler.schedule_label:
             extras["Hires schedule type"] = hr_sampler.schedule_label
-    hr_prompts = [req.hr_prompt or p for p in prompts]
-    hr_negatives = [req.hr_negative_prompt or n for n in negatives]
+    # The hires prompts fall back to the (already stripped) prompts; their own text is
+    # stripped too, as webui's Comments script does with enable_hr.
+    strip = strip_comments if settings.enable_prompt_comments else str
+    hr_prompt = strip(req.hr_prompt) if req.hr_prompt else None
+    hr_prompts = [p if hr_prompt is None else hr_prompt for p in prompts]
+    hr_negatives = [
+        strip(req.hr_negative_prompt) if req.hr_negative_prompt else n for n in negatives
+    ]
     if hr_prompts != prompts:
         extras["Hires prompt"] = hr_prompts[0]
     if hr_negatives != negatives:

@@ -137,6 +137,19 @@ def _parse_tag(kind: str, args: str, source: str) -> ExtraNetwork:
     )
 
 
+# webui's "Comments" script (modules/processing_scripts/comments.py, option
+# enable_prompt_comments, default on): a line that starts with `#` goes with its line break, then
+# `#` to the end of any line becomes a line break. Two passes, in this order, as webui runs them.
+_WHOLE_LINE_COMMENT = re.compile(r"(?:^|\n)#[^\n]*(?:\n|$)")
+_LINE_END_COMMENT = re.compile(r"#[^\n]*(?:\n|$)")
+
+
+def strip_comments(text: str) -> str:
+    """The prompt without its `#` comments, exactly as webui strips them (before extra-network
+    tags are read, so a LoRA tag inside a comment is not applied)."""
+    return _LINE_END_COMMENT.sub("\n", _WHOLE_LINE_COMMENT.sub("\n", text))
+
+
 def extract_extra_networks(prompt: str) -> tuple[str, list[ExtraNetwork]]:
     """Remove every `<kind:args>` tag (webui's regex `<(\\w+):([^>]+)>`, any kind, known or
     not) and return the remaining text and the tags in order. Arguments are split on ":";

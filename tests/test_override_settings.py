@@ -99,6 +99,8 @@ HONOURED = (
         infotext="Conditional mask weight: 0.5",
     ),
     Row("comma_padding_backtrack", 0, {"prompt": LONG_PROMPT}),
+    # Off, `#` and what follows it are prompt text (webui's Comments script does nothing).
+    Row("enable_prompt_comments", False, {"prompt": "a lighthouse # on a stormy cliff"}),
     Row(
         "upscaler_for_img2img",
         "Nearest",

@@ -25,6 +25,7 @@ from engine.prompt_parser import (
     lora_weights,
     parse_prompt_attention,
     split_and,
+    strip_comments,
     tokenize_chunks,
 )
 
@@ -453,3 +454,22 @@ def test_deep_nesting_weight_is_clamped() -> None:
     assert text == "x" and 0.0 <= weight < 1e-300
     # 1.1**8000 overflows; multiplied by 0 webui would get nan, we get 0
     assert parse_prompt_attention("(" * 8_000 + "(x" + ")" * 8_000 + ":0)") == [("x", 0.0)]
+
+
+@pytest.mark.parametrize(
+    ("text", "stripped"),
+    [
+        # Worked by hand through webui's two substitutions (processing_scripts/comments.py):
+        # a whole-line comment and its line break become one break, then `#` to the end of a
+        # line becomes a break.
+        ("a cat # and a dog", "a cat \n"),
+        ("#only a comment\nreal", "\nreal"),
+        ("a\n#x\nb", "a\nb"),
+        ("a\n#x\n#y\nb", "a\n\nb"),  # the second line's break was used by the first match
+        ("x#y#z", "x\n"),
+        ("no comment", "no comment"),
+        ("<lora:a:1> cat # <lora:b:1>", "<lora:a:1> cat \n"),
+    ],
+)
+def test_comments_are_stripped_as_webui_does(text: str, stripped: str) -> None:
+    assert strip_comments(text) == stripped

@@ -411,3 +411,23 @@ def test_automatic_vae_is_the_same_name_file(engine: Engine, tmp_path: Any) -> N
     assert chosen.file is not None and chosen.file.name == "tiny-sd15.vae.safetensors"
     assert catalog.choose("Automatic", loaded(engine, SDXL)).file is None  # no file for it: own VAE
     assert catalog.choose("None", sd1).vae is sd1.pipe.vae
+
+
+def test_prompt_comments_are_dropped_before_tags_are_read(engine: Engine) -> None:
+    """webui's Comments script: `#` to the end of the line is not part of the prompt, so a LoRA
+    tag there is not applied (an unknown one is no error) and the picture is the plain one."""
+    plain, _ = run(engine, payload(prompt="a lighthouse", negative_prompt="blurry"))
+    body = payload(
+        prompt="a lighthouse # on a cliff <lora:no-such-lora:1>",
+        negative_prompt="#all of this line\nblurry",
+    )
+    commented, info = run(engine, body)
+    assert [pixels(i).tobytes() for i in commented] == [pixels(i).tobytes() for i in plain]
+    assert info["prompt"] == "a lighthouse \n" and info["negative_prompt"] == "\nblurry"
+    assert "Lora hashes" not in info["infotexts"][0]
+    # Turned off (webui's enable_prompt_comments), `#` is ordinary text and the LoRA tag is read.
+    with pytest.raises(UnknownName, match="no-such-lora"):
+        run(engine, payload(
+            prompt="a lighthouse # <lora:no-such-lora:1>",
+            override_settings={"enable_prompt_comments": False},
+        ))  # fmt: skip

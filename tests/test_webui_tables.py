@@ -129,6 +129,8 @@ WEBUI_OPTION_DEFAULTS: dict[str, Any] = {
     "sd_lora": "None",
     "use_old_scheduling": False,
     "comma_padding_backtrack": 20,
+    # modules/processing_scripts/comments.py
+    "enable_prompt_comments": True,
     "img2img_color_correction": False,
     "upscaler_for_img2img": None,
     # modules/shared_options.py, "Upscaling" section.
