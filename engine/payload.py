@@ -637,8 +637,10 @@ _IGNORED_ROWS: Final[tuple[Ignored, ...]] = (
         note="this server never keeps settings between requests (each request starts "
         "from the defaults)",
     ),
-    # img2img-only fields webui itself only uses for edit models / never decodes.
-    Ignored("image_cfg_scale", _one_of(None), note="only instruct-pix2pix (edit) models use it"),
+    # img2img-only fields webui never decodes. (image_cfg_scale is not here: webui sets it to
+    # None unless the model is an instruct-pix2pix "edit" model, and this server runs none, so
+    # like webui it plays no part and is not in the infotext; webuiapi sends 1.5 with every
+    # img2img, which therefore gets no warning.)
     Ignored("latent_mask", _falsy),
 )
 IGNORED_FIELDS: Final[dict[str, Ignored]] = {row.field: row for row in _IGNORED_ROWS}
