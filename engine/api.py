@@ -34,6 +34,7 @@ from .refresh import rescan
 from .response import Result
 from .upscaler_models import UpscalerCatalog
 from .vae import VaeCatalog
+from .working_set import BUDGET_ENV, WorkingSet, budget_from_env, gib
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,13 @@ class Engine:
         catalog = Catalog.scan(config.models_dir, hash_cache=hashes)
         # 2. The default checkpoint must exist before anything loads.
         default = catalog.default_checkpoint(config.default_checkpoint)
-        # 3. Load every checkpoint into the cache.
-        cache = PipelineCache(catalog, placement, config.cache_dir)
+        # 3. Load every checkpoint into the cache; the device holds those that fit
+        # SD_DEVICE_MEMORY, the others wait in host memory (engine/working_set.py).
+        budget = budget_from_env(placement.device)
+        if budget is not None:
+            log.info("setup: device budget %s (%s)", gib(budget), BUDGET_ENV)
+        working = WorkingSet(placement.device, budget)
+        cache = PipelineCache(catalog, placement, config.cache_dir, working=working)
         cache.load_all()
         # 4. LoRAs and embeddings: listed and hashed once; LoRA weights load on first use.
         loras = LoraCatalog.scan(catalog.files("loras"), hashes)

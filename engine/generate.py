@@ -13,7 +13,7 @@ from typing import Any
 from .images import encode_image
 from .infotext import info_json
 from .oom import reported
-from .passes import Embeddings, Progress, run_batch
+from .passes import Embeddings, Progress, models_used, run_batch
 from .payload import (
     ParsedRequest,
     echo_parameters,
@@ -33,6 +33,8 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     # 1. Decide everything (names, sampler, seeds, prompts, images): every error before model work.
     plan = make_plan(models, parsed)
     req = plan.request
+    # 1a. Its checkpoints onto the device, within SD_DEVICE_MEMORY (engine/working_set.py).
+    models.cache.acquire(models_used(plan))
     # 2. Generate batch by batch (n_iter batches of batch_size).
     pil_images: list[Any] = []
     used: Embeddings = {}  # what text encoding learned: embedding name -> hash (TI hashes)

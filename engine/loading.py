@@ -415,6 +415,24 @@ class Placement:
     dtype: torch.dtype
 
 
+@dataclass(frozen=True)
+class UNetPlacement:
+    """Where a checkpoint's UNet lives, read once per checkpoint: diffusers' `device` and
+    `dtype` properties walk every parameter on each access."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+def placement(loaded: LoadedCheckpoint) -> UNetPlacement:
+    cached = loaded.extra.get("placement")
+    if not isinstance(cached, UNetPlacement):
+        param = next(loaded.pipe.unet.parameters())
+        cached = UNetPlacement(param.device, param.dtype)
+        loaded.extra["placement"] = cached
+    return cached
+
+
 def default_placement() -> Placement:
     """fp16 on CUDA, fp32 on CPU (fp16 matmuls on CPU are slow and lossy)."""
     if torch.cuda.is_available():

@@ -86,7 +86,7 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> Batch:
     noise = noise.to(device=placement(loaded).device)
     batch = lo // plan.batch_size
     stopped: StopSampling | None = None
-    tiled = [m.pipe.unet for m in _models_used(plan)] + [plan.vae.vae]
+    tiled = [m.pipe.unet for m in models_used(plan)] + [plan.vae.vae]
     with (
         torch.inference_mode(),
         circular_padding(tiled, bool(plan.request.tiling)),
@@ -127,7 +127,8 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> Batch:
     return Batch(images, used, stopped)
 
 
-def _models_used(plan: Plan) -> list[LoadedCheckpoint]:
+def models_used(plan: Plan) -> list[LoadedCheckpoint]:
+    """The checkpoints a plan runs: its model, then the hires and refiner checkpoints."""
     used = [plan.checkpoint]
     for other in (
         plan.hires.checkpoint if plan.hires else None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 
 from .catalog import Catalog, CheckpointInfo
-from .loading import LoadedCheckpoint, Placement, load_checkpoint
+from .loading import LoadedCheckpoint, Placement, load_checkpoint, placement
 from .oom import reported
+from .working_set import WorkingSet, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,12 @@ class PipelineCache:
     cache_root: Path
     loaded: dict[str, LoadedCheckpoint] = field(default_factory=dict)
     _vaes: dict[str, Any] = field(default_factory=dict)  # content digest -> the shared module
+    # Which checkpoints sit on the device (engine/working_set.py); default: no budget.
+    working: WorkingSet | None = None
+
+    def __post_init__(self) -> None:
+        if self.working is None:
+            self.working = WorkingSet(self.placement.device, None)
 
     def load_all(self) -> None:
         """Load every checkpoint (setup). A file that fails to load fails setup."""
@@ -49,13 +57,17 @@ class PipelineCache:
     def load(self, info: CheckpointInfo) -> None:
         """Load one checkpoint into the cache (sharing an identical VAE)."""
         started = time.perf_counter()
+        assert self.working is not None
+        self.working.before_load(_file_bytes(info.filename))
         with reported(
             f"loading checkpoint {info.title}",
             "use a larger GPU, fewer checkpoints, or SD_DTYPE=float16",
         ):
             loaded = load_checkpoint(info, self.placement, self.cache_root)
         self._share_vae(loaded)
+        placement(loaded)  # the device it runs on, read while it is there
         self.loaded[info.title] = loaded
+        self.working.admit(info.title, loaded.pipe)
         on_gpu = ""
         if self.placement.device == "cuda":
             on_gpu = f"; CUDA memory allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB"
@@ -71,7 +83,12 @@ class PipelineCache:
     def rescanned(self, catalog: Catalog) -> PipelineCache:
         """A cache for a rescanned `catalog`: unchanged checkpoints (same title, file and
         hashes) are reused as loaded, the others load now; this cache is left as it was."""
-        fresh = PipelineCache(catalog, self.placement, self.cache_root, _vaes=dict(self._vaes))
+        fresh = PipelineCache(
+            catalog, self.placement, self.cache_root, _vaes=dict(self._vaes), working=self.working
+        )
+        assert self.working is not None
+        for title in set(self.loaded) - {info.title for info in catalog.checkpoints}:
+            self.working.forget(title)
         for info in catalog.checkpoints:
             kept = self.loaded.get(info.title)
             if kept is not None and kept.info == info:
@@ -82,6 +99,11 @@ class PipelineCache:
 
     def get(self, info: CheckpointInfo) -> LoadedCheckpoint:
         return self.loaded[info.title]
+
+    def acquire(self, checkpoints: Sequence[LoadedCheckpoint]) -> None:
+        """Put these checkpoints (one request's) on the device within the budget."""
+        assert self.working is not None
+        self.working.acquire([c.info.title for c in checkpoints])
 
     def _share_vae(self, loaded: LoadedCheckpoint) -> None:
         digest = module_digest(loaded.pipe.vae)
@@ -95,21 +117,6 @@ class PipelineCache:
         return weight_bytes(*(loaded.pipe for loaded in self.loaded.values()))
 
 
-def weight_bytes(*pipes: Any) -> int:
-    """Bytes of the parameters and buffers of pipelines' modules (shared ones once)."""
-    seen: set[int] = set()
-    total = 0
-    for pipe in pipes:
-        for component in getattr(pipe, "components", {}).values():
-            if not isinstance(component, torch.nn.Module):
-                continue
-            for tensor in [*component.parameters(), *component.buffers()]:
-                if id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def module_digest(module: torch.nn.Module) -> str:
     """sha256 over a module's tensors (names, dtypes, shapes, bytes) in state-dict order."""
     digest = hashlib.sha256()
@@ -118,3 +125,11 @@ def module_digest(module: torch.nn.Module) -> str:
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         digest.update(raw.numpy().tobytes())
     return digest.hexdigest()
+
+
+def _file_bytes(path: Path) -> int:
+    """A checkpoint's size on disk (a diffusers folder: its files), the estimate of its
+    weights before it loads."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size

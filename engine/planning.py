@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
-import torch
-
 from .catalog import Catalog, CheckpointInfo
 from .conditioning import check_clip_skip
 from .embeddings import EmbeddingCatalog
@@ -35,7 +33,7 @@ from .geometry import (
     prepare_mask,
 )
 from .inputs import decode_image_list, decode_mask
-from .loading import Family, LoadedCheckpoint
+from .loading import Family, LoadedCheckpoint, placement
 from .networks import LoraCatalog, LoraInfo, LoraManager, LoraRequest, lora_hashes
 from .payload import (
     Img2ImgRequest,
@@ -618,24 +616,6 @@ def _same_family(base: LoadedCheckpoint, other: LoadedCheckpoint, field: str) ->
             f"must be {kind} checkpoint like {base.info.title}, with the same UNet inputs (the "
             "latent spaces must match)",
         )
-
-
-@dataclass(frozen=True)
-class UNetPlacement:
-    """Where a checkpoint's UNet lives, read once per checkpoint: diffusers' `device` and
-    `dtype` properties walk every parameter on each access."""
-
-    device: torch.device
-    dtype: torch.dtype
-
-
-def placement(loaded: LoadedCheckpoint) -> UNetPlacement:
-    cached = loaded.extra.get("placement")
-    if not isinstance(cached, UNetPlacement):
-        param = next(loaded.pipe.unet.parameters())
-        cached = UNetPlacement(param.device, param.dtype)
-        loaded.extra["placement"] = cached
-    return cached
 
 
 def discretization(loaded: LoadedCheckpoint) -> Discretization:
