@@ -145,8 +145,9 @@ class WorkingSet:
                 "larger GPU, or drop the hires/refiner checkpoint from the request"
             )
         missing = [t for t in wanted if t not in self.resident]
+        # Also when nothing is missing: the resident set may exceed a lowered budget.
+        self._evict_until(0, keep=wanted, incoming=missing)
         if missing:
-            self._evict_until(0, keep=wanted, incoming=missing)
             for title in missing:
                 self._move(title, to_device=True)
                 self.resident[title] = None

@@ -14,7 +14,9 @@ Steps:
 4. Time per sampling step against diffusers' own pipeline on the same components (Euler,
    two step counts: the difference removes the fixed costs), as a ratio.
 5. Checkpoint switch: a request on the other checkpoint right after one on this checkpoint,
-   against a request on the same checkpoint (all checkpoints are resident today).
+   against a request on the same checkpoint (all checkpoints resident).
+6. The device working set (SD_DEVICE_MEMORY) with a budget for one checkpoint: requests
+   alternating SD1/SDXL, the time of each host<->device move, pictures equal to the resident ones.
 It prints one table and writes the figures as JSON (--out).
 """
 
@@ -40,6 +42,7 @@ import torch
 from engine.api import Engine, EngineConfig
 from engine.device import choose_placement, describe
 from engine.errors import EngineError
+from engine.working_set import weight_bytes
 from scripts import make_tiny_models as maker
 from tests.helpers import b64_png, box_mask, card_image
 
@@ -301,6 +304,59 @@ def switch_times(engine: Engine, n: Names, steps: int) -> dict[str, float]:
     return {"same_checkpoint_s": same, "after_switch_s": switched, "ratio": switched / same}
 
 
+def working_set_moves(engine: Engine, n: Names, steps: int) -> dict[str, Any]:
+    """SD_DEVICE_MEMORY at work: the budget set to hold only the largest checkpoint, then
+    requests alternating between SD1 and SDXL, each moving its checkpoint onto the device and
+    the other off. Pictures must equal the all-resident ones; move times and the device memory
+    after each request are recorded. Everything is moved back at the end."""
+    working = engine.models.cache.working
+    assert working is not None
+
+    def request(name: str, size: int) -> tuple[float, bytes]:
+        body = {
+            "steps": steps,
+            "width": size,
+            "height": size,
+            "seed": 5,
+            "override_settings": {"sd_model_checkpoint": name},
+        }
+        started = time.perf_counter()
+        answer = engine.handle("txt2img", json.dumps(body), lambda s, t: None)
+        return time.perf_counter() - started, answer.images[0].data
+
+    order = [(n.sd1, n.size_sd1), (n.sdxl, n.size_sdxl)]
+    resident = {name: request(name, size)[1] for name, size in order}
+    saved = working.budget
+    biggest = max(weight_bytes(pipe) for pipe in working.pipes.values())
+    working.budget = int(biggest * 1.1)
+    first = len(working.moves)
+    runs = []
+    for name, size in order * 2:
+        seconds, data = request(name, size)
+        allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        runs.append(
+            {
+                "checkpoint": name,
+                "seconds": seconds,
+                "same_picture": data == resident[name],
+                "device_allocated_gib": allocated / 2**30,
+            }
+        )
+    moves = [
+        {"checkpoint": title, "direction": direction, "seconds": seconds}
+        for title, direction, seconds in working.moves[first:]
+    ]
+    working.budget = sum(weight_bytes(pipe) for pipe in working.pipes.values())
+    working.acquire(list(working.pipes))  # all back on the device
+    working.budget = saved
+    return {
+        "budget_gib": int(biggest * 1.1) / 2**30,
+        "requests": runs,
+        "moves": moves,
+        "same_pictures": all(run["same_picture"] for run in runs),
+    }
+
+
 def gpu_tests() -> str:
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
@@ -354,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     # 5. Checkpoint switch.
     report["switch"] = switch_times(engine, names, args.steps)
+    # 6. The device working set under a budget that holds one checkpoint.
+    report["working_set"] = working_set_moves(engine, names, args.steps)
     report["total_s"] = time.perf_counter() - started
     print_table(report)
     if args.out:
@@ -384,6 +442,13 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"checkpoint switch: same {switch['same_checkpoint_s']:.2f} s, after switch "
         f"{switch['after_switch_s']:.2f} s, ratio {switch['ratio']:.2f} (all resident)"
+    )
+    moves = report["working_set"]["moves"]
+    to_device = [m["seconds"] for m in moves if m["direction"] == "to device"]
+    print(
+        f"working set ({report['working_set']['budget_gib']:.2f} GiB budget): {len(moves)} "
+        f"moves, to device {max(to_device, default=0):.2f} s at most, same pictures "
+        f"{report['working_set']['same_pictures']}"
     )
     print(f"total {report['total_s']:.0f} s")
 

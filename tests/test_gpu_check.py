@@ -29,6 +29,10 @@ def test_gpu_check_runs_every_feature_on_the_cpu(tiny_models_dir: Path, tmp_path
         figures = report["vs_diffusers"][family]
         assert figures["diffusers_ms_per_step"] != 0 and "ratio" in figures
     assert report["switch"]["same_checkpoint_s"] > 0
+    # A budget for one checkpoint: every request moved its checkpoint in, same pictures.
+    working = report["working_set"]
+    assert working["same_pictures"] is True and len(working["requests"]) == 4
+    assert {m["direction"] for m in working["moves"]} == {"to device", "to host"}
     assert report["device"].startswith("device cpu, dtype float32")
 
 
