@@ -37,6 +37,7 @@ from .samplers import (
 from .sampling import (
     CFGDenoiser,
     MaskBlend,
+    ScopedUNetHook,
     Stage,
     circular_padding,
     decode_latents,
@@ -254,9 +255,14 @@ def _run(plan: Plan, job: PassJob, progress: Progress) -> Sampled:
         cfg_hooks=tuple(plan.effects.cfg_hooks),
         progress=progress,
     )
-    latents = run_pass(
-        spec, denoiser, job.noise, job.generators, job.seeds, plan.rng_device, job.init
-    )
+    with ExitStack() as scoped:
+        # Hooks that change the UNet for this pass (ControlNet reference) undo it on exit.
+        for hook in job.hooks:
+            if isinstance(hook, ScopedUNetHook):
+                scoped.enter_context(hook.attached(loaded.pipe.unet))
+        latents = run_pass(
+            spec, denoiser, job.noise, job.generators, job.seeds, plan.rng_device, job.init
+        )
     if job.blend is not None:
         latents = job.blend.apply(latents)  # webui's final blend of the inpainted latent
     used = {name: h for c in conditioners for name, h in c.used_embeddings.items()}

@@ -260,12 +260,11 @@ def test_inpaint_only_with_img2img_inpainting_runs_as_global_harmonious(engine: 
 @pytest.mark.parametrize(
     ("module", "words"),
     [
-        ("reference_only", ["reference_only", "not supported", "attention"]),
-        ("reference_adain+attn", ["reference_adain+attn", "not supported"]),
         ("inpaint_only+lama", ["inpaint_only+lama", "needs model weights"]),
+        ("tile_colorfix", ["tile_colorfix", "needs model weights"]),
     ],
 )
-def test_unsupported_inpaint_and_reference_forms_are_clear_errors(
+def test_unsupported_inpaint_forms_are_clear_errors(
     engine: Engine, module: str, words: list[str]
 ) -> None:
     with pytest.raises(RequestError) as err:
