@@ -364,7 +364,7 @@ def test_infotext_like_the_extension(
     expected = (
         'ControlNet 0: "Module: reference_adain+attn, Model: None, Weight: 1.0, '
         "Resize Mode: Crop and Resize, Processor Res: 512, Threshold A: 0.5, "
-        "Threshold B: -1.0, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, "
+        "Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, "
         'Control Mode: Balanced"'
     )
     assert expected in info["infotexts"][0]

@@ -18,7 +18,7 @@ from engine.loading import Placement
 from .hook import ControlNetHook, image_tensor
 from .inpaint_only import InpaintComposite, InpaintRestore
 from .models import ControlNetFile, LoadedControlNet, ModelCache, scan
-from .preprocessors import PREPROCESSORS, RESOLUTION, Slider, run_preprocessor
+from .preprocessors import HIDDEN_SLIDER, PREPROCESSORS, RESOLUTION, Slider, run_preprocessor
 from .reference import MODES as REFERENCE_MODES
 from .reference import ReferenceHook, ReferenceUnit
 from .units import CONTROL_MODES, RESIZE_MODES, Unit, parse_units
@@ -175,8 +175,12 @@ def bound_slider(
     """Mikubill `bound_check_params`: a value outside the module's slider range becomes the
     slider's default (-1, the API default, silently; anything else with a warning naming the
     field). This is also what bounds the work: processor_res 1e6 would be a 1e12-pixel map.
-    A module without the slider ignores the value."""
-    if slider is None or slider.contains(value):
+    A module without the slider ignores the value, but the extension still bounds it by its
+    invisible slider (PreprocessorParameter: 0..1, default 0.5), which the infotext shows:
+    the same here, silently."""
+    if slider is None:
+        return (value if HIDDEN_SLIDER.contains(value) else HIDDEN_SLIDER.value), None
+    if slider.contains(value):
         return value, None
     if value == -1:
         return float(slider.value), None

@@ -44,6 +44,9 @@ class Slider:
 
 
 RESOLUTION: Final = Slider("Preprocessor Resolution", DEFAULT_RES, 64, 2048)
+# The extension's default PreprocessorParameter(visible=False): what bounds threshold_a/b of a
+# module without that slider (bound_check_params), so -1 becomes 0.5 in the infotext.
+HIDDEN_SLIDER: Final = Slider("EMPTY_LABEL", 0.5, 0.0, 1.0, 0.01)
 STYLE_FIDELITY: Final = Slider("Style Fidelity (only for Balanced mode)", 0.5, 0.0, 1.0, 0.01)
 
 
