@@ -5,6 +5,7 @@ requests through the engine on the tiny SD1 and SDXL checkpoints."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -286,6 +287,41 @@ def test_controlnet_is_more_important_leaves_the_negative_rows_alone(
     assert (read[:2] - plain[:2]).abs().mean() > 1e-3
 
 
+@pytest.mark.parametrize(
+    ("modules", "attention_records", "adain_records"),
+    [
+        (("reference_only", "reference_only"), 2, 0),  # attention records accumulate
+        (("reference_adain", "reference_adain"), 0, 2),  # so do statistics
+        # The extension runs a write pass's other mechanism in read mode, so the second unit's
+        # write pass consumes (and clears) what the first recorded.
+        (("reference_only", "reference_adain"), 0, 1),
+        (("reference_adain", "reference_only"), 1, 0),
+    ],
+)
+def test_units_record_in_the_extensions_order(
+    engine: Engine, modules: tuple[str, str], attention_records: int, adain_records: int
+) -> None:
+    checkpoint = loaded(engine, SD1)
+    units = tuple(
+        replace(_hook(checkpoint, module).units[0], index=i) for i, module in enumerate(modules)
+    )
+    pipe = checkpoint.pipe
+    hook = ReferenceHook(units, pipe.vae, pipe.scheduler.alphas_cumprod)
+    model_in, t, embeds, _ = _unet_inputs(checkpoint, 8)
+    info = StepInfo(index=0, total=4, batch=2, copies=2, t=t[0], sample=model_in[:2])
+    with torch.no_grad(), hook.attached(pipe.unet):
+        hook(model_in, t, {"encoder_hidden_states": embeds}, info)
+        assert hook._attached is not None
+        layers = hook._attached.layers
+        attention = [len(x.bank) for x in layers if isinstance(x, AttentionLayer)]
+        adain = [len(x.means) for x in layers if isinstance(x, AdainLayer)]
+    assert set(attention) == {attention_records}  # weight 1: every attention layer
+    # weight 1 > rank: the middle block (0), input blocks 10 and 11 (2/3, 1/3), output blocks
+    # 0 to 3 (0 to 3/4); not input blocks 4 to 8 (2 to 1) nor output blocks 4 to 7 (1 to 7/4).
+    r = adain_records
+    assert adain == [r, 0, 0, 0, 0, r, r, r, r, r, r, 0, 0, 0, 0]
+
+
 def test_attached_undoes_everything_also_on_errors(engine: Engine) -> None:
     unet = loaded(engine, SD1).pipe.unet
     before = dict(unet.attn_processors)
@@ -486,8 +522,9 @@ def test_reference_in_other_settings(
     images, info = run(engine, controlnet(sent, **changes))
     assert mean_pixel_change(images, before) > MIN_CHANGE_LEVELS
     assert "Module: reference_only, Model: None" in info["infotexts"][0]
-    after, _ = run(engine, payload(**changes))
-    assert after == before
+    if "override_settings" in changes:  # the SDXL UNet is left as it was, too
+        after, _ = run(engine, payload(**changes))
+        assert after == before
 
 
 def test_hr_option_picks_the_passes(engine: Engine) -> None:
