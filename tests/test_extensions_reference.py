@@ -27,6 +27,7 @@ from extensions.controlnet.reference import (
     _State,
     adain_ranks,
     attention_ranks,
+    style_fidelity,
 )
 
 from .helpers import (
@@ -129,6 +130,25 @@ def test_a_layer_records_only_when_the_weight_exceeds_its_rank() -> None:
     for layer in (low, high):
         layer.apply(torch.ones(1, 2, 2, 2))
     assert len(low.means) == 1 and high.means == []
+
+
+@pytest.mark.parametrize(
+    ("threshold", "mode", "sdxl", "hires", "expected"),
+    [
+        (0.5, 0, False, False, 0.5),  # Balanced: threshold_a
+        (0.5, 0, True, False, 0.125),  # cubed on SDXL
+        (0.5, 0, False, True, 0.0),  # the hires pass
+        (0.5, 1, False, False, 0.0),  # My prompt is more important (soft injection)
+        (0.5, 2, True, True, 1.0),  # ControlNet is more important (cfg injection) wins
+        (0.0, 2, False, False, 1.0),
+        (1.0, 0, True, False, 1.0),
+    ],
+)
+def test_style_fidelity_as_the_extension_decides(
+    threshold: float, mode: int, sdxl: bool, hires: bool, expected: float
+) -> None:
+    unit = ReferenceUnit(0, True, False, 1.0, 0.0, 1.0, threshold, mode, CARD)
+    assert style_fidelity(unit, sdxl=sdxl, hires=hires) == expected
 
 
 # --------------------------------------------------------------------------------------------
