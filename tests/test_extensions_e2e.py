@@ -290,3 +290,12 @@ def test_inpaint_only_in_txt2img_keeps_the_control_image_outside_the_mask(engine
     assert np.abs(out[20:44, 20:44] - card[20:44, 20:44]).mean() > 10
     harmonious, _, _ = run(engine, controlnet({**sent, "module": "inpaint"}))
     assert mean_difference(images[0], harmonious[0]) > 1.0  # the restore and the composite
+
+
+def test_high_res_only_without_a_hires_pass_runs_like_both(engine: Engine) -> None:
+    # Mikubill: hr_option counts only with high-res fix (`... if high_res_fix else BOTH`).
+    both, _, _ = run(engine, controlnet(unit(save_detected_map=False)))
+    high, _, _ = run(engine, controlnet(unit(save_detected_map=False, hr_option="High res only")))
+    assert pixels(high[0]).tobytes() == pixels(both[0]).tobytes()
+    plain, _, _ = run(engine, payload())
+    assert pixels(high[0]).tobytes() != pixels(plain[0]).tobytes()

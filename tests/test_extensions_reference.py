@@ -556,6 +556,14 @@ def test_hr_option_picks_the_passes(engine: Engine) -> None:
     assert mean_pixel_change(both, low) > MIN_CHANGE_LEVELS
 
 
+def test_high_res_only_without_hires_runs_in_the_only_pass(
+    engine: Engine, by_mode: dict[str, tuple[list[bytes], dict[str, Any]]]
+) -> None:
+    # The extension forces hr_option to Both when there is no hires pass.
+    images, _ = run(engine, controlnet(unit(save_detected_map=False, hr_option="High res only")))
+    assert same_pixels(images, by_mode["reference_only"][0])
+
+
 def test_reference_needs_an_image_in_txt2img(engine: Engine) -> None:
     with pytest.raises(RequestError, match="no input image") as err:
         engine.handle("auto", controlnet(unit(image=None)))

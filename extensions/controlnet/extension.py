@@ -152,6 +152,14 @@ def _inpaint_only_effects(
     return Effects(cfg_hooks=[restore], image_hooks=[InpaintComposite(colour, mask)])
 
 
+def _without_hires(ctx: GenerationContext, unit: Unit) -> Unit:
+    """Mikubill: `hr_option=unit.hr_option if high_res_fix else HiResFixOption.BOTH`, so a
+    "High res only" unit still runs in a request without a hires pass (img2img, or txt2img
+    without enable_hr)."""
+    high_res_fix = ctx.mode == "txt2img" and bool(getattr(ctx.request, "enable_hr", False))
+    return unit if high_res_fix else replace(unit, hr_option="Both")
+
+
 def _reference_effects(
     ctx: GenerationContext, references: list[tuple[Unit, ReferenceUnit]]
 ) -> Effects:
@@ -216,7 +224,8 @@ class ControlNetExtension:
         effects = Effects()
         problems: list[Problem] = []
         references: list[tuple[Unit, ReferenceUnit]] = []
-        for unit in args:
+        for sent in args:
+            unit = _without_hires(ctx, sent)
             try:
                 unit_effects, reference = self._prepare_unit(ctx, unit)
             except RequestError as err:
