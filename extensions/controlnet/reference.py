@@ -347,8 +347,7 @@ class ReferenceHook:
         self, model_in: torch.Tensor, t: Any, kwargs: dict[str, Any], info: StepInfo
     ) -> UNetExtras:
         attached = self._attached
-        if attached is None:
-            raise RuntimeError("ReferenceHook called outside attached(unet)")
+        assert attached is not None, "ReferenceHook called outside attached(unet)"
         state = attached.state
         for layer in attached.layers:  # the extension clears every record at each step
             layer.clear()
