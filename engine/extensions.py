@@ -4,6 +4,9 @@ webui runs always-on scripts by patching shared modules for the length of a requ
 extension never touches the shared models: `prepare` returns `Effects` (sampler hooks,
 infotext entries, extra images) that the engine applies to one request only. Everything that
 can fail (arguments, images, model lookups) fails in `parse_args`/`prepare`, before sampling.
+The one sanctioned exception is a `ScopedUNetHook` (engine/sampling.py; ControlNet's reference
+modules): the engine enters its `attached(unet)` around one pass, and it must undo every
+change to the UNet on exit, errors and cancel included.
 
 Extensions live in packages under `extensions/`; each exposes `EXTENSION`, a class whose
 instances have the `Extension` protocol. `ExtensionRegistry.discover()` imports the packages
@@ -55,7 +58,8 @@ class Effects:
     """What an extension returns; the engine applies it to one request only.
 
     `unet_hooks` run at every step of the first pass; `hires_unet_hooks` at every step of the
-    hires pass. `infotext` entries join extra_generation_params (raw values; the engine quotes).
+    hires pass (a ScopedUNetHook among them is attached to the pass's UNet around the pass).
+    `infotext` entries join extra_generation_params (raw values; the engine quotes).
     `extra_images` are appended after the generated images (ControlNet's detected maps);
     `warnings` say what a request asked for that was changed or ignored."""
 

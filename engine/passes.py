@@ -37,6 +37,7 @@ from .samplers import (
 from .sampling import (
     CFGDenoiser,
     MaskBlend,
+    ScopedUNetHook,
     Stage,
     StopSampling,
     circular_padding,
@@ -272,9 +273,14 @@ def _run(plan: Plan, job: PassJob, progress: Progress) -> Sampled:
         progress=progress,
     )
     try:
-        latents = run_pass(
-            spec, denoiser, job.noise, job.generators, job.seeds, plan.rng_device, job.init
-        )
+        with ExitStack() as scoped:
+            # Hooks that change the UNet for this pass (ControlNet reference) undo it on exit.
+            for hook in job.hooks:
+                if isinstance(hook, ScopedUNetHook):
+                    scoped.enter_context(hook.attached(loaded.pipe.unet))
+            latents = run_pass(
+                spec, denoiser, job.noise, job.generators, job.seeds, plan.rng_device, job.init
+            )
     except StopSampling as stop:
         # webui keeps the last x0 prediction; stopped before any step: the pass' start.
         start = job.init if job.init is not None else job.noise

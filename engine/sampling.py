@@ -10,7 +10,7 @@ Everything here works on values passed in; nothing is stored on the shared model
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -86,6 +86,23 @@ class StepInfo:
 # (UNet input batch, timestep, the UNet kwargs: encoder_hidden_states / added_cond_kwargs,
 #  step) -> extra UNet inputs. Hooks must not change the tensors they are given.
 UNetHook = Callable[[torch.Tensor, Any, dict[str, Any], StepInfo], UNetExtras]
+
+
+@runtime_checkable
+class ScopedUNetHook(Protocol):
+    """A UNetHook that needs the UNet itself for one pass (ControlNet's reference modules: an
+    extra UNet call per step, attention processors and block hooks that read its records).
+
+    The pass runner enters `attached(unet)` around the pass, on the UNet the hook runs with;
+    on exit (errors and cancel included) every change to the shared UNet is undone."""
+
+    def __call__(
+        self, model_in: torch.Tensor, t: Any, kwargs: dict[str, Any], info: StepInfo
+    ) -> UNetExtras: ...
+
+    def attached(self, unet: Any) -> AbstractContextManager[None]: ...
+
+
 # (combined CFG prediction, the raw UNet outputs, conditioning, step) -> new prediction
 CFGHook = Callable[[torch.Tensor, torch.Tensor, "StepConditioning", StepInfo], torch.Tensor]
 

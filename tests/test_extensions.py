@@ -259,7 +259,7 @@ def test_image_forms(controlnet: ControlNetExtension, image: Any) -> None:
 @pytest.mark.parametrize("name", ["tiny-controlnet-sd15", "TINY-ControlNet-SD15", "controlnet"])
 def test_model_without_hash(controlnet: ControlNetExtension, name: str) -> None:
     (parsed,) = controlnet.parse_args({"args": [unit(model=name)]}, field=FIELD)
-    assert parsed.model.name == "tiny-controlnet-sd15"
+    assert parsed.model is not None and parsed.model.name == "tiny-controlnet-sd15"
 
 
 def test_model_with_hash_and_the_listing(controlnet: ControlNetExtension) -> None:
@@ -267,9 +267,21 @@ def test_model_with_hash_and_the_listing(controlnet: ControlNetExtension) -> Non
     assert title.startswith("tiny-controlnet-sd15 [") and len(title.split("[")[1]) == 9
     assert xl_title.startswith("tiny-controlnet-sdxl [")
     (parsed,) = controlnet.parse_args({"args": [unit(model=title)]}, field=FIELD)
-    assert parsed.model.title == title
+    assert parsed.model is not None and parsed.model.title == title
     modules = controlnet.module_list()
     assert "canny" in modules["module_list"] and "canny" in modules["module_detail"]
+    # The extension's do_not_need_model: the reference modules only ("none" takes a model).
+    free = [name for name, d in modules["module_detail"].items() if d["model_free"]]
+    assert free == ["reference_only", "reference_adain", "reference_adain+attn"]
+    assert modules["module_detail"]["reference_only"]["sliders"] == [
+        {
+            "name": "Style Fidelity (only for Balanced mode)",
+            "value": 0.5,
+            "min": 0.0,
+            "max": 1.0,
+            "step": 0.01,
+        }
+    ]
 
 
 def test_a_bare_unit_list_is_accepted(controlnet: ControlNetExtension) -> None:

@@ -260,12 +260,11 @@ def test_inpaint_only_with_img2img_inpainting_runs_as_global_harmonious(engine: 
 @pytest.mark.parametrize(
     ("module", "words"),
     [
-        ("reference_only", ["reference_only", "not supported", "attention"]),
-        ("reference_adain+attn", ["reference_adain+attn", "not supported"]),
         ("inpaint_only+lama", ["inpaint_only+lama", "needs model weights"]),
+        ("tile_colorfix", ["tile_colorfix", "needs model weights"]),
     ],
 )
-def test_unsupported_inpaint_and_reference_forms_are_clear_errors(
+def test_unsupported_inpaint_forms_are_clear_errors(
     engine: Engine, module: str, words: list[str]
 ) -> None:
     with pytest.raises(RequestError) as err:
@@ -291,3 +290,12 @@ def test_inpaint_only_in_txt2img_keeps_the_control_image_outside_the_mask(engine
     assert np.abs(out[20:44, 20:44] - card[20:44, 20:44]).mean() > 10
     harmonious, _, _ = run(engine, controlnet({**sent, "module": "inpaint"}))
     assert mean_difference(images[0], harmonious[0]) > 1.0  # the restore and the composite
+
+
+def test_high_res_only_without_a_hires_pass_runs_like_both(engine: Engine) -> None:
+    # Mikubill: hr_option counts only with high-res fix (`... if high_res_fix else BOTH`).
+    both, _, _ = run(engine, controlnet(unit(save_detected_map=False)))
+    high, _, _ = run(engine, controlnet(unit(save_detected_map=False, hr_option="High res only")))
+    assert pixels(high[0]).tobytes() == pixels(both[0]).tobytes()
+    plain, _, _ = run(engine, payload())
+    assert pixels(high[0]).tobytes() != pixels(plain[0]).tobytes()

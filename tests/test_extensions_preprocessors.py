@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import ndimage
 
 from engine.api import Engine
+from extensions.controlnet.extension import bound_slider
 from extensions.controlnet.preprocessors import PREPROCESSORS, gaussian_blur, run_preprocessor
 
 from .helpers import b64_png, card_image, payload
@@ -118,6 +119,15 @@ def test_api_default_minus_one_is_the_default_without_a_warning(engine: Engine) 
     info = json.loads(engine.handle("auto", _controlnet(processor_res=-1, threshold_a=-1)).info)
     assert "Threshold A: 9.0" in info["infotexts"][0]
     assert not [w for w in info.get("warnings", []) if "controlnet" in w]
+
+
+@pytest.mark.parametrize(("value", "used"), [(-1, 0.5), (0.25, 0.25), (64, 0.5), (1e300, 0.5)])
+def test_a_missing_slider_bounds_like_the_extensions_invisible_one(
+    value: float, used: float
+) -> None:
+    # blur_gaussian has no slider_b: the extension's bound_check_params still checks
+    # threshold_b against PreprocessorParameter(visible=False), 0..1 with default 0.5.
+    assert bound_slider(value, None, "x.threshold_b", "blur_gaussian") == (used, None)
 
 
 # --------------------------------------------------------------------------------------------

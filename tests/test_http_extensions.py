@@ -115,3 +115,17 @@ def test_webuiapi_style_units_with_empty_image_and_padding(server: CogServer) ->
     info = json.loads(prediction["output"]["info"])
     assert "ControlNet 0" in info["infotexts"][0] and "ControlNet 1" not in info["infotexts"][0]
     assert golden(server) == before
+
+
+def test_reference_only_unit_without_a_model_and_the_worker_stays_sound(
+    server: CogServer,
+) -> None:
+    # Mikubill's API test "test_reference": module reference_only, model "None".
+    before = golden(server)
+    sent = unit(module="reference_adain+attn", model="None", save_detected_map=False)
+    prediction = server.predict(payload(alwayson_scripts={"controlnet": {"args": [sent]}}))
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    info = json.loads(prediction["output"]["info"])
+    assert "Module: reference_adain+attn, Model: None," in info["infotexts"][0]
+    assert pixels(image_bytes(prediction)[0]).tobytes() != before
+    assert golden(server) == before  # attention processors and block hooks are gone again

@@ -17,8 +17,10 @@ from engine.loading import Placement
 
 from .hook import ControlNetHook, image_tensor
 from .inpaint_only import InpaintComposite, InpaintRestore
-from .models import ControlNetFile, ModelCache, scan
-from .preprocessors import PREPROCESSORS, RESOLUTION, Slider, run_preprocessor
+from .models import ControlNetFile, LoadedControlNet, ModelCache, scan
+from .preprocessors import HIDDEN_SLIDER, PREPROCESSORS, RESOLUTION, Slider, run_preprocessor
+from .reference import MODES as REFERENCE_MODES
+from .reference import ReferenceHook, ReferenceUnit
 from .units import CONTROL_MODES, RESIZE_MODES, Unit, parse_units
 
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = 0, 1, 2
@@ -150,14 +152,43 @@ def _inpaint_only_effects(
     return Effects(cfg_hooks=[restore], image_hooks=[InpaintComposite(colour, mask)])
 
 
+def _without_hires(ctx: GenerationContext, unit: Unit) -> Unit:
+    """Mikubill: `hr_option=unit.hr_option if high_res_fix else HiResFixOption.BOTH`, so a
+    "High res only" unit still runs in a request without a hires pass (img2img, or txt2img
+    without enable_hr)."""
+    high_res_fix = ctx.mode == "txt2img" and bool(getattr(ctx.request, "enable_hr", False))
+    return unit if high_res_fix else replace(unit, hr_option="Both")
+
+
+def _reference_effects(
+    ctx: GenerationContext, references: list[tuple[Unit, ReferenceUnit]]
+) -> Effects:
+    """One ReferenceHook per pass for the reference units that run in it (hr_option)."""
+    pipe = ctx.loaded.pipe
+
+    def hooks(hires: bool, skip: str) -> list[Any]:
+        units = tuple(ref for unit, ref in references if unit.hr_option != skip)
+        if not units:
+            return []
+        return [ReferenceHook(units, pipe.vae, pipe.scheduler.alphas_cumprod, hires=hires)]
+
+    return Effects(
+        unet_hooks=hooks(False, "High res only"), hires_unet_hooks=hooks(True, "Low res only")
+    )
+
+
 def bound_slider(
     value: float, slider: Slider | None, field: str, module: str
 ) -> tuple[float, str | None]:
     """Mikubill `bound_check_params`: a value outside the module's slider range becomes the
     slider's default (-1, the API default, silently; anything else with a warning naming the
     field). This is also what bounds the work: processor_res 1e6 would be a 1e12-pixel map.
-    A module without the slider ignores the value."""
-    if slider is None or slider.contains(value):
+    A module without the slider ignores the value, but the extension still bounds it by its
+    invisible slider (PreprocessorParameter: 0..1, default 0.5), which the infotext shows:
+    the same here, silently."""
+    if slider is None:
+        return (value if HIDDEN_SLIDER.contains(value) else HIDDEN_SLIDER.value), None
+    if slider.contains(value):
         return value, None
     if value == -1:
         return float(slider.value), None
@@ -187,20 +218,29 @@ class ControlNetExtension:
         return parse_units(script_args(value, field=field), field, self.models)
 
     def prepare(self, ctx: GenerationContext, args: Any) -> Effects:
-        """Preprocess every unit's image, load its model and make its hook."""
+        """Preprocess every unit's image, load its model and make its hook (one hook per pass
+        for all reference units: they share the UNet's attention layers)."""
         assert self.cache is not None, "setup() was not called"
         effects = Effects()
         problems: list[Problem] = []
-        for unit in args:
+        references: list[tuple[Unit, ReferenceUnit]] = []
+        for sent in args:
+            unit = _without_hires(ctx, sent)
             try:
-                effects = effects.merge(self._prepare_unit(ctx, unit))
+                unit_effects, reference = self._prepare_unit(ctx, unit)
             except RequestError as err:
                 problems.extend(err.problems)
+                continue
+            effects = effects.merge(unit_effects)
+            if reference is not None:
+                references.append((unit, reference))
         if problems:
             raise RequestError(problems)
-        return effects
+        return effects.merge(_reference_effects(ctx, references))
 
-    def _prepare_unit(self, ctx: GenerationContext, unit: Unit) -> Effects:
+    def _prepare_unit(
+        self, ctx: GenerationContext, unit: Unit
+    ) -> tuple[Effects, ReferenceUnit | None]:
         assert self.cache is not None
         image, resize_mode = unit.image, unit.resize_mode
         unit, fallback = _inpaint_only_fallback(ctx, unit)
@@ -215,16 +255,12 @@ class ControlNetExtension:
                 )
             image = ctx.init_images[0]
             resize_mode = _FROM_IMG2IMG.get(ctx.resize_mode, JUST_RESIZE)
-        loaded = self.cache.get(unit.model)
-        family = ctx.loaded.family
-        unet_cross = int(ctx.loaded.pipe.unet.config.cross_attention_dim)
-        if loaded.family is not family or loaded.cross_attention_dim != unet_cross:
-            raise RequestError.single(
-                f"{unit.field}.model",
-                unit.model.title,
-                f"this is a {loaded.family.value} ControlNet; the checkpoint "
-                f"{ctx.loaded.info.title!r} is {family.value}; pick a matching ControlNet",
+        if unit.ignored_model is not None:
+            notes.append(
+                f"{unit.field}.model: {unit.ignored_model!r} is not used by the model-free "
+                f"module {unit.module.name} (the ControlNet extension ignores it too)"
             )
+        loaded = None if unit.model is None else self._model(ctx, unit.model, unit.field)
         pre = unit.module
         res, res_note = self._resolution(unit, image, ctx, resize_mode)
         a, a_note = bound_slider(
@@ -243,6 +279,33 @@ class ControlNetExtension:
             control = torch.cat([control, mask_tensor(fitted)], dim=1)
             detected = _show_inpaint(detected, mask)
             inpaint_only = _inpaint_only_effects(ctx, unit, colour, fitted)
+        info = (
+            f"Module: {pre.name}, Model: {unit.model_title}, Weight: {unit.weight}, "
+            f"Resize Mode: {RESIZE_MODES[resize_mode]}, Processor Res: {res}, "
+            f"Threshold A: {a}, Threshold B: {b}, Guidance Start: {unit.guidance_start}, "
+            f"Guidance End: {unit.guidance_end}, Pixel Perfect: {unit.pixel_perfect}, "
+            f"Control Mode: {CONTROL_MODES[unit.control_mode]}"
+        )
+        save = unit.save_detected_map and pre.name != "none"
+        common = Effects(
+            infotext={f"ControlNet {unit.index}": info},
+            extra_images=[detected] if save else [],
+            warnings=[note for note in (*notes, res_note, a_note, b_note) if note],
+        )
+        if loaded is None:  # a reference module: the hook is made for all of them at once
+            attention, adain = REFERENCE_MODES[pre.name]
+            reference = ReferenceUnit(
+                index=unit.index,
+                attention=attention,
+                adain=adain,
+                weight=unit.weight,
+                guidance_start=unit.guidance_start,
+                guidance_end=unit.guidance_end,
+                style_fidelity=a,
+                control_mode=unit.control_mode,
+                image=colour,
+            )
+            return common, reference
         hook = ControlNetHook(
             model=loaded.model,
             control=control,
@@ -251,21 +314,26 @@ class ControlNetExtension:
             guidance_end=unit.guidance_end,
             control_mode=unit.control_mode,
         )
-        info = (
-            f"Module: {pre.name}, Model: {unit.model.title}, Weight: {unit.weight}, "
-            f"Resize Mode: {RESIZE_MODES[resize_mode]}, Processor Res: {res}, "
-            f"Threshold A: {a}, Threshold B: {b}, Guidance Start: {unit.guidance_start}, "
-            f"Guidance End: {unit.guidance_end}, Pixel Perfect: {unit.pixel_perfect}, "
-            f"Control Mode: {CONTROL_MODES[unit.control_mode]}"
-        )
-        save = unit.save_detected_map and pre.name != "none"
-        return Effects(
+        hooks = Effects(
             unet_hooks=[hook] if unit.hr_option != "High res only" else [],
             hires_unet_hooks=[hook] if unit.hr_option != "Low res only" else [],
-            infotext={f"ControlNet {unit.index}": info},
-            extra_images=[detected] if save else [],
-            warnings=[note for note in (*notes, res_note, a_note, b_note) if note],
-        ).merge(inpaint_only)
+        )
+        return hooks.merge(common).merge(inpaint_only), None
+
+    def _model(self, ctx: GenerationContext, model: ControlNetFile, field: str) -> LoadedControlNet:
+        """The unit's ControlNet, loaded, of the checkpoint's family."""
+        assert self.cache is not None
+        loaded = self.cache.get(model)
+        family = ctx.loaded.family
+        unet_cross = int(ctx.loaded.pipe.unet.config.cross_attention_dim)
+        if loaded.family is not family or loaded.cross_attention_dim != unet_cross:
+            raise RequestError.single(
+                f"{field}.model",
+                model.title,
+                f"this is a {loaded.family.value} ControlNet; the checkpoint "
+                f"{ctx.loaded.info.title!r} is {family.value}; pick a matching ControlNet",
+            )
+        return loaded
 
     @staticmethod
     def _resolution(
@@ -292,7 +360,7 @@ class ControlNetExtension:
         return {
             "module_list": list(PREPROCESSORS),
             "module_detail": {
-                name: {"model_free": name == "none", "sliders": pre.sliders()}
+                name: {"model_free": pre.model_free, "sliders": pre.sliders()}
                 for name, pre in PREPROCESSORS.items()
             },
         }

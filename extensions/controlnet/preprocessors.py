@@ -44,6 +44,10 @@ class Slider:
 
 
 RESOLUTION: Final = Slider("Preprocessor Resolution", DEFAULT_RES, 64, 2048)
+# The extension's default PreprocessorParameter(visible=False): what bounds threshold_a/b of a
+# module without that slider (bound_check_params), so -1 becomes 0.5 in the infotext.
+HIDDEN_SLIDER: Final = Slider("EMPTY_LABEL", 0.5, 0.0, 1.0, 0.01)
+STYLE_FIDELITY: Final = Slider("Style Fidelity (only for Balanced mode)", 0.5, 0.0, 1.0, 0.01)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,9 @@ class Preprocessor:
     # Inpaint modules: the map is the image plus a mask (the unit's, else img2img's), and the
     # hint carries -1 where the mask is set (the extension's "ControlNet inpaint protocol").
     uses_mask: bool = False
+    # The extension's `do_not_need_model`: the unit runs without a ControlNet model (the
+    # reference modules, see reference.py); `model` is then ignored.
+    model_free: bool = False
 
     def sliders(self) -> list[dict[str, float | str]]:
         return [s.listing() for s in (self.resolution, self.slider_a, self.slider_b) if s]
@@ -364,6 +371,18 @@ PREPROCESSORS: Final[Mapping[str, Preprocessor]] = MappingProxyType(
             # extension.py for where that is supported).
             Preprocessor("inpaint", _none, resolution=None, uses_mask=True),
             Preprocessor("inpaint_only", _none, resolution=None, uses_mask=True),
+            # Mikubill preprocessor_compiled.py: identity, no resolution, model_free; the map is
+            # the reference image (see reference.py for what the UNet does with it).
+            *(
+                Preprocessor(
+                    name,
+                    _none,
+                    resolution=None,
+                    slider_a=STYLE_FIDELITY,
+                    model_free=True,
+                )
+                for name in ("reference_only", "reference_adain", "reference_adain+attn")
+            ),
         )
     }
 )
@@ -454,17 +473,6 @@ NEEDS_WEIGHTS: Final = frozenset(
         "instant_id_face_keypoints",
         "mediapipe_face",
     }
-)
-
-
-# Weight-free modules of the extension that this server does not run, and why.
-UNSUPPORTED: Final[Mapping[str, str]] = MappingProxyType(
-    dict.fromkeys(
-        ("reference_only", "reference_adain", "reference_adain+attn"),
-        "reference modules inject the reference image's attention and group-norm statistics "
-        "into the UNet (the extension's attention hijack); this server does not implement "
-        "that",
-    )
 )
 
 

@@ -22,7 +22,6 @@ from .models import ControlNetFile, find_model
 from .preprocessors import (
     NEEDS_WEIGHTS,
     PREPROCESSORS,
-    UNSUPPORTED,
     Preprocessor,
     find_preprocessor,
 )
@@ -65,7 +64,7 @@ class Unit:
     index: int  # position in args (the N of the "ControlNet N" infotext key)
     field: str
     module: Preprocessor
-    model: ControlNetFile
+    model: ControlNetFile | None  # None for model-free modules (the reference ones)
     image: Image.Image | None
     mask: Image.Image | None
     weight: float = 1.0
@@ -79,6 +78,12 @@ class Unit:
     control_mode: int = 0  # index into CONTROL_MODES
     hr_option: str = "Both"
     save_detected_map: bool = True
+    ignored_model: str | None = None  # a model named for a model-free module (not used)
+
+    @property
+    def model_title(self) -> str:
+        """The infotext's "Model" (the extension's default "None" for model-free units)."""
+        return "None" if self.model is None else self.model.title
 
 
 class _Reader:
@@ -194,13 +199,7 @@ def _module(reader: _Reader) -> Preprocessor | None:
     found = find_preprocessor(value)
     if found is None:
         available = ", ".join(map(repr, PREPROCESSORS))
-        if value.strip().lower() in UNSUPPORTED:
-            reader.fail(
-                "module",
-                value,
-                f"not supported: {UNSUPPORTED[value.strip().lower()]}; available: {available}",
-            )
-        elif value.strip().lower() in NEEDS_WEIGHTS:
+        if value.strip().lower() in NEEDS_WEIGHTS:
             reader.fail(
                 "module",
                 value,
@@ -212,9 +211,13 @@ def _module(reader: _Reader) -> Preprocessor | None:
     return found
 
 
+def _no_model(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
 def _model(reader: _Reader, models: tuple[ControlNetFile, ...]) -> ControlNetFile | None:
     value = reader.raw.get("model")
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+    if _no_model(value):
         titles = ", ".join(repr(m.title) for m in models) or "(none installed)"
         reader.fail(
             "model", value, f"an enabled unit needs a ControlNet model; available: {titles}"
@@ -268,7 +271,11 @@ def parse_unit(
             )
         ]
     module = _module(reader)
-    model = _model(reader, models)
+    # Model-free modules (the extension's do_not_need_model) never look the model up: it is
+    # ignored there, so any value (the API default is "None") is accepted.
+    raw_model = reader.raw.get("model")
+    free = module is not None and module.model_free
+    model = None if free else _model(reader, models)
     image, mask = _images(reader)
     ints3 = {0: 0, 1: 1, 2: 2}
     control_names = {m.lower(): i for i, m in enumerate(CONTROL_MODES)}
@@ -285,7 +292,7 @@ def parse_unit(
         index=index,
         field=field,
         module=module or PREPROCESSORS["none"],
-        model=model or ControlNetFile(Path(), "", ""),
+        model=None if free else model or ControlNetFile(Path(), "", ""),
         image=image,
         mask=mask,
         weight=reader.number("weight", 1.0, 0.0, 2.0),
@@ -299,8 +306,9 @@ def parse_unit(
         control_mode=reader.choice("control_mode", 0, control_names, ints3, CONTROL_MODES),
         hr_option=hr_by_name[hr.strip().lower()],
         save_detected_map=reader.flag("save_detected_map", True),
+        ignored_model=None if not free or _no_model(raw_model) else str(raw_model)[:100],
     )
-    if reader.problems or module is None or model is None:
+    if reader.problems or module is None or (model is None and not free):
         return None, reader.problems
     return unit, []
 
