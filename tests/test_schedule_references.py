@@ -291,3 +291,24 @@ def test_requests_pick_the_ays_table_of_the_checkpoint(
     engine.handle("txt2img", with_model(SDXL, scheduler="Align Your Steps"), lambda s, t: None)
     engine.handle("txt2img", payload(scheduler="Align Your Steps"), lambda s, t: None)
     assert seen == [True, False]
+
+
+def test_beta_schedule_parameters_are_in_the_infotext_as_webui_writes_them(engine: Any) -> None:
+    """webui get_sigmas adds opts.beta_dist_alpha/beta when a k-diffusion pass runs Beta."""
+    import json
+
+    from engine.samplers import schedule_infotext_params
+    from tests.helpers import payload
+
+    response = engine.handle("txt2img", payload(scheduler="Beta"), lambda s, t: None)
+    info = json.loads(response.info)
+    expected = {"Beta schedule alpha": 0.6, "Beta schedule beta": 0.6}
+    assert expected.items() <= info["extra_generation_params"].items()
+    assert "Schedule type: Beta, " in info["infotexts"][0]
+    assert "Beta schedule alpha: 0.6, Beta schedule beta: 0.6" in info["infotexts"][0]
+    # Not for another schedule, nor for a sampler that ignores the schedule; a hires pass
+    # that runs Beta counts.
+    assert schedule_infotext_params(resolve_sampler("Euler", None, "Karras")) == {}
+    assert schedule_infotext_params(resolve_sampler("DDIM", None, "Beta")) == {}
+    both = resolve_sampler("Euler", None, "Karras"), resolve_sampler("Euler", None, "Beta")
+    assert schedule_infotext_params(*both) == expected
