@@ -32,7 +32,9 @@ from webui's: see below), so each reference is one of:
   loglinear_interp use np.interp over the ascending table). With 1 step that gives the lowest
   sigma only, [0.029, 0], as webui does.
 
-Every schedule is compared through `sigmas_for`, which run_pass uses, at several step counts;
+Every schedule is compared through `sigmas_for`, which run_pass uses, at several step counts,
+over the model's CompVisDenoiser and over the LCM sampler's 50-sigma wrapper (k-diffusion's
+DiscreteSchedule over those sigmas, quantized), which webui's schedule functions also accept;
 then one Euler run per schedule (k-diffusion's sample_euler over the reference sigmas and
 CompVisDenoiser, against the engine's run_pass) must reach the same final latent to 1e-4
 (measured: 3.5e-7 AYS ... 1.0e-5 KL Optimal, on the tiny SD1 UNet, 6 steps, 64x64). Requests
@@ -53,7 +55,7 @@ from engine.loading import LoadedCheckpoint
 from engine.runner import SamplerPass, run_pass
 from engine.samplers import resolve_sampler
 from engine.sampling import CFGDenoiser, CondPart, Stage, StepConditioning
-from engine.schedules import Discretization, sigmas_for
+from engine.schedules import Discretization, LCMDiscretization, sigmas_for
 from tests.test_kdiffusion_reference import (
     CFG,
     SEEDS,
@@ -153,14 +155,17 @@ def ref_beta(n: int, kd: Any, sdxl: bool) -> np.ndarray:
         use_beta_sigmas=True,
         timestep_spacing="linspace",
     )
-    # The model's own alpha-bar (ldm's float64 formula), not diffusers' float32 recomputation,
-    # and webui's ends: the model's sigma_min / sigma_max (diffusers otherwise takes the ends
-    # of its timestep grid, which with one step is timestep 0 alone).
-    scheduler.alphas_cumprod = kd.inner_model.alphas_cumprod.clone()
+    # webui's ends: the model's sigma_min / sigma_max (diffusers otherwise takes the ends of
+    # its timestep grid, which with one step is timestep 0 alone). With them given, diffusers'
+    # own alphas_cumprod only place its timesteps, not the sigmas.
     lo, hi = _ends(kd)
     scheduler.register_to_config(sigma_min=lo, sigma_max=hi)
     scheduler.set_timesteps(n)
     return scheduler.sigmas.double().numpy()
+
+
+# NVIDIA's tables end at 0.029, SD's sigma_min to three places; diffusers puts 0 there.
+AYS_LAST = 0.029
 
 
 def ref_align_your_steps(n: int, kd: Any, sdxl: bool) -> np.ndarray:
@@ -169,9 +174,7 @@ def ref_align_your_steps(n: int, kd: Any, sdxl: bool) -> np.ndarray:
 
     tables: Any = AysSchedules
     published = tables["StableDiffusionXLSigmas" if sdxl else "StableDiffusionSigmas"]
-    sigma_min = round(_ends(kd)[0], 3)
-    assert sigma_min == 0.029  # NVIDIA's last entry, which diffusers replaces by 0
-    table = np.array([*published[:-1], sigma_min])
+    table = np.array([*published[:-1], AYS_LAST])
     if n == len(table):
         return np.append(table, 0.0)
     # Ascending, as NVIDIA's loglinear_interp: with one step its only point is the low end.
@@ -209,6 +212,10 @@ def test_sigmas_match_reference(
     _assert_sigmas_match(_ours(schedule, n, sd1), reference, f"{schedule} at {n} steps")
 
 
+def test_ays_tables_end_at_the_models_sigma_min(kd_model: Any) -> None:
+    assert round(_ends(kd_model)[0], 3) == AYS_LAST
+
+
 @pytest.mark.parametrize("n", STEP_COUNTS)
 def test_align_your_steps_sdxl_table(sd1: LoadedCheckpoint, kd_model: Any, n: int) -> None:
     """SDXL has its own table (same training schedule as SD1, so the same CompVisDenoiser)."""
@@ -217,6 +224,28 @@ def test_align_your_steps_sdxl_table(sd1: LoadedCheckpoint, kd_model: Any, n: in
     _assert_sigmas_match(ours, reference, f"AYS SDXL at {n} steps")
     if n > 2:
         assert not np.allclose(ours, _ours("align_your_steps", n, sd1)), "SD1 table used"
+
+
+@pytest.fixture(scope="module")
+def kd_lcm(kd_model: Any) -> Any:
+    """webui's LCM wrapper as k-diffusion's DiscreteSchedule over the sigmas of LCM's 50
+    timesteps 19, 39, ..., 999, quantized (webui's LCMCompVisDenoiser maps a sigma to the
+    nearest of them, as timestep 20 i + 19 rather than index i: an affine relabelling that
+    the schedules' linspace and t_to_sigma do not see)."""
+    kd = _import_k_diffusion()
+    alphas = kd_model.inner_model.alphas_cumprod[torch.arange(19, 1000, 20)]
+    return kd.external.DiscreteSchedule(((1 - alphas) / alphas) ** 0.5, quantize=True)
+
+
+@pytest.mark.parametrize("n", STEP_COUNTS)
+@pytest.mark.parametrize("schedule", sorted(REFERENCES))
+def test_lcm_sigmas_match_reference(
+    sd1: LoadedCheckpoint, kd_lcm: Any, schedule: str, n: int
+) -> None:
+    """The LCM sampler takes every schedule type in webui, over its own 50-sigma wrapper."""
+    model = LCMDiscretization.of(Discretization.from_config(sd1.scheduler_config))
+    ours = sigmas_for(schedule, n, model).double().numpy()
+    _assert_sigmas_match(ours, REFERENCES[schedule](n, kd_lcm, False), f"LCM {schedule} at {n}")
 
 
 def test_ddim_schedule_runs_one_step_more_where_webui_does(sd1: LoadedCheckpoint) -> None:
