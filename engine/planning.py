@@ -55,6 +55,7 @@ from .samplers import (
     SamplerChoice,
     effective_eta,
     resolve_sampler,
+    schedule_infotext_params,
 )
 from .schedules import Discretization
 from .seeds import fix_seed, request_seeds
@@ -272,6 +273,8 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     effects = _plan_extensions(models, req, checkpoint, width, height, batch_size, decoded)
     extras.update(effects.infotext)
     warnings.extend(effects.warnings)
+    # 9. What webui's get_sigmas adds at sampling time, after everything above.
+    extras.update(schedule_infotext_params(sampler, *([hires.sampler] if hires else [])))
     return Plan(
         request=req,
         settings=settings,

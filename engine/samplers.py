@@ -18,6 +18,7 @@ from functools import cache
 from typing import Any
 
 from engine.errors import Problem, RequestError, UnknownName, show_choices
+from engine.schedules import BETA_ALPHA, BETA_BETA
 
 Kwargs = tuple[tuple[str, Any], ...]
 
@@ -525,6 +526,14 @@ def sigma_infotext_params(
         for param, (key, value, default) in values.items()
         if param in choice.row.extra_params and value != default
     }
+
+
+def schedule_infotext_params(*choices: SamplerChoice) -> dict[str, float]:
+    """webui get_sigmas: "Beta schedule alpha/beta" (opts.beta_dist_alpha/beta) when a pass
+    samples on the Beta schedule (never for DDIM/PLMS/UniPC, which ignore the schedule)."""
+    if any(c.schedule is not None and c.schedule.name == "beta" for c in choices):
+        return {"Beta schedule alpha": BETA_ALPHA, "Beta schedule beta": BETA_BETA}
+    return {}
 
 
 def discard_infotext_params(choice: SamplerChoice, always_discard: bool) -> dict[str, bool]:
