@@ -222,7 +222,7 @@ def decoded(prediction: dict[str, Any]) -> list[Any]:
 
 def test_playground_only_request_runs_end_to_end(server: CogServer) -> None:
     """Typed inputs only, as a person fills them in on Replicate (api_json left at "{}")."""
-    body = {
+    body: dict[str, Any] = {
         "prompt": "a red barn",
         "negative_prompt": "fog",
         "width": 64,
@@ -247,7 +247,13 @@ def test_playground_only_request_runs_end_to_end(server: CogServer) -> None:
 
 def test_playground_img2img_with_an_uploaded_file(server: CogServer) -> None:
     url = "data:image/png;base64," + b64_png(card_image(64, 64))
-    body = {"prompt": "x", "init_image": url, "denoising_strength": 0.5, "steps": 4, "seed": 3}
+    body: dict[str, Any] = {
+        "prompt": "x",
+        "init_image": url,
+        "denoising_strength": 0.5,
+        "steps": 4,
+        "seed": 3,
+    }
     reply = server.predict("{}", **body)
     assert reply["status"] == "succeeded", reply.get("error")
     assert json.loads(reply["output"]["info"])["denoising_strength"] == 0.5
