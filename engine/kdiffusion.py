@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,22 @@ def _ones(x: torch.Tensor) -> torch.Tensor:
     return x.new_ones([x.shape[0]])
 
 
+def _mark(model: Any, step: int) -> None:
+    """webui's callback_state: after sampler step `step` (0-based) completes, the denoiser's
+    `sampling_step` (webui's state.sampling_step, which hooks read during the next steps)
+    becomes `step`. `model` is the denoiser or one of its bound methods (`eps`)."""
+    target = getattr(model, "__self__", model)
+    if hasattr(target, "sampling_step"):
+        target.sampling_step = step
+
+
+def _steps(model: Any, count: int) -> Iterator[int]:
+    """range(count), marking each step complete (`_mark`) before the next one starts."""
+    for step in range(count):
+        yield step
+        _mark(model, step)
+
+
 def _churn(
     x: torch.Tensor, sigmas: torch.Tensor, i: int, noise: Noise, o: Options
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +108,7 @@ def sample_euler(
     model: Model, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, o: Options
 ) -> torch.Tensor:
     s_in = _ones(x)
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas, i, noise, o)
         denoised = model(x, sigma_hat * s_in)
         d = to_d(x, sigma_hat, denoised)
@@ -105,7 +121,7 @@ def sample_euler_ancestral(
 ) -> torch.Tensor:
     s_in = _ones(x)
     sampler = noise.sampler()
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=o.eta)
         d = to_d(x, sigmas[i], denoised)
@@ -119,7 +135,7 @@ def sample_heun(
     model: Model, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, o: Options
 ) -> torch.Tensor:
     s_in = _ones(x)
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas, i, noise, o)
         denoised = model(x, sigma_hat * s_in)
         d = to_d(x, sigma_hat, denoised)
@@ -138,7 +154,7 @@ def sample_dpm_2(
     model: Model, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, o: Options
 ) -> torch.Tensor:
     s_in = _ones(x)
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas, i, noise, o)
         denoised = model(x, sigma_hat * s_in)
         d = to_d(x, sigma_hat, denoised)
@@ -158,7 +174,7 @@ def sample_dpm_2_ancestral(
 ) -> torch.Tensor:
     s_in = _ones(x)
     sampler = noise.sampler()
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=o.eta)
         d = to_d(x, sigmas[i], denoised)
@@ -195,7 +211,7 @@ def sample_lms(
     s_in = _ones(x)
     sigmas_cpu = sigmas.detach().cpu().numpy()
     ds: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         ds.append(to_d(x, sigmas[i], denoised))
         if len(ds) > order:
@@ -219,7 +235,7 @@ def sample_dpmpp_2s_ancestral(
 ) -> torch.Tensor:
     s_in = _ones(x)
     sampler = noise.sampler()
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=o.eta)
         if sigma_down == 0:
@@ -243,7 +259,7 @@ def sample_dpmpp_sde(
     r = 0.5
     s_in = _ones(x)
     sampler = noise.sampler()
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         if sigmas[i + 1] == 0:
             d = to_d(x, sigmas[i], denoised)
@@ -273,7 +289,7 @@ def sample_dpmpp_2m(
 ) -> torch.Tensor:
     s_in = _ones(x)
     old_denoised = None
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
         h = t_next - t
@@ -297,7 +313,7 @@ def sample_dpmpp_2m_sde(
     sampler = noise.sampler()
     old_denoised = None
     h_last = h = None
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         if sigmas[i + 1] == 0:
             x = denoised
@@ -334,7 +350,7 @@ def sample_dpmpp_3m_sde(
     sampler = noise.sampler()
     denoised_1 = denoised_2 = None
     h = h_1 = h_2 = None
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         if sigmas[i + 1] == 0:
             x = denoised
@@ -379,7 +395,7 @@ def sample_lcm(
     its stages an LCMDiscretization: LCM's timesteps and consistency scalings)."""
     s_in = _ones(x)
     sampler = noise.sampler()
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         x = model(x, sigmas[i] * s_in)
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1] * sampler(sigmas[i], sigmas[i + 1])
@@ -422,7 +438,7 @@ def sample_restart(
         restarts = {0.1: [restart_steps + 1, restart_times, 2]}
     by_index = {int(torch.argmin(abs(sigmas - key), dim=0)): v for key, v in restarts.items()}
     step_list: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for i in range(len(sigmas) - 1):
+    for i in _steps(model, len(sigmas) - 1):
         step_list.append((sigmas[i], sigmas[i + 1]))
         if i + 1 in by_index:
             r_steps, r_times, r_max = by_index[i + 1]
@@ -435,7 +451,8 @@ def sample_restart(
                 for _ in range(int(r_times)):
                     step_list.extend(itertools.pairwise(restart))
     last: torch.Tensor | None = None
-    for old, new in step_list:
+    for step_id in _steps(model, len(step_list)):  # webui counts every Heun step (step_id)
+        old, new = step_list[step_id]
         if last is None:
             last = old
         elif last < old:
@@ -536,6 +553,7 @@ def sample_dpm_fast(
         step = {1: solver.step_1, 2: solver.step_2, 3: solver.step_3}[order]
         x = step(x, t, t_next_, cache)
         x = x + su * o.s_noise * sampler(solver.sigma(t), solver.sigma(t_next))
+        _mark(model, i)
     return x
 
 
@@ -564,6 +582,7 @@ def sample_dpm_adaptive(
     s = t_start
     x_prev = x
     evals = 0
+    attempt = 0
     while s < t_end - 1e-5:
         if evals >= max_evals:
             raise RuntimeError("DPM adaptive did not converge within its evaluation bound")
@@ -597,6 +616,8 @@ def sample_dpm_adaptive(
             x_prev = x_low
             x = x_high + su * o.s_noise * sampler(solver.sigma(s), solver.sigma(t))
             s = t
+        _mark(model, attempt)  # k-diffusion reports every attempt, accepted or not, as a step
+        attempt += 1
     return x
 
 
@@ -633,7 +654,7 @@ def sample_ddim(
     alphas, alphas_prev, sqrt_one_minus, sigmas = _ddim_tables(alphas_cumprod, timesteps, o.eta)
     s_in = x.new_ones((x.shape[0],))
     s_x = x.new_ones((x.shape[0], 1, 1, 1))
-    for i in range(len(timesteps) - 1):
+    for i in _steps(model, len(timesteps) - 1):
         index = len(timesteps) - 1 - i
         e_t = model(x, timesteps[index].item() * s_in)
         direction = e_t if uncond_eps is None else uncond_eps()
@@ -667,7 +688,7 @@ def sample_plms(
         pred_x0 = (x - sqrt_one_minus[index].item() * s_x * e_t) / a_t.sqrt()
         return a_prev.sqrt() * pred_x0 + (1.0 - a_prev).sqrt() * e_t
 
-    for i in range(len(timesteps) - 1):
+    for i in _steps(model, len(timesteps) - 1):
         index = len(timesteps) - 1 - i
         ts = timesteps[index].item() * s_in
         t_next = timesteps[max(index - 1, 0)].item() * s_in
@@ -819,6 +840,7 @@ def sample_unipc(
         x, model_x = update(x, models, ts, vec_t, init_order, True)
         if model_x is None:
             model_x = data_prediction(x, vec_t)
+        _mark(model, init_order - 1)  # webui's after_update: callback i = steps done - 1
         models.append(model_x)
         ts.append(vec_t)
     for step in range(order, steps + 1):
@@ -832,5 +854,6 @@ def sample_unipc(
         if step < steps:
             if model_x is None:
                 model_x = data_prediction(x, vec_t)
+            _mark(model, step - 1)
             models[-1] = model_x
     return x

@@ -124,6 +124,13 @@ def run_pass(
     txt2img starts from `noise` scaled to the first sigma; img2img (`init` given) from the
     init latent noised to the window's first sigma (webui sample_img2img)."""
     row = spec.choice.row
+    # webui's launch_sampling: state.sampling_steps is the steps asked for (txt2img), t_enc + 1
+    # in img2img (k-diffusion runs t_enc + 1 steps, the timestep samplers t_enc).
+    timestep_kind = row.kind in (Kind.TIMESTEPS, Kind.UNIPC)
+    denoiser.sampling_step = 0
+    denoiser.sampling_steps = (
+        spec.steps_run + (1 if timestep_kind else 0) if init is not None else spec.schedule_steps
+    )
     wrap = WRAPS[row.model_wrap]
     denoiser.stages = [replace(s, discretization=wrap(s.discretization)) for s in denoiser.stages]
     model = denoiser.stage.discretization

@@ -81,6 +81,11 @@ class StepInfo:
     copies: int
     t: Any = None  # the UNet timestep of this step
     sample: torch.Tensor | None = None  # the scaled UNet input of one block (latent channels)
+    # webui's state.sampling_step / state.sampling_steps (what extensions' step windows read):
+    # the index of the last completed sampler step (0 until the first completes) and the
+    # steps the pass asked for (t_enc + 1 in img2img and hires). 0 steps: not known.
+    sampling_step: int = 0
+    sampling_steps: int = 0
 
 
 # (UNet input batch, timestep, the UNet kwargs: encoder_hidden_states / added_cond_kwargs,
@@ -180,6 +185,10 @@ class CFGDenoiser:
     last_uncond: torch.Tensor | None = None
     # The latest denoised (x0) prediction: what an interrupted pass returns (webui's last_latent).
     last_denoised: torch.Tensor | None = None
+    # webui's state.sampling_step (set by the sampler functions after each step) and
+    # state.sampling_steps (set per pass by the runner); hooks get them in StepInfo.
+    sampling_step: int = 0
+    sampling_steps: int = 0
 
     @property
     def stage(self) -> Stage:
@@ -263,7 +272,16 @@ class CFGDenoiser:
                 [first.repeat(batch, 1), stage.time_ids.repeat(batch * (copies - 1), 1)]
             )
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-        info = StepInfo(index, self.total, batch, copies, t.reshape(-1)[0], model_in)
+        info = StepInfo(
+            index,
+            self.total,
+            batch,
+            copies,
+            t.reshape(-1)[0],
+            model_in,
+            sampling_step=self.sampling_step,
+            sampling_steps=self.sampling_steps,
+        )
         _apply_unet_hooks(list(stage.hooks), unet_in, t_in, kwargs, info)
         outputs = stage.unet(unet_in, t_in, **kwargs).sample.to(torch.float32)
         if self.cond_scale_multiplier != 1.0:

@@ -18,14 +18,21 @@ from engine.api import Engine, EngineConfig
 from engine.catalog import Catalog
 from engine.errors import ModelLoadError, RequestError, UnknownName
 from engine.extensions import ExtensionRegistry, GenerationContext
-from engine.kdiffusion import Noise, Options, sample_euler
+from engine.kdiffusion import Noise, Options, sample_euler, sample_heun
 from engine.loading import LoadedCheckpoint, Placement
-from engine.sampling import CFGDenoiser, CondPart, Stage, StepConditioning, StepInfo
+from engine.sampling import (
+    CFGDenoiser,
+    CondPart,
+    Stage,
+    StepConditioning,
+    StepInfo,
+    UNetExtras,
+)
 from engine.schedules import Discretization
 from extensions.cfg_rescale import CFGRescaleExtension, RescaleArgs, rescale_cfg
 from extensions.controlnet import ControlNetExtension
 from extensions.controlnet.extension import fit_map, pixel_perfect_resolution
-from extensions.controlnet.hook import ControlNetHook, image_tensor, soft_scales
+from extensions.controlnet.hook import ControlNetHook, active, image_tensor, soft_scales
 from extensions.controlnet.preprocessors import PREPROCESSORS, run_preprocessor
 from tests.helpers import SD1, SDXL
 
@@ -487,12 +494,67 @@ def test_residuals_change_the_result(controlnet: ControlNetExtension, engine: En
     assert not torch.allclose(plain, controlled)
 
 
-def test_zero_length_window_is_no_controlnet(
+def test_a_one_point_window_runs_where_the_extension_does(
     controlnet: ControlNetExtension, engine: Engine
 ) -> None:
+    """The extension runs a unit while start <= state.sampling_step / sampling_steps <= end:
+    over 4 Euler steps the ratios are 0, 0, 1/4, 2/4, so [0.5, 0.5] runs the last step and
+    [0.3, 0.3] none."""
     plain = denoise(_job(engine, []))
-    hook = _hook(controlnet, guidance_start=0.5, guidance_end=0.5)
-    assert torch.equal(plain, denoise(_job(engine, [hook])))
+    none = _hook(controlnet, guidance_start=0.3, guidance_end=0.3)
+    assert torch.equal(plain, denoise(_job(engine, [none])))
+    last = _hook(controlnet, guidance_start=0.5, guidance_end=0.5)
+    assert not torch.allclose(plain, denoise(_job(engine, [last])))
+
+
+@dataclass
+class StepRecorder:
+    """A UNet hook that adds nothing and records what each model call was told."""
+
+    seen: list[tuple[int, int]]
+
+    def __call__(self, x: Any, t: Any, kwargs: dict[str, Any], info: StepInfo) -> UNetExtras:
+        self.seen.append((info.sampling_step, info.sampling_steps))
+        return UNetExtras()
+
+
+def _recorded(engine: Engine, sampler: Any, steps: int) -> list[tuple[int, int]]:
+    seen: list[tuple[int, int]] = []
+    job = _job(engine, [StepRecorder(seen)])
+    job.denoiser.sampling_steps = steps
+    sigmas = job.denoiser.stage.discretization.get_sigmas(steps)
+    noise = Noise(lambda: torch.zeros_like(job.latents))
+    with torch.no_grad():
+        sampler(job.denoiser, job.latents * sigmas[0], sigmas, noise, Options())
+    return seen
+
+
+def test_hooks_see_webuis_sampling_step_per_sampler_step(engine: Engine) -> None:
+    """webui's callback_state sets state.sampling_step = i after step i, so the model calls of
+    step i see i - 1 (0 for the first two steps), and both Heun calls of a step see the same."""
+    assert _recorded(engine, sample_euler, 6) == [(s, 6) for s in (0, 0, 1, 2, 3, 4)]
+    # Heun: two calls per step except the last (to sigma 0).
+    assert _recorded(engine, sample_heun, 4) == [(s, 4) for s in (0, 0, 0, 0, 1, 1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "steps", "runs"),
+    [
+        (0.0, 0.5, 20, 12),  # ratios 0, 0, 1/20 ... 10/20: steps 0..11
+        (0.5, 0.5, 20, 1),
+        (0.0, 1.0, 20, 20),
+        (0.2, 0.8, 10, 7),  # ratios 0, 0, .1, .2 ... .8: steps 3..9
+        (0.9, 1.0, 10, 0),  # the ratio never passes 0.8 over 10 steps
+    ],
+)
+def test_guidance_windows_count_steps_as_the_extension(
+    engine: Engine, start: float, end: float, steps: int, runs: int
+) -> None:
+    infos = [
+        StepInfo(i, steps, 1, 2, sampling_step=s, sampling_steps=n)
+        for i, (s, n) in enumerate(_recorded(engine, sample_euler, steps))
+    ]
+    assert sum(active(info, start, end) for info in infos) == runs
 
 
 def test_controlnet_is_more_important_leaves_the_negative_block_alone(

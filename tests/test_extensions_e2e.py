@@ -11,7 +11,7 @@ import pytest
 from engine.api import Engine
 from engine.errors import RequestError
 
-from .helpers import b64_png, box_mask, card_image, payload, pixels
+from .helpers import assert_pixels_changed, b64_png, box_mask, card_image, payload, pixels
 
 CARD = b64_png(card_image(64, 64))
 
@@ -42,10 +42,16 @@ def test_controlnet_changes_the_image_and_leaves_nothing_attached(engine: Engine
     assert again == plain
 
 
-def test_zero_length_guidance_window_equals_no_controlnet(engine: Engine) -> None:
+def test_guidance_windows_run_the_steps_the_extension_runs(engine: Engine) -> None:
+    """The extension: start <= state.sampling_step / steps <= end. Over 4 txt2img steps the
+    ratios are 0, 0, 1/4, 2/4: [0.3, 0.3] holds none (the plain picture), [0.25, 0.25] the
+    third step (a ControlNet picture), which needs the pass' step count (4) to reach the
+    hooks (with 5 the ratios would be 0, 0, .2, .4)."""
     plain, _, _ = run(engine, payload())
-    images, _, _ = run(engine, controlnet(unit(guidance_start=0.5, guidance_end=0.5)))
+    images, _, _ = run(engine, controlnet(unit(guidance_start=0.3, guidance_end=0.3)))
     assert pixels(images[0]).tobytes() == pixels(plain[0]).tobytes()
+    images, _, _ = run(engine, controlnet(unit(guidance_start=0.25, guidance_end=0.25)))
+    assert_pixels_changed(images[:1], plain[:1])
 
 
 def test_detected_map_only_when_asked(engine: Engine) -> None:

@@ -432,7 +432,7 @@ def test_infotext_like_the_extension(
     "changes",
     [
         {"weight": 0},
-        {"guidance_start": 0.5, "guidance_end": 0.5},  # a window without a step
+        {"guidance_start": 0.3, "guidance_end": 0.3},  # a window without a step (0, 0, .25, .5)
     ],
 )
 @pytest.mark.parametrize("module", MODES)

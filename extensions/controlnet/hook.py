@@ -27,9 +27,16 @@ def soft_scales(weight: float, count: int) -> list[float]:
 
 
 def active(info: StepInfo, start: float, end: float) -> bool:
-    """diffusers' window: step i runs when start <= i/total and (i+1)/total <= end, so a
-    zero-length window runs no step at all."""
-    return info.index / info.total >= start and (info.index + 1) / info.total <= end
+    """The extension's guidance_schedule_handler: a unit runs while
+    start <= sampling_step / sampling_steps <= end, with webui's state values (the last
+    completed sampler step, so 0 during the first two steps; the steps of the pass, t_enc + 1
+    in img2img). Every model call of a step (Heun's two) sees the same value. Without them
+    (a hook called outside a sampler pass) the call index stands in for the step."""
+    if info.sampling_steps > 0:
+        done, steps = info.sampling_step, info.sampling_steps
+    else:
+        done, steps = max(info.index - 1, 0), max(info.total, 1)
+    return start <= done / steps <= end
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
