@@ -73,23 +73,28 @@ def image_params(plan: Plan, index: int, used: Embeddings) -> ImageParams:
             if plan.img2img is not None and plan.checkpoint.is_inpainting
             else None
         ),
-        extra={
-            **plan.extras,
-            **network_extras(used),
-            **eta_infotext_params(plan.sampler, plan.eta),
-            **discard_infotext_params(
-                plan.sampler, plan.settings.always_discard_next_to_last_sigma
-            ),
-            **sigma_infotext_params(
-                plan.sampler,
-                s_churn=settings.s_churn,
-                s_tmin=settings.s_tmin,
-                s_tmax=settings.s_tmax,
-                s_noise=settings.s_noise,
-            ),
-        },
+        extra=extra_params(plan, used),
         version=VERSION if settings.add_version_to_infotext else None,
     )
+
+
+def extra_params(plan: Plan, used: Embeddings) -> dict[str, Any]:
+    """webui's p.extra_generation_params: what the infotext adds after its fixed keys, and
+    what `info` lists under extra_generation_params (the same entries in both)."""
+    settings = plan.settings
+    return {
+        **plan.extras,
+        **network_extras(used),
+        **eta_infotext_params(plan.sampler, plan.eta),
+        **discard_infotext_params(plan.sampler, settings.always_discard_next_to_last_sigma),
+        **sigma_infotext_params(
+            plan.sampler,
+            s_churn=settings.s_churn,
+            s_tmin=settings.s_tmin,
+            s_tmax=settings.s_tmax,
+            s_noise=settings.s_noise,
+        ),
+    }
 
 
 def network_extras(used: Embeddings) -> dict[str, Any]:
@@ -111,8 +116,7 @@ def image_infotext(plan: Plan, index: int, used: Embeddings) -> str:
 def build_info(plan: Plan, infotexts: list[str], used: Embeddings) -> InfoRecord:
     req = plan.request
     ckpt = plan.checkpoint.info
-    extra = {"Schedule type": plan.sampler.schedule_label, **plan.extras, **network_extras(used)}
-    extra.update(eta_infotext_params(plan.sampler, plan.eta))
+    extra = {"Schedule type": plan.sampler.schedule_label, **extra_params(plan, used)}
     return InfoRecord(
         prompt=plan.prompts[0],
         all_prompts=plan.prompts,

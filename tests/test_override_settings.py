@@ -172,6 +172,23 @@ def test_honoured_option_has_its_webui_effect(engine: Engine, row: Row) -> None:
         assert [px(d) for d in got] == [px(d) for d in unchurned]
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "request_fields", "key"),
+    [
+        ("s_churn", 1.0, {}, "Sigma churn"),
+        ("s_noise", 0.5, {"sampler_name": "DPM2 a"}, "Sigma noise"),
+        ("always_discard_next_to_last_sigma", True, {}, "Discard penultimate sigma"),
+    ],
+)
+def test_sampler_extras_are_in_info_too(
+    engine: Engine, option: str, value: Any, request_fields: dict[str, Any], key: str
+) -> None:
+    """webui writes these into p.extra_generation_params, which `info` carries as well."""
+    _, info = run(engine, request(Row(option, value, request_fields), with_option=True))
+    assert info["extra_generation_params"][key] == value
+    assert f"{key}: {value}" in info["infotexts"][0]
+
+
 def info_of(engine: Engine, body: str) -> str:
     text: str = run(engine, body)[1]["infotexts"][0]
     return text
