@@ -27,7 +27,16 @@ from .geometry import (
 )
 from .loading import Family, LoadedCheckpoint
 from .networks import LoraManager, LoraRequest
-from .planning import Hires, Img2Img, PassLoras, Plan, Refiner, discretization, placement
+from .planning import (
+    Hires,
+    Img2Img,
+    PassLoras,
+    Plan,
+    Refiner,
+    discretization,
+    placement,
+    schedule_options,
+)
 from .prompt_parser import extract_extra_networks
 from .runner import SamplerPass, run_pass
 from .samplers import (
@@ -202,6 +211,7 @@ def _sampler_pass(
         s_tmax=settings.s_tmax or float("inf"),
         sdxl=loaded.family.latent_space == "sdxl",
         always_discard=settings.always_discard_next_to_last_sigma,
+        schedule_options=schedule_options(settings),
     )
 
 

@@ -501,6 +501,13 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     _opt(
         "emphasis", _check_str, "Original", True, choices=("Original", "No norm", "Ignore", "None")
     ),
+    # webui's k-diffusion schedule options (0: the model's value / the schedule's default). No
+    # slider in webui (gr.Number); bounded here so a schedule stays finite.
+    _opt("sigma_min", _check_float, 0.0, True, range=Range(0, 1000)),
+    _opt("sigma_max", _check_float, 0.0, True, range=Range(0, 1000)),
+    _opt("rho", _check_float, 0.0, True, range=Range(0, 100)),
+    _opt("beta_dist_alpha", _check_float, 0.6, True, range=Range(0.01, 1.0)),
+    _opt("beta_dist_beta", _check_float, 0.6, True, range=Range(0.01, 1.0)),
     _opt("s_min_uncond", _check_float, 0.0, False),
     _opt("s_churn", _check_float, 0.0, True),
     _opt("s_tmin", _check_float, 0.0, True),
@@ -553,6 +560,11 @@ class Settings(BaseModel):
     eta_noise_seed_delta: int = _d("eta_noise_seed_delta")
     randn_source: str = _d("randn_source")
     emphasis: str = _d("emphasis")
+    sigma_min: float = _d("sigma_min")
+    sigma_max: float = _d("sigma_max")
+    rho: float = _d("rho")
+    beta_dist_alpha: float = _d("beta_dist_alpha")
+    beta_dist_beta: float = _d("beta_dist_beta")
     s_min_uncond: float = _d("s_min_uncond")
     s_churn: float = _d("s_churn")
     s_tmin: float = _d("s_tmin")

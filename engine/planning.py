@@ -57,7 +57,7 @@ from .samplers import (
     resolve_sampler,
     schedule_infotext_params,
 )
-from .schedules import Discretization
+from .schedules import Discretization, ScheduleOptions
 from .seeds import fix_seed, request_seeds
 from .upscaler_models import UpscalerCatalog
 from .vae import VaeCatalog, VaeChoice
@@ -274,7 +274,14 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     extras.update(effects.infotext)
     warnings.extend(effects.warnings)
     # 9. What webui's get_sigmas adds at sampling time, after everything above.
-    extras.update(schedule_infotext_params(sampler, *([hires.sampler] if hires else [])))
+    extras.update(
+        schedule_infotext_params(
+            discretization(checkpoint),
+            schedule_options(settings),
+            sampler,
+            *([hires.sampler] if hires else []),
+        )
+    )
     return Plan(
         request=req,
         settings=settings,
@@ -619,6 +626,17 @@ def _same_family(base: LoadedCheckpoint, other: LoadedCheckpoint, field: str) ->
             f"must be {kind} checkpoint like {base.info.title}, with the same UNet inputs (the "
             "latent spaces must match)",
         )
+
+
+def schedule_options(settings: Settings) -> ScheduleOptions:
+    """webui's sigma_min / sigma_max / rho / beta_dist_alpha / beta_dist_beta options."""
+    return ScheduleOptions(
+        sigma_min=settings.sigma_min,
+        sigma_max=settings.sigma_max,
+        rho=settings.rho,
+        beta_alpha=settings.beta_dist_alpha,
+        beta_beta=settings.beta_dist_beta,
+    )
 
 
 def discretization(loaded: LoadedCheckpoint) -> Discretization:

@@ -18,7 +18,13 @@ from .errors import RequestError
 from .kdiffusion import Noise, Options
 from .samplers import Kind, ModelWrap, SamplerChoice
 from .sampling import CFGDenoiser
-from .schedules import Discretization, LCMDiscretization, sigmas_for, timestep_grid
+from .schedules import (
+    Discretization,
+    LCMDiscretization,
+    ScheduleOptions,
+    sigmas_for,
+    timestep_grid,
+)
 
 # The model wrapper of each kind (webui builds it per sampler): the schedule and the denoiser
 # read the stage's discretization.
@@ -48,6 +54,8 @@ class SamplerPass:
     # opts.always_discard_next_to_last_sigma: every sampler drops the penultimate sigma
     # (timestep samplers take one grid step more), as the DPM2 samplers always do.
     always_discard: bool = False
+    # opts.sigma_min / sigma_max / rho / beta_dist_alpha / beta_dist_beta.
+    schedule_options: ScheduleOptions = ScheduleOptions()  # noqa: RUF009 (frozen, shared safely)
 
     @property
     def discard_penultimate(self) -> bool:
@@ -145,6 +153,7 @@ def run_pass(
         model,
         discard_penultimate=spec.discard_penultimate,
         sdxl=spec.sdxl,
+        options=spec.schedule_options,
     ).to(noise.device)
     if init is None:
         window = sigmas

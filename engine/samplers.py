@@ -18,7 +18,7 @@ from functools import cache
 from typing import Any
 
 from engine.errors import Problem, RequestError, UnknownName, show_choices
-from engine.schedules import BETA_ALPHA, BETA_BETA
+from engine.schedules import Discretization, ScheduleOptions, schedule_overrides
 
 Kwargs = tuple[tuple[str, Any], ...]
 
@@ -528,12 +528,21 @@ def sigma_infotext_params(
     }
 
 
-def schedule_infotext_params(*choices: SamplerChoice) -> dict[str, float]:
-    """webui get_sigmas: "Beta schedule alpha/beta" (opts.beta_dist_alpha/beta) when a pass
-    samples on the Beta schedule (never for DDIM/PLMS/UniPC, which ignore the schedule)."""
-    if any(c.schedule is not None and c.schedule.name == "beta" for c in choices):
-        return {"Beta schedule alpha": BETA_ALPHA, "Beta schedule beta": BETA_BETA}
-    return {}
+def schedule_infotext_params(
+    model: Discretization, options: ScheduleOptions, *choices: SamplerChoice
+) -> dict[str, float]:
+    """webui get_sigmas: "Schedule min/max sigma", "Schedule rho" (the options that apply to
+    the pass' schedule) and "Beta schedule alpha/beta" when a pass samples on the Beta
+    schedule; never for DDIM/PLMS/UniPC or Automatic without a schedule (no schedule function)."""
+    found: dict[str, float] = {}
+    for choice in choices:
+        if choice.schedule is None or choice.row.kind in (Kind.TIMESTEPS, Kind.UNIPC):
+            continue
+        found.update(schedule_overrides(choice.schedule.name, model, options))
+        if choice.schedule.name == "beta":
+            found["Beta schedule alpha"] = options.beta_alpha
+            found["Beta schedule beta"] = options.beta_beta
+    return found
 
 
 def discard_infotext_params(choice: SamplerChoice, always_discard: bool) -> dict[str, bool]:

@@ -168,6 +168,40 @@ class ScheduleArgs:
     model: Discretization
     sdxl: bool = False
     rho: float | None = None  # webui opts.rho when it differs from the schedule's default
+    beta_alpha: float = BETA_ALPHA  # webui opts.beta_dist_alpha / beta_dist_beta
+    beta_beta: float = BETA_BETA
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """webui's options that change a schedule's sigmas; 0 means "the default" as in webui."""
+
+    sigma_min: float = 0.0
+    sigma_max: float = 0.0
+    rho: float = 0.0
+    beta_alpha: float = BETA_ALPHA
+    beta_beta: float = BETA_BETA
+
+
+# webui sd_schedulers: the schedules whose function takes rho, and its default there.
+DEFAULT_RHO: dict[str, float] = {"karras": 7.0, "polyexponential": 1.0}
+
+
+def schedule_overrides(
+    schedule: str, model: Discretization, options: ScheduleOptions
+) -> dict[str, float]:
+    """webui get_sigmas: the sigma_min / sigma_max / rho options that apply to `schedule`
+    (each only when non-zero and different from the model's value or the schedule's default),
+    under the infotext keys webui writes for them."""
+    found: dict[str, float] = {}
+    if options.sigma_min != 0 and options.sigma_min != model.sigma_min:
+        found["Schedule min sigma"] = options.sigma_min
+    if options.sigma_max != 0 and options.sigma_max != model.sigma_max:
+        found["Schedule max sigma"] = options.sigma_max
+    default_rho = DEFAULT_RHO.get(schedule)
+    if default_rho is not None and options.rho != 0 and options.rho != default_rho:
+        found["Schedule rho"] = options.rho
+    return found
 
 
 def uniform(a: ScheduleArgs) -> torch.Tensor:
@@ -244,7 +278,7 @@ def beta(a: ScheduleArgs) -> torch.Tensor:
     from scipy import stats
 
     timesteps = 1 - np.linspace(0, 1, a.n)
-    points = [stats.beta.ppf(x, BETA_ALPHA, BETA_BETA) for x in timesteps]
+    points = [stats.beta.ppf(x, a.beta_alpha, a.beta_beta) for x in timesteps]
     sigs = [a.sigma_min + (x * (a.sigma_max - a.sigma_min)) for x in points]
     return torch.tensor([*sigs, 0.0], dtype=torch.float32)
 
@@ -273,16 +307,29 @@ def sigmas_for(
     *,
     discard_penultimate: bool = False,
     sdxl: bool = False,
+    options: ScheduleOptions | None = None,
 ) -> torch.Tensor:
     """webui KDiffusionSampler.get_sigmas: the schedule's n + 1 sigmas (float32, CPU).
 
     `schedule` None is "Automatic" for a sampler without a default: the model's own
-    `get_sigmas`. Samplers that discard the next-to-last sigma ask for one step more."""
+    `get_sigmas` (webui applies no option there). Samplers that discard the next-to-last sigma
+    ask for one step more. `options`: webui's sigma_min / sigma_max / rho / beta options."""
     n = steps + 1 if discard_penultimate else steps
     if schedule is None:
         sigmas = model.get_sigmas(n)
     else:
-        args = ScheduleArgs(n, model.sigma_min, model.sigma_max, model, sdxl)
+        o = options or ScheduleOptions()
+        over = schedule_overrides(schedule, model, o)
+        args = ScheduleArgs(
+            n,
+            over.get("Schedule min sigma", model.sigma_min),
+            over.get("Schedule max sigma", model.sigma_max),
+            model,
+            sdxl,
+            rho=over.get("Schedule rho"),
+            beta_alpha=o.beta_alpha,
+            beta_beta=o.beta_beta,
+        )
         sigmas = FUNCTIONS[schedule](args).to(torch.float32)
     if discard_penultimate:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])

@@ -83,6 +83,13 @@ HONOURED = (
     Row("randn_source", "CPU", pixels=False, infotext="RNG: CPU"),
     # "No norm" against "Original": test_no_norm_emphasis_skips_webuis_mean_restore below.
     Row("emphasis", "Ignore", {"prompt": EMPHASISED}),
+    # webui get_sigmas: the schedule options apply to a schedule with a function (Karras here)
+    # and are written as "Schedule min/max sigma" / "Schedule rho".
+    Row("sigma_min", 0.5, {"scheduler": "Karras"}, infotext="Schedule min sigma: 0.5"),
+    Row("sigma_max", 4.0, {"scheduler": "Karras"}, infotext="Schedule max sigma: 4.0"),
+    Row("rho", 3.0, {"scheduler": "Karras"}, infotext="Schedule rho: 3.0"),
+    Row("beta_dist_alpha", 0.3, {"scheduler": "Beta"}, infotext="Beta schedule alpha: 0.3"),
+    Row("beta_dist_beta", 0.3, {"scheduler": "Beta"}, infotext="Beta schedule beta: 0.3"),
     Row("s_churn", 1.0, infotext="Sigma churn: 1.0"),
     # Churn only where s_tmin <= sigma <= s_tmax: a window holding no sigma turns it off again.
     Row("s_tmin", 1000.0, {"override_settings": {"s_churn": 1.0}}, check="churn-off"),

@@ -55,7 +55,7 @@ from engine.loading import LoadedCheckpoint
 from engine.runner import SamplerPass, run_pass
 from engine.samplers import resolve_sampler
 from engine.sampling import CFGDenoiser, CondPart, Stage, StepConditioning
-from engine.schedules import Discretization, LCMDiscretization, sigmas_for
+from engine.schedules import Discretization, LCMDiscretization, ScheduleOptions, sigmas_for
 from tests.test_kdiffusion_reference import (
     CFG,
     SEEDS,
@@ -339,7 +339,32 @@ def test_beta_schedule_parameters_are_in_the_infotext_as_webui_writes_them(engin
     assert "Beta schedule alpha: 0.6, Beta schedule beta: 0.6" in info["infotexts"][0]
     # Not for another schedule, nor for a sampler that ignores the schedule; a hires pass
     # that runs Beta counts.
-    assert schedule_infotext_params(resolve_sampler("Euler", None, "Karras")) == {}
-    assert schedule_infotext_params(resolve_sampler("DDIM", None, "Beta")) == {}
+    model, default = Discretization.from_config({}), ScheduleOptions()
+    assert schedule_infotext_params(model, default, resolve_sampler("Euler", None, "Karras")) == {}
+    assert schedule_infotext_params(model, default, resolve_sampler("DDIM", None, "Beta")) == {}
     both = resolve_sampler("Euler", None, "Karras"), resolve_sampler("Euler", None, "Beta")
-    assert schedule_infotext_params(*both) == expected
+    assert schedule_infotext_params(model, default, *both) == expected
+
+
+def test_sigma_options_against_k_diffusion_and_scipy() -> None:
+    """webui's sigma_min / sigma_max / rho options feed the schedule functions (k-diffusion's
+    get_sigmas_karras / _exponential / _polyexponential), beta_dist_alpha/beta scipy's beta
+    ppf; equal options to the defaults (or 0) change nothing, as in webui."""
+    from scipy import stats
+
+    model = Discretization.from_config({})
+    o = ScheduleOptions(sigma_min=0.1, sigma_max=5.0, rho=3.0, beta_alpha=0.3, beta_beta=0.8)
+    kd = _import_k_diffusion().sampling
+    cases = {
+        "karras": kd.get_sigmas_karras(9, 0.1, 5.0, rho=3.0),
+        "exponential": kd.get_sigmas_exponential(9, 0.1, 5.0),
+        "polyexponential": kd.get_sigmas_polyexponential(9, 0.1, 5.0, rho=3.0),
+    }
+    for name, expected in cases.items():
+        got = sigmas_for(name, 9, model, options=o)
+        assert torch.allclose(got.double(), expected.double(), rtol=1e-6), name
+    ppf = stats.beta.ppf(1 - np.linspace(0, 1, 9), 0.3, 0.8)
+    beta = sigmas_for("beta", 9, model, options=o).double().numpy()
+    assert np.allclose(beta[:-1], 0.1 + ppf * (5.0 - 0.1), rtol=1e-6) and beta[-1] == 0
+    same = ScheduleOptions(sigma_min=0.0, sigma_max=float(model.sigma_max), rho=7.0)
+    assert torch.equal(sigmas_for("karras", 9, model, options=same), sigmas_for("karras", 9, model))
