@@ -508,6 +508,7 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     _opt("rho", _check_float, 0.0, True, range=Range(0, 100)),
     _opt("beta_dist_alpha", _check_float, 0.6, True, range=Range(0.01, 1.0)),
     _opt("beta_dist_beta", _check_float, 0.6, True, range=Range(0.01, 1.0)),
+    _opt("use_old_karras_scheduler_sigmas", _check_bool, False, True),
     _opt("s_min_uncond", _check_float, 0.0, False),
     _opt("s_churn", _check_float, 0.0, True),
     _opt("s_tmin", _check_float, 0.0, True),
@@ -565,6 +566,7 @@ class Settings(BaseModel):
     rho: float = _d("rho")
     beta_dist_alpha: float = _d("beta_dist_alpha")
     beta_dist_beta: float = _d("beta_dist_beta")
+    use_old_karras_scheduler_sigmas: bool = _d("use_old_karras_scheduler_sigmas")
     s_min_uncond: float = _d("s_min_uncond")
     s_churn: float = _d("s_churn")
     s_tmin: float = _d("s_tmin")

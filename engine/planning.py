@@ -636,6 +636,7 @@ def schedule_options(settings: Settings) -> ScheduleOptions:
         rho=settings.rho,
         beta_alpha=settings.beta_dist_alpha,
         beta_beta=settings.beta_dist_beta,
+        old_karras=settings.use_old_karras_scheduler_sigmas,
     )
 
 

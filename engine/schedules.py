@@ -181,6 +181,7 @@ class ScheduleOptions:
     rho: float = 0.0
     beta_alpha: float = BETA_ALPHA
     beta_beta: float = BETA_BETA
+    old_karras: bool = False  # opts.use_old_karras_scheduler_sigmas: the range 0.1 .. 10
 
 
 # webui sd_schedulers: the schedules whose function takes rho, and its default there.
@@ -320,10 +321,12 @@ def sigmas_for(
     else:
         o = options or ScheduleOptions()
         over = schedule_overrides(schedule, model, o)
+        # webui: the old range replaces the model's, then the sigma options override it.
+        low, high = (0.1, 10.0) if o.old_karras else (model.sigma_min, model.sigma_max)
         args = ScheduleArgs(
             n,
-            over.get("Schedule min sigma", model.sigma_min),
-            over.get("Schedule max sigma", model.sigma_max),
+            over.get("Schedule min sigma", low),
+            over.get("Schedule max sigma", high),
             model,
             sdxl,
             rho=over.get("Schedule rho"),

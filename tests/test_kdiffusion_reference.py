@@ -52,12 +52,20 @@ def _import_k_diffusion() -> Any:
         package = types.ModuleType("k_diffusion")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["k_diffusion"] = package
+        placeholders: list[str] = []
         if importlib.util.find_spec("torchvision") is None:
             names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
-            for name in names:
-                sys.modules.setdefault(name, types.ModuleType(name))
-        import k_diffusion.external
-        import k_diffusion.sampling
+            placeholders = [name for name in names if name not in sys.modules]
+            for name in placeholders:
+                sys.modules[name] = types.ModuleType(name)
+        try:
+            import k_diffusion.external
+            import k_diffusion.sampling
+        finally:
+            # The placeholders served k-diffusion's import only: left in sys.modules they make
+            # transformers (which checks torchvision.__spec__) fail in later tests.
+            for name in placeholders:
+                sys.modules.pop(name, None)
 
         package.sampling = k_diffusion.sampling  # type: ignore[attr-defined]
         package.external = k_diffusion.external  # type: ignore[attr-defined]

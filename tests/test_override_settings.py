@@ -90,6 +90,8 @@ HONOURED = (
     Row("rho", 3.0, {"scheduler": "Karras"}, infotext="Schedule rho: 3.0"),
     Row("beta_dist_alpha", 0.3, {"scheduler": "Beta"}, infotext="Beta schedule alpha: 0.3"),
     Row("beta_dist_beta", 0.3, {"scheduler": "Beta"}, infotext="Beta schedule beta: 0.3"),
+    # The sigma range 0.1 .. 10 instead of the model's (webui writes no infotext key for it).
+    Row("use_old_karras_scheduler_sigmas", True, {"scheduler": "Karras"}),
     Row("s_churn", 1.0, infotext="Sigma churn: 1.0"),
     # Churn only where s_tmin <= sigma <= s_tmax: a window holding no sigma turns it off again.
     Row("s_tmin", 1000.0, {"override_settings": {"s_churn": 1.0}}, check="churn-off"),

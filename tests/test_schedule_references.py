@@ -366,5 +366,7 @@ def test_sigma_options_against_k_diffusion_and_scipy() -> None:
     ppf = stats.beta.ppf(1 - np.linspace(0, 1, 9), 0.3, 0.8)
     beta = sigmas_for("beta", 9, model, options=o).double().numpy()
     assert np.allclose(beta[:-1], 0.1 + ppf * (5.0 - 0.1), rtol=1e-6) and beta[-1] == 0
+    old = sigmas_for("karras", 9, model, options=ScheduleOptions(old_karras=True))
+    assert torch.allclose(old.double(), kd.get_sigmas_karras(9, 0.1, 10.0).double(), rtol=1e-6)
     same = ScheduleOptions(sigma_min=0.0, sigma_max=float(model.sigma_max), rho=7.0)
     assert torch.equal(sigmas_for("karras", 9, model, options=same), sigmas_for("karras", 9, model))

@@ -120,6 +120,7 @@ WEBUI_OPTION_DEFAULTS: dict[str, Any] = {
     "rho": 0.0,
     "beta_dist_alpha": 0.6,
     "beta_dist_beta": 0.6,
+    "use_old_karras_scheduler_sigmas": False,
     "s_min_uncond": 0.0,
     "s_churn": 0.0,
     "s_tmin": 0.0,
