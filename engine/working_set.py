@@ -105,6 +105,10 @@ class WorkingSet:
     resident: OrderedDict[str, None] = field(default_factory=OrderedDict)
     # (title, "to device" | "to host", seconds) of every move, for the log and benchmarks.
     moves: list[tuple[str, str, float]] = field(default_factory=list)
+    # Bytes of a set of checkpoints, within one acquire (its eviction loop asks again for the
+    # same sets; walking every tensor is milliseconds for real models). Cleared per request:
+    # LoRA adapters loaded into a model since then add to its bytes.
+    _sizes: dict[frozenset[str], int] = field(default_factory=dict, repr=False)
 
     # ---- setup
 
@@ -127,6 +131,7 @@ class WorkingSet:
         """A checkpoint no longer served (refresh): dropped from the accounting."""
         self.pipes.pop(title, None)
         self.resident.pop(title, None)
+        self._sizes.clear()  # a title may come back with other weights
 
     # ---- requests
 
@@ -137,7 +142,8 @@ class WorkingSet:
         wanted = list(dict.fromkeys(titles))
         if self.budget is None:
             return
-        need = weight_bytes(*(self.pipes[t] for t in wanted))
+        self._sizes.clear()
+        need = self.resident_bytes(wanted)
         if need > self.budget:
             raise OutOfMemory(
                 f"Out of memory: {', '.join(wanted)} need {gib(need)} of weights on the device "
@@ -157,8 +163,12 @@ class WorkingSet:
     def resident_bytes(self, titles: Iterable[str] | None = None) -> int:
         """Bytes on the device of `titles` (default: every resident checkpoint), shared
         modules once."""
-        chosen = self.resident if titles is None else titles
-        return weight_bytes(*(self.pipes[t] for t in chosen))
+        key = frozenset(self.resident if titles is None else titles)
+        if key not in self._sizes:
+            if len(self._sizes) > 256:
+                self._sizes.clear()
+            self._sizes[key] = weight_bytes(*(self.pipes[t] for t in key))
+        return self._sizes[key]
 
     # ---- moving
 

@@ -146,8 +146,8 @@ def _images(response: EngineResponse) -> list[str]:
 
 
 def _sniff(body: str) -> dict[str, Any]:
-    """The payload as an object for the adapter's own reads (force_task_id); the engine
-    parses it properly (and reports what is wrong with it)."""
+    """A small control body (options, interrupt, /internal/progress) as an object; anything
+    else reads as empty."""
     try:
         value = json.loads(body)
     except ValueError:
@@ -208,8 +208,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
                 n_iter=req.n_iter,
                 passes=2 if getattr(req, "enable_hr", False) else 1,
             )
-            if forced := _sniff(body).get("force_task_id"):
-                task.id = str(forced)
+            if req.force_task_id:
+                task.id = req.force_task_id
             # 2. Run in turn; 3. answer in webui's shape.
             response: EngineResponse = await server.queued(task)
             return {
@@ -333,7 +333,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         """The task an interrupt or skip acts on: `id_task` in the body (the caller's), else
         the caller's running task."""
         client = server.client(request)
-        wanted = _sniff((await request.body()).decode("utf-8", "replace")).get("id_task")
+        wanted = _sniff(await server.body(request)).get("id_task")
         if wanted is None:
             return server.queue.running_for(client)
         task = server.queue.tasks.get(str(wanted))
@@ -354,7 +354,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     async def internal_progress(request: Request) -> dict[str, Any]:
         """webui's task progress by id (the id a request set with force_task_id)."""
         client = server.client(request)
-        body = _sniff((await request.body()).decode("utf-8", "replace"))
+        body = _sniff(await server.body(request))
         wanted = str(body.get("id_task", ""))
         task = server.queue.tasks.get(wanted)
         if task is not None and task.client != client:

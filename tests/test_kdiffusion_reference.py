@@ -172,10 +172,12 @@ def _reference(kd: Any, sd1: LoadedCheckpoint, conds: Any, sampler: str, schedul
         return fn(cfg, x, sigmas, **kwargs)
 
 
-def _engine(sd1: LoadedCheckpoint, conds: Any, sampler: str, schedule: str) -> torch.Tensor:
+def _engine(
+    sd1: LoadedCheckpoint, conds: Any, sampler: str, schedule: str, steps: int = STEPS
+) -> torch.Tensor:
     cond, uncond = conds
     choice = resolve_sampler(sampler, None, schedule)
-    spec = SamplerPass(choice, STEPS, STEPS, eta=1.0 if choice.row.eta.value != "ignored" else None)
+    spec = SamplerPass(choice, steps, steps, eta=1.0 if choice.row.eta.value != "ignored" else None)
     stage = Stage(
         unet=sd1.pipe.unet,
         schedule=lambda i: StepConditioning(CondPart(uncond), (CondPart(cond),)),

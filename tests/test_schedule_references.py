@@ -52,14 +52,12 @@ import pytest
 import torch
 
 from engine.loading import LoadedCheckpoint
-from engine.runner import SamplerPass, run_pass
 from engine.samplers import resolve_sampler
-from engine.sampling import CFGDenoiser, CondPart, Stage, StepConditioning
 from engine.schedules import Discretization, LCMDiscretization, ScheduleOptions, sigmas_for
 from tests.test_kdiffusion_reference import (
     CFG,
-    SEEDS,
     _CompVisModel,
+    _engine,
     _import_k_diffusion,
     _start_noise,
 )
@@ -273,18 +271,7 @@ def _reference_latent(kd_model: Any, conds: Any, sigmas: torch.Tensor) -> torch.
 
 
 def _engine_latent(sd1: LoadedCheckpoint, conds: Any, schedule: str) -> torch.Tensor:
-    cond, uncond = conds
-    choice = resolve_sampler("Euler", None, schedule)
-    spec = SamplerPass(choice, E2E_STEPS, E2E_STEPS)
-    stage = Stage(
-        unet=sd1.pipe.unet,
-        schedule=lambda i: StepConditioning(CondPart(uncond), (CondPart(cond),)),
-        discretization=Discretization.from_config(sd1.scheduler_config),
-    )
-    denoiser = CFGDenoiser([stage], CFG, spec.model_calls)
-    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    with torch.no_grad():
-        return run_pass(spec, denoiser, _start_noise(), generators, SEEDS, "cpu")
+    return _engine(sd1, conds, "Euler", schedule, steps=E2E_STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from PIL import Image
 
 from sdapi.__main__ import DEFAULT_PORT, arguments
 
-from .cog_server import free_port
+from .cog_server import free_port, stop
 from .helpers import payload
 from .sdapi_server import Client, wait_until
 
@@ -71,12 +71,7 @@ def client(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
         wait_until(ready, "python -m sdapi to serve", tries=1200, pause=0.25)
         yield client
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def titles(client: Client, route: str, key: str) -> list[str]:
