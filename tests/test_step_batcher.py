@@ -8,7 +8,7 @@ kernel blockings, so exact equality is not promised: 1 level in 8 bits is)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from engine.api import Engine, Response
+from engine.errors import ModelLoadError
 from engine.step_batcher import (
     StepBatcher,
     UNetCall,
@@ -24,7 +25,6 @@ from engine.step_batcher import (
     run_batched,
     sessions_from_env,
 )
-from engine.errors import ModelLoadError
 
 from .helpers import b64_png, card_image, payload, pixels, with_model
 
@@ -79,13 +79,11 @@ def _concurrently(
 
 @pytest.fixture(scope="module")
 def alone(engine: Engine) -> dict[str, list[np.ndarray]]:
-    return {
-        name: _arrays(engine.handle(_endpoint(body), body)) for name, body in MIXED.items()
-    }
+    return {name: _arrays(engine.handle(_endpoint(body), body)) for name, body in MIXED.items()}
 
 
 @pytest.fixture()
-def wide_door(engine: Engine):  # type: ignore[no-untyped-def]
+def wide_door(engine: Engine) -> Iterator[StepBatcher]:
     batcher = engine.models.cache.batcher
     saved = batcher.max_sessions
     batcher.max_sessions = 16
