@@ -360,7 +360,7 @@ class StepBatcher:
             self._waiting.clear()
             self._holder = _LEADER
         try:
-            self._run_round(calls)
+            self.run_round(calls)
         finally:
             with self._cv:
                 for call in calls:
@@ -370,7 +370,8 @@ class StepBatcher:
                 self._holder = None
                 self._cv.notify_all()
 
-    def _run_round(self, calls: list[UNetCall]) -> None:
+    def run_round(self, calls: list[UNetCall]) -> None:
+        """Every call, grouped by key, one UNet call per group (chunks of `max_rows`)."""
         groups: dict[tuple[Any, ...], list[UNetCall]] = {}
         for call in calls:
             groups.setdefault(call_key(call), []).append(call)

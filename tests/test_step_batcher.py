@@ -255,3 +255,41 @@ def test_concurrency_setting() -> None:
     assert sessions_from_env(3 * 2**30, {}) == 1
     with pytest.raises(ModelLoadError, match="SD_MAX_CONCURRENCY"):
         sessions_from_env(None, {"SD_MAX_CONCURRENCY": "0"})
+
+
+class _PickyUNet(torch.nn.Module):
+    """A stand-in UNet (not diffusers: only the batcher's splitting is under test) that runs
+    out of memory above `limit` rows and fails on a NaN input, like a real one would."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.sizes: list[int] = []
+
+    def forward(self, sample: torch.Tensor, t: torch.Tensor, **_: Any) -> Any:
+        self.sizes.append(sample.shape[0])
+        if sample.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if torch.isnan(sample).any():
+            raise ValueError("NaN input")
+        return type("Out", (), {"sample": sample * 2 + t.view(-1, 1)})()
+
+
+def test_out_of_memory_splits_the_batch_and_every_member_succeeds() -> None:
+    unet = _PickyUNet(limit=2)
+    calls = [UNetCall(unet, torch.full((1, 3), float(i)), torch.ones(1), {}) for i in range(4)]
+    StepBatcher(max_rows=16).run_round(calls)
+    assert unet.sizes[0] == 4  # tried together first
+    for i, call in enumerate(calls):
+        assert call.error is None
+        assert call.result is not None and torch.equal(call.result, torch.full((1, 3), 2.0 * i + 1))
+
+
+def test_a_call_that_fails_fails_alone() -> None:
+    unet = _PickyUNet(limit=16)
+    calls = [UNetCall(unet, torch.ones(1, 3), torch.ones(1), {}) for _ in range(3)]
+    calls[1].sample = torch.full((1, 3), float("nan"))
+    StepBatcher().run_round(calls)
+    assert isinstance(calls[1].error, ValueError)
+    assert calls[0].result is not None and calls[2].result is not None
+    assert calls[0].error is None and calls[2].error is None
