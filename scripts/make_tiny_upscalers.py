@@ -174,8 +174,10 @@ def swinir_shapes(shape: SwinIRShape) -> dict[str, tuple[int, ...]]:
     feat, steps = shape.feat, shape.scale.bit_length() - 1
     if shape.upsampler == "pixelshuffle":
         shapes |= _conv("conv_before_upsample.0", dim, feat)
-        for step in range(steps):
-            shapes |= _conv(f"upsample.{2 * step}", feat, 4 * feat)
+        # Conv + PixelShuffle(2) per doubling, or one conv + PixelShuffle(3) for x3.
+        factors = [3] if shape.scale == 3 else [2] * steps
+        for step, factor in enumerate(factors):
+            shapes |= _conv(f"upsample.{2 * step}", feat, factor * factor * feat)
         shapes |= _conv("conv_last", feat, 3)
     elif shape.upsampler == "pixelshuffledirect":
         shapes |= _conv("upsample.0", dim, 3 * shape.scale**2)
