@@ -80,7 +80,7 @@ def upscalers(engine: Engine) -> list[dict[str, Any]]:
     """`GET /sdapi/v1/upscalers` -> list[UpscalerItem]: name, model_name, model_path,
     model_url, scale. The built-ins first, then the upscalers/ files by lower-cased name
     (webui's `sd_upscalers` order)."""
-    files = sorted(engine.models.upscalers.files.values(), key=lambda f: f.name.lower())
+    files = sorted(engine.models.upscalers.listed, key=lambda f: f.name.lower())
     rows = [*BUILTIN_UPSCALERS, *(_model_row(f) for f in files)]
     return [row.item() for row in rows]
 

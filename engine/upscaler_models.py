@@ -395,13 +395,23 @@ class UpscalerCatalog:
                 log.warning("upscalers: %s skipped: %s", path.name, exc)
                 continue
             taken.add(name)
-            catalog.files[name] = UpscalerFile(name, path, arch)
+            entry = catalog.files[name] = UpscalerFile(name, path, arch)
             log.info("upscalers: %r from %s: %s", name, path.name, arch.describe)
+            for alias in KINDS[arch.kind].aliases.get(name, ()):
+                if alias not in taken:
+                    taken.add(alias)
+                    catalog.files[alias] = entry
         return catalog
 
     @property
     def names(self) -> list[str]:
+        """Every name a request may use: the listed ones and their aliases."""
         return list(self.files)
+
+    @property
+    def listed(self) -> list[UpscalerFile]:
+        """The usable files, once each (the `upscalers` listing; aliases are not listed)."""
+        return [entry for key, entry in self.files.items() if key == entry.name]
 
     def kind(self, name: str) -> Kind:
         """How webui runs the file listed as `name`."""
@@ -410,13 +420,13 @@ class UpscalerCatalog:
     def model(self, name: str) -> nn.Module:
         """The loaded model of `name` (a listed name), loaded on first use; in the catalog's
         dtype, or float32 for a kind webui never runs in half precision."""
-        if name not in self._loaded:
-            entry = self.files[name]
+        entry = self.files[name]
+        if entry.name not in self._loaded:  # an alias shares its file's model
             arch, args, sd = recognise(read_weights(entry.path))
             dtype = self.dtype if KINDS[arch.kind].half else torch.float32
             model = build(arch, args, sd).to(device=self.device, dtype=dtype)
-            self._loaded[name] = model
-        return self._loaded[name]
+            self._loaded[entry.name] = model
+        return self._loaded[entry.name]
 
     def upscale(
         self,
@@ -640,6 +650,8 @@ class Kind:
     tile_options: tuple[str, str]  # webui's options for the tile side and overlap
     half: bool  # runs in the catalog's half dtype (spandrel's supports_half)
     model_name: str  # the `upscalers` listing's model_name (webui's upscaler class's)
+    # listed name -> other names requests may use for the same file (not listed)
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 KINDS: Final[Mapping[str, Kind]] = {
@@ -656,7 +668,15 @@ KINDS: Final[Mapping[str, Kind]] = {
     ),
     # webui's UpscalerSwinIR: spandrel loads SwinIR with supports_half=False (float32 even
     # under --half), upscale_2 with SWIN_tile / SWIN_tile_overlap, model_name "SwinIR 4x".
+    # webui lists its download as "SwinIR 4x" until a restart finds the saved SwinIR_4x.pth
+    # and lists it by its stem: payloads from either state name the same file.
     "SwinIR": Kind(
-        SwinIR, SWINIR_NAMES, "tensor", ("SWIN_tile", "SWIN_tile_overlap"), False, "SwinIR 4x"
+        SwinIR,
+        SWINIR_NAMES,
+        "tensor",
+        ("SWIN_tile", "SWIN_tile_overlap"),
+        False,
+        "SwinIR 4x",
+        {"SwinIR 4x": ("SwinIR_4x",)},
     ),
 }

@@ -252,9 +252,9 @@ def test_tiny_files_are_listed_under_webuis_names(
     release = tmp_path / "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"
     release.write_bytes((tiny_models_dir / tiny.FILES["swinir-real"]).read_bytes())
     alone = UpscalerCatalog.scan([release])
-    assert alone.names == [REAL]
+    assert alone.names == [REAL, "SwinIR_4x"] and [f.name for f in alone.listed] == [REAL]
     both = UpscalerCatalog.scan([tiny_models_dir / tiny.FILES["swinir-real"], release])
-    assert both.names == [REAL] and "already taken" in both.skipped[release]
+    assert [f.name for f in both.listed] == [REAL] and "already taken" in both.skipped[release]
 
 
 def test_swinir_runs_in_float32_under_a_half_catalog(tiny_models_dir: Path) -> None:
@@ -373,7 +373,20 @@ def test_hires_fix_with_swinir_4x_and_its_tile_options(engine: Engine) -> None:
         payload(hr_upscaler=REAL, override_settings={"ESRGAN_tile": 0}, **HIRES),
     )
     assert_pixels_changed(swinir, small)
-    assert swinir == esrgan
+    assert np.array_equal(levels(pixels(swinir[0])), levels(pixels(esrgan[0])))
+
+
+def test_webuis_name_for_the_saved_download_is_the_same_upscaler(engine: Engine) -> None:
+    # A restarted webui lists its downloaded SwinIR_4x.pth by the stem: payloads copied from
+    # it say "SwinIR_4x". Same file, same model, same picture; listed once.
+    named, _ = run(engine, "txt2img", payload(hr_upscaler=REAL, **HIRES))
+    stem, info = run(engine, "txt2img", payload(hr_upscaler="SwinIR_4x", **HIRES))
+    assert np.array_equal(levels(pixels(named[0])), levels(pixels(stem[0])))
+    assert "Hires upscaler: SwinIR_4x" in json.loads(info)["infotexts"][0]
+    catalog = engine.models.upscalers
+    assert catalog.model("SwinIR_4x") is catalog.model(REAL)
+    names = [row["name"] for row in engine.handle("upscalers", "").listing]
+    assert REAL in names and "SwinIR_4x" not in names
 
 
 def test_swin_tile_option_range_is_checked(engine: Engine) -> None:
