@@ -34,7 +34,7 @@ from tests.helpers import payload  # noqa: E402
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run(server: CogServer, bodies: list[str], clients: int) -> tuple[float, list[float]]:
