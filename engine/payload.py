@@ -533,6 +533,9 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     # The SwinIR extension's sliders (extensions-builtin/SwinIR): tile 16..512, overlap 0..48.
     _opt("SWIN_tile", _check_int, 192, True, range=Range(16, 512)),
     _opt("SWIN_tile_overlap", _check_int, 8, True, range=Range(0, 48)),
+    # webui's DAT sliders (shared_options.py): tile 0..512 (0: no tiling), overlap 0..48.
+    _opt("DAT_tile", _check_int, 192, True, range=Range(0, 512)),
+    _opt("DAT_tile_overlap", _check_int, 8, True, range=Range(0, 48)),
 )
 OPTIONS: Final[dict[str, OptionSpec]] = {row.name: row for row in _OPTION_ROWS}
 
@@ -591,6 +594,8 @@ class Settings(BaseModel):
     ESRGAN_tile_overlap: int = _d("ESRGAN_tile_overlap")
     SWIN_tile: int = _d("SWIN_tile")
     SWIN_tile_overlap: int = _d("SWIN_tile_overlap")
+    DAT_tile: int = _d("DAT_tile")
+    DAT_tile_overlap: int = _d("DAT_tile_overlap")
 
 
 if set(Settings.model_fields) != set(OPTIONS):  # pragma: no cover - guards edits of one side

@@ -85,7 +85,8 @@ class Models:
     def model_upscalers(self, settings: Settings) -> dict[str, PixelUpscale]:
         """The installed model upscalers by webui name, each as webui's
         `Upscaler.upscale(img, scale)` with the request's tile options for its kind
-        (`ESRGAN_tile`/`ESRGAN_tile_overlap`, `SWIN_tile`/`SWIN_tile_overlap`)."""
+        (`ESRGAN_tile`/`ESRGAN_tile_overlap`, `SWIN_tile`/`SWIN_tile_overlap`, `DAT_tile`/
+        `DAT_tile_overlap`)."""
         table: dict[str, PixelUpscale] = {}
         for name in self.upscalers.names:
             tile, overlap = self.upscalers.kind(name).tile_options

@@ -16,9 +16,11 @@ this project's pinned CPU torch; README "Packages"):
 - SwinIR (engine/upscaler_swinir.py), every upsampler its released files use (webui's
   "SwinIR 4x" is the real-world x4 one), run as webui's SwinIR upscaler runs it: in float32,
   tiled by `upscale_2` (tiles averaged in tensor space) with the `SWIN_tile` options.
+- DAT (engine/upscaler_dat.py), every variant (DAT, DAT-S, DAT-2, DAT-light), run as webui's
+  DAT upscaler runs it: in float32, tiled by `upscale_with_model` with the `DAT_tile` options.
 
 Each kind's way of running (tiling, tile options, half precision, listed model_name) is one
-row of KINDS. Anything else (DAT, HAT, Swin2SR, SCUNet, an unknown layout, a pickle that is
+row of KINDS. Anything else (HAT, Swin2SR, SCUNet, an unknown layout, a pickle that is
 not weights-only) is skipped at setup with its reason in the log and never offered. `.pth`
 files are read with `torch.load(weights_only=True)`, so no code in a pickle ever runs;
 `.safetensors` with safetensors. Only files the catalog found inside the models folder are opened.
@@ -41,6 +43,8 @@ from PIL import Image
 from torch import nn
 
 from .upscaler_arch import Architecture, Unsupported
+from .upscaler_dat import DAT, DAT_ALIASES, DAT_NAMES, recognise_dat
+from .upscaler_dat import KEY as DAT_KEY
 from .upscaler_swinir import KEY as SWINIR_KEY
 from .upscaler_swinir import SWINIR_NAMES, SwinIR, pad_to, recognise_swinir
 
@@ -157,13 +161,12 @@ class SRVGGNetCompact(nn.Module):
 _OTHER_ARCHES: Final = (
     # (a key pattern, what it is): layouts recognised only to say why they are skipped. Checked
     # before SwinIR's: HAT and Swin2SR share SwinIR's `layers.i.residual_group.blocks.j` keys.
-    (re.compile(r"(^|\.)layers\.\d+\.blocks\.\d+\.attn\.attns\."), "DAT"),
     (re.compile(r"(^|\.)overlap_attn\.|(^|\.)conv_block\.cab\."), "HAT"),
     (re.compile(r"\.attn\.logit_scale$|\.attn\.cpb_mlp\."), "Swin2SR"),
     (re.compile(r"(^|\.)m_head\.|(^|\.)m_down1\."), "SCUNet"),
 )
 SUPPORTED: Final = (
-    "ESRGAN/RRDBNet (original and BasicSR key layouts), Real-ESRGAN SRVGGNetCompact and SwinIR"
+    "ESRGAN/RRDBNet (original and BasicSR key layouts), Real-ESRGAN SRVGGNetCompact, SwinIR and DAT"
 )
 
 
@@ -275,6 +278,9 @@ def recognise(sd: Mapping[str, torch.Tensor]) -> tuple[Architecture, dict[str, A
     for pattern, name in _OTHER_ARCHES:
         if any(pattern.search(k) for k in sd):
             raise Unsupported(f"a {name} model; supported here: {SUPPORTED}")
+    if any(DAT_KEY.match(k) for k in sd):
+        arch, dat_config, weights = recognise_dat(sd)
+        return arch, {"config": dat_config}, weights
     if any(SWINIR_KEY.match(k) for k in sd):
         arch, config, weights = recognise_swinir(sd)
         return arch, {"config": config}, weights
@@ -478,9 +484,10 @@ def _to_image(tensor: torch.Tensor) -> Image.Image:
 
 
 def upscale_patch(model: nn.Module, image: Image.Image) -> Image.Image:
-    """One pass of the model over the whole of `image`."""
+    """One pass of the model over the whole of `image`, called as webui calls it (spandrel's
+    descriptor: a DAT tile under 16 pixels padded up first)."""
     with torch.inference_mode():
-        return _to_image(model(_to_tensor(image, model)))
+        return _to_image(_descriptor_call(model, _to_tensor(image, model)))
 
 
 @dataclass
@@ -649,7 +656,7 @@ class Kind:
     tiling: str  # "grid": upscale_with_model (PIL tiles, ramps); "tensor": upscale_2
     tile_options: tuple[str, str]  # webui's options for the tile side and overlap
     half: bool  # runs in the catalog's half dtype (spandrel's supports_half)
-    model_name: str  # the `upscalers` listing's model_name (webui's upscaler class's)
+    model_name: str | None  # the `upscalers` listing's model_name (webui's upscaler class's)
     # listed name -> other names requests may use for the same file (not listed)
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -679,4 +686,8 @@ KINDS: Final[Mapping[str, Kind]] = {
         "SwinIR 4x",
         {"SwinIR 4x": ("SwinIR_4x",)},
     ),
+    # webui's UpscalerDAT: spandrel loads DAT with supports_half=False, upscale_with_model with
+    # DAT_tile / DAT_tile_overlap; the class sets no model_name. A restarted webui lists a saved
+    # download both as "DAT x4" (its built-in entry) and "DAT_x4" (the file's stem).
+    "DAT": Kind(DAT, DAT_NAMES, "grid", ("DAT_tile", "DAT_tile_overlap"), False, None, DAT_ALIASES),
 }

@@ -18,6 +18,10 @@ Called by scripts/make_tiny_models.py's `make_all`, into DIR/upscalers/:
   real files carry, x4 (webui's "SwinIR 4x").
 - `001_classicalSR_DF2K_s64w8_SwinIR-M_x2.pth`: SwinIR's classical layout (`pixelshuffle`,
   `1conv`) wrapped in `params`, x2 (named by its stem).
+- `DAT_x4.pth`: DAT's layout (`pixelshuffle`, `1conv`, two residual groups so that both
+  groups' shifted blocks exist) wrapped in `params`, with the `rpe_biases`,
+  `relative_position_index` and `attn_mask_0/1` buffers and the BatchNorm statistics real
+  files carry, x4 (the name webui saves its "DAT x4" download under).
 
 Real topologies (two RRDB blocks, two body convs), tiny widths. Every tensor comes from its own
 generator seeded from (seed, file, key), so a seed gives the same tensors on every run.
@@ -44,6 +48,7 @@ FILES: dict[str, str] = {
     "srvgg": "upscalers/realesr-general-x4v3.pth",
     "swinir-real": "upscalers/SwinIR_4x.pth",
     "swinir-classical": "upscalers/001_classicalSR_DF2K_s64w8_SwinIR-M_x2.pth",
+    "dat": "upscalers/DAT_x4.pth",
 }
 
 
@@ -254,6 +259,169 @@ def swinir_state(shape: SwinIRShape, seed: int, file: str) -> dict[str, torch.Te
     return weights | swinir_buffers(shape)
 
 
+@dataclass(frozen=True)
+class DATShape:
+    """A DAT layout: tiny widths, real topology. The derived widths follow DAT's constructor
+    (spandrel's): spatial heads heads//2 per branch, position MLP ((dim//2)//4)//4 wide (2 at
+    dim 64: the smallest width whose LayerNorm keeps a dependence on the offset), SGFN
+    dim*expansion; `feat` 64 as in every released file."""
+
+    upsampler: str  # "pixelshuffle" or "pixelshuffledirect"
+    scale: int
+    resi: str = "1conv"  # or "3conv"
+    dim: int = 64
+    depths: tuple[int, ...] = (3, 2)  # block 2 of group 0 and block 0 of group 1 are shifted
+    heads: tuple[int, ...] = (4, 4)
+    split: tuple[int, int] = (2, 4)
+    expansion: float = 2.0
+    qkv_bias: bool = True
+    feat: int = 64
+    train_size: int = 16  # the patch side the attn_mask buffers are made for
+
+    @property
+    def hidden(self) -> int:
+        return int(self.dim * self.expansion)
+
+    @property
+    def pos_dim(self) -> int:
+        return ((self.dim // 2) // 4) // 4
+
+    @property
+    def last(self) -> str:
+        return "upsample.0" if self.upsampler == "pixelshuffledirect" else "conv_last"
+
+
+DAT_X4 = DATShape("pixelshuffle", 4)
+
+
+def _norm(key: str, width: int) -> dict[str, tuple[int, ...]]:
+    return {f"{key}.weight": (width,), f"{key}.bias": (width,)}
+
+
+def _batchnorm(key: str, width: int) -> dict[str, tuple[int, ...]]:
+    stats = {f"{key}.running_mean": (width,), f"{key}.running_var": (width,)}
+    return _norm(key, width) | stats | {f"{key}.num_batches_tracked": ()}
+
+
+def _linear(key: str, cin: int, cout: int, bias: bool = True) -> dict[str, tuple[int, ...]]:
+    return {f"{key}.weight": (cout, cin)} | ({f"{key}.bias": (cout,)} if bias else {})
+
+
+def _conv1(key: str, cin: int, cout: int, groups: int = 1, k: int = 1) -> dict:
+    return {f"{key}.weight": (cout, cin // groups, k, k), f"{key}.bias": (cout,)}
+
+
+def dat_shapes(shape: DATShape) -> dict[str, tuple[int, ...]]:
+    """DAT's parameter keys and BatchNorm statistics (no derived buffers) for `shape`."""
+    dim, hidden, pos = shape.dim, shape.hidden, shape.pos_dim
+    shapes = _conv("conv_first", 3, dim) | _norm("before_RG.1", dim)
+    for i, (depth, heads) in enumerate(zip(shape.depths, shape.heads, strict=True)):
+        for j in range(depth):
+            b = f"layers.{i}.blocks.{j}."
+            shapes |= _norm(b + "norm1", dim) | _norm(b + "norm2", dim)
+            shapes |= _linear(b + "attn.qkv", dim, 3 * dim, shape.qkv_bias)
+            shapes |= _linear(b + "attn.proj", dim, dim)
+            shapes |= _conv1(b + "attn.dwconv.0", dim, dim, groups=dim, k=3)
+            shapes |= _batchnorm(b + "attn.dwconv.1", dim)
+            ci, si = b + "attn.channel_interaction.", b + "attn.spatial_interaction."
+            shapes |= _conv1(ci + "1", dim, dim // 8) | _batchnorm(ci + "2", dim // 8)
+            shapes |= _conv1(ci + "4", dim // 8, dim)
+            shapes |= _conv1(si + "0", dim, dim // 16) | _batchnorm(si + "1", dim // 16)
+            shapes |= _conv1(si + "3", dim // 16, 1)
+            if j % 2 == 0:
+                for branch in (0, 1):
+                    p = f"{b}attn.attns.{branch}.pos."
+                    shapes |= _linear(p + "pos_proj", 2, pos)
+                    for stage in ("pos1", "pos2", "pos3"):
+                        out = heads // 2 if stage == "pos3" else pos
+                        shapes |= _norm(f"{p}{stage}.0", pos) | _linear(f"{p}{stage}.2", pos, out)
+            else:
+                shapes[b + "attn.temperature"] = (heads, 1, 1)
+            shapes |= _linear(b + "ffn.fc1", dim, hidden)
+            shapes |= _norm(b + "ffn.sg.norm", hidden // 2)
+            shapes |= _conv1(b + "ffn.sg.conv", hidden // 2, hidden // 2, groups=hidden // 2, k=3)
+            shapes |= _linear(b + "ffn.fc2", hidden // 2, dim)
+        shapes |= _convs(f"layers.{i}.conv", dim, dim, shape.resi)
+    shapes |= _norm("norm", dim) | _convs("conv_after_body", dim, dim, shape.resi)
+    if shape.upsampler == "pixelshuffle":
+        feat = shape.feat
+        shapes |= _conv("conv_before_upsample.0", dim, feat)
+        factors = [3] if shape.scale == 3 else [2] * (shape.scale.bit_length() - 1)
+        for step, factor in enumerate(factors):
+            shapes |= _conv(f"upsample.{2 * step}", feat, factor * factor * feat)
+        shapes |= _conv("conv_last", feat, 3)
+    else:
+        shapes |= _conv("upsample.0", dim, 3 * shape.scale**2)
+    return shapes
+
+
+def _dat_tensor(shape: tuple[int, ...], seed: int, file: str, key: str, last: str) -> torch.Tensor:
+    digest = hashlib.sha256(f"{seed}/{file}/{key}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    if key.endswith("num_batches_tracked"):
+        return torch.tensor(1000)
+    noise = torch.randn(shape, generator=gen)
+    if key.endswith(("running_var", "temperature")):
+        return 0.5 + noise.abs()  # positive
+    if key.endswith("running_mean"):
+        return 0.1 * noise
+    if len(shape) == 1 and key.endswith("weight"):
+        return 1 + 0.1 * noise  # LayerNorm / BatchNorm gains near 1
+    if key.endswith("bias"):
+        return noise * 0.02
+    fan_in = math.prod(shape[1:])
+    # The position MLP's last layer larger, so that a wrong offset or index shows; the last
+    # conv smaller, so the picture varies around the mean without saturating.
+    gain = 0.08 if key.startswith(last) else 3.0 if ".pos3.2." in key else 1.0
+    return noise * (gain * (2.0 / fan_in) ** 0.5)
+
+
+def dat_buffers(shape: DATShape) -> dict[str, torch.Tensor]:
+    """The buffers DAT files carry beside the weights, written from the published formulas
+    by loops of their own: each window branch's offsets (`rpe_biases`) and
+    relative_position_index, and each shifted block's attn_mask_0/1 for the training size."""
+    out: dict[str, torch.Tensor] = {}
+    windows = {0: shape.split, 1: shape.split[::-1]}
+    for i, depth in enumerate(shape.depths):
+        for j in range(0, depth, 2):
+            b = f"layers.{i}.blocks.{j}.attn."
+            for branch, (wh, ww) in windows.items():
+                offsets = [[dy, dx] for dy in range(1 - wh, wh) for dx in range(1 - ww, ww)]
+                coords = [(y, x) for y in range(wh) for x in range(ww)]
+                index = [
+                    [(a[0] - c[0] + wh - 1) * (2 * ww - 1) + a[1] - c[1] + ww - 1 for c in coords]
+                    for a in coords
+                ]
+                out[f"{b}attns.{branch}.rpe_biases"] = torch.tensor(offsets, dtype=torch.float32)
+                out[f"{b}attns.{branch}.relative_position_index"] = torch.tensor(index)
+            # DAT's rule: blocks 2, 6, ... of even groups, 0, 4, ... of odd groups.
+            if (j % 4 == 2) if i % 2 == 0 else (j % 4 == 0):
+                for branch, (wh, ww) in windows.items():
+                    out[f"{b}attn_mask_{branch}"] = _dat_mask(shape.train_size, wh, ww)
+    return out
+
+
+def _dat_mask(side: int, wh: int, ww: int) -> torch.Tensor:
+    # Regions of the shifted image by their three strips per axis, windows row-major.
+    def band(pos: int, window: int) -> int:
+        return 0 if pos < side - window else 1 if pos < side - window // 2 else 2
+
+    region = [[band(y, wh) * 3 + band(x, ww) for x in range(side)] for y in range(side)]
+    ids = [
+        [region[wy + y][wx + x] for y in range(wh) for x in range(ww)]
+        for wy in range(0, side, wh)
+        for wx in range(0, side, ww)
+    ]
+    return torch.tensor([[[0.0 if a == b else -100.0 for b in w] for a in w] for w in ids])
+
+
+def dat_state(shape: DATShape, seed: int, file: str) -> dict[str, torch.Tensor]:
+    """A random-weight DAT state dict for `shape`, with the buffers real files carry."""
+    shapes = dat_shapes(shape)
+    weights = {k: _dat_tensor(v, seed, file, k, shape.last) for k, v in sorted(shapes.items())}
+    return weights | dat_buffers(shape)
+
+
 def _tensors(shapes: dict[str, tuple[int, ...]], seed: int, file: str) -> dict[str, torch.Tensor]:
     return {key: _tensor(shape, seed, file, key) for key, shape in sorted(shapes.items())}
 
@@ -271,6 +439,7 @@ def write_all(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     torch.save({"params_ema": real}, paths["swinir-real"])
     classical = swinir_state(SWINIR_CLASSICAL, seed, "swinir-classical")
     torch.save({"params": classical}, paths["swinir-classical"])
+    torch.save({"params": dat_state(DAT_X4, seed, "dat")}, paths["dat"])
     return paths
 
 

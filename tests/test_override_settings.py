@@ -54,6 +54,7 @@ MODEL_HIRES = {
     "denoising_strength": 0.3,
 }
 SWINIR_HIRES = {**MODEL_HIRES, "hr_upscaler": "SwinIR 4x"}
+DAT_HIRES = {**MODEL_HIRES, "hr_upscaler": "DAT x4"}
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ HONOURED = (
     # The same for a SwinIR file, whose tiles (webui's upscale_2) take the SWIN_ options.
     Row("SWIN_tile", 32, SWINIR_HIRES),
     Row("SWIN_tile_overlap", 0, {**SWINIR_HIRES, "override_settings": {"SWIN_tile": 32}}),
+    # And for a DAT file, tiled as ESRGAN's (webui's upscale_with_model) with the DAT_ options.
+    Row("DAT_tile", 32, DAT_HIRES),
+    Row("DAT_tile_overlap", 0, {**DAT_HIRES, "override_settings": {"DAT_tile": 32}}),
 )
 
 # Known, validated, and not acted on: a warning names them, and the picture is the plain one.

@@ -37,6 +37,7 @@ FILES = {
     "srvgg": ("R-ESRGAN General 4xV3", 4),
     "swinir-real": ("SwinIR 4x", 4),
     "swinir-classical": ("001_classicalSR_DF2K_s64w8_SwinIR-M_x2", 2),
+    "dat": ("DAT x4", 4),
 }
 FAST = "R-ESRGAN General 4xV3"  # the SRVGGNetCompact file: the cheapest to run
 
@@ -61,7 +62,8 @@ def catalog(tiny_models_dir: Path) -> UpscalerCatalog:
 def test_every_tiny_file_is_listed_under_webuis_name(catalog: UpscalerCatalog) -> None:
     assert sorted(f.name for f in catalog.listed) == sorted(name for name, _ in FILES.values())
     # Requests may also use webui's other name for SwinIR's download (not listed).
-    assert sorted(catalog.names) == sorted([*(name for name, _ in FILES.values()), "SwinIR_4x"])
+    aliases = ["SwinIR_4x", "DAT_x4"]
+    assert sorted(catalog.names) == sorted([*(name for name, _ in FILES.values()), *aliases])
     assert catalog.skipped == {}
     for name, scale in FILES.values():
         assert catalog.files[name].scale == scale

@@ -145,6 +145,9 @@ WEBUI_OPTION_DEFAULTS: dict[str, Any] = {
     # extensions-builtin/SwinIR/scripts/swinir_model.py, on_ui_settings.
     "SWIN_tile": 192,
     "SWIN_tile_overlap": 8,
+    # modules/shared_options.py, "Upscaling" section (modules/dat_model.py reads them).
+    "DAT_tile": 192,
+    "DAT_tile_overlap": 8,
 }
 
 
