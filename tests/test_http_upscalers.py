@@ -71,3 +71,20 @@ def test_shared_hires_payload_naming_swinir_4x_runs(server: CogServer) -> None:
     (data,) = image_bytes(prediction)
     assert Image.open(io.BytesIO(data)).size == (128, 128)
     assert "Hires upscaler: SwinIR 4x" in json.loads(prediction["output"]["info"])["infotexts"][0]
+
+
+def test_shared_hires_payload_naming_dat_x4_runs(server: CogServer) -> None:
+    # webui's built-in DAT name, with DAT's own tile options in override_settings.
+    body = payload(
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler="DAT x4",
+        denoising_strength=0.3,
+        hr_second_pass_steps=1,
+        override_settings={"DAT_tile": 32, "DAT_tile_overlap": 8},
+    )
+    prediction = server.predict(body)
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    (data,) = image_bytes(prediction)
+    assert Image.open(io.BytesIO(data)).size == (128, 128)
+    assert "Hires upscaler: DAT x4" in json.loads(prediction["output"]["info"])["infotexts"][0]
