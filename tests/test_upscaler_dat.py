@@ -179,10 +179,9 @@ def test_a_wrong_shift_or_window_would_be_seen_by_the_reference(spandrel_arch: A
             if change == "no shift" and isinstance(module, _SpatialAttention):
                 module.shifted = False
             if change == "one window" and isinstance(module, _SpatialAttention):
-                first = module.attns[0]
-                assert isinstance(first, _WindowBranch)
-                second = module.attns[1]
-                second.wh, second.ww = first.wh, first.ww  # type: ignore[union-attr]
+                first, second = module.attns
+                assert isinstance(first, _WindowBranch) and isinstance(second, _WindowBranch)
+                second.wh, second.ww = first.wh, first.ww
                 second.register_buffer("index", first.get_buffer("index"), persistent=False)
                 second.register_buffer(
                     "rpe_biases", first.get_buffer("rpe_biases"), persistent=False
