@@ -40,7 +40,8 @@ from scripts.make_tiny_upscalers import FILES, write_all
 def child(path: Path, size: int, tile: int, overlap: int) -> dict[str, float]:
     """One measurement in this process: model loaded and image made first, then upscaled."""
     catalog = UpscalerCatalog.scan([path])
-    (name,) = catalog.names
+    (entry,) = catalog.listed  # (names also holds aliases: SwinIR_4x, DAT_x4)
+    name = entry.name
     model = catalog.model(name)
     tensor_tiles = catalog.kind(name).tiling == "tensor"
     tiler = upscale_2 if tensor_tiles else upscale_with_model
