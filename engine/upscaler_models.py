@@ -18,9 +18,11 @@ this project's pinned CPU torch; README "Packages"):
   tiled by `upscale_2` (tiles averaged in tensor space) with the `SWIN_tile` options.
 - DAT (engine/upscaler_dat.py), every variant (DAT, DAT-S, DAT-2, DAT-light), run as webui's
   DAT upscaler runs it: in float32, tiled by `upscale_with_model` with the `DAT_tile` options.
+- HAT (engine/upscaler_hat.py), run as webui's HAT upscaler runs it: in float32, tiled by
+  `upscale_with_model` with the `ESRGAN_tile` options (webui's HAT class reads those).
 
 Each kind's way of running (tiling, tile options, half precision, listed model_name) is one
-row of KINDS. Anything else (HAT, Swin2SR, SCUNet, an unknown layout, a pickle that is
+row of KINDS. Anything else (Swin2SR, SCUNet, an unknown layout, a pickle that is
 not weights-only) is skipped at setup with its reason in the log and never offered. `.pth`
 files are read with `torch.load(weights_only=True)`, so no code in a pickle ever runs;
 `.safetensors` with safetensors. Only files the catalog found inside the models folder are opened.
@@ -45,6 +47,8 @@ from torch import nn
 from .upscaler_arch import Architecture, Unsupported
 from .upscaler_dat import DAT, DAT_ALIASES, DAT_NAMES, recognise_dat
 from .upscaler_dat import KEY as DAT_KEY
+from .upscaler_hat import HAT, recognise_hat
+from .upscaler_hat import KEY as HAT_KEY
 from .upscaler_swinir import KEY as SWINIR_KEY
 from .upscaler_swinir import SWINIR_NAMES, SwinIR, pad_to, recognise_swinir
 
@@ -160,13 +164,13 @@ class SRVGGNetCompact(nn.Module):
 
 _OTHER_ARCHES: Final = (
     # (a key pattern, what it is): layouts recognised only to say why they are skipped. Checked
-    # before SwinIR's: HAT and Swin2SR share SwinIR's `layers.i.residual_group.blocks.j` keys.
-    (re.compile(r"(^|\.)overlap_attn\.|(^|\.)conv_block\.cab\."), "HAT"),
+    # before SwinIR's: Swin2SR shares SwinIR's `layers.i.residual_group.blocks.j` keys.
     (re.compile(r"\.attn\.logit_scale$|\.attn\.cpb_mlp\."), "Swin2SR"),
     (re.compile(r"(^|\.)m_head\.|(^|\.)m_down1\."), "SCUNet"),
 )
 SUPPORTED: Final = (
-    "ESRGAN/RRDBNet (original and BasicSR key layouts), Real-ESRGAN SRVGGNetCompact, SwinIR and DAT"
+    "ESRGAN/RRDBNet (original and BasicSR key layouts), Real-ESRGAN SRVGGNetCompact, SwinIR, "
+    "DAT and HAT"
 )
 
 
@@ -281,6 +285,9 @@ def recognise(sd: Mapping[str, torch.Tensor]) -> tuple[Architecture, dict[str, A
     if any(DAT_KEY.match(k) for k in sd):
         arch, dat_config, weights = recognise_dat(sd)
         return arch, {"config": dat_config}, weights
+    if any(HAT_KEY.match(k) for k in sd):  # before SwinIR's: HAT shares its block keys
+        arch, hat_config, weights = recognise_hat(sd)
+        return arch, {"config": hat_config}, weights
     if any(SWINIR_KEY.match(k) for k in sd):
         arch, config, weights = recognise_swinir(sd)
         return arch, {"config": config}, weights
@@ -690,4 +697,7 @@ KINDS: Final[Mapping[str, Kind]] = {
     # DAT_tile / DAT_tile_overlap; the class sets no model_name. A restarted webui lists a saved
     # download both as "DAT x4" (its built-in entry) and "DAT_x4" (the file's stem).
     "DAT": Kind(DAT, DAT_NAMES, "grid", ("DAT_tile", "DAT_tile_overlap"), False, None, DAT_ALIASES),
+    # webui's UpscalerHAT: files named by their stem, spandrel's HAT loaded in float32 (no
+    # prefer_half), upscale_with_model with the ESRGAN_tile options; no model_name.
+    "HAT": Kind(HAT, {}, "grid", ("ESRGAN_tile", "ESRGAN_tile_overlap"), False, None),
 }

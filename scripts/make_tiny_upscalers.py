@@ -22,6 +22,10 @@ Called by scripts/make_tiny_models.py's `make_all`, into DIR/upscalers/:
   groups' shifted blocks exist) wrapped in `params`, with the `rpe_biases`,
   `relative_position_index` and `attn_mask_0/1` buffers and the BatchNorm statistics real
   files carry, x4 (the name webui saves its "DAT x4" download under).
+- `HAT_SRx4_ImageNet-pretrain.pth`: HAT's layout (hybrid attention blocks with their channel
+  attention, one overlapping cross-attention block per group, `1conv`) wrapped in
+  `params_ema`, with the `relative_position_index_SA`/`_OCA` buffers real files carry, x4
+  (named by its stem, as webui names HAT files).
 
 Real topologies (two RRDB blocks, two body convs), tiny widths. Every tensor comes from its own
 generator seeded from (seed, file, key), so a seed gives the same tensors on every run.
@@ -49,6 +53,7 @@ FILES: dict[str, str] = {
     "swinir-real": "upscalers/SwinIR_4x.pth",
     "swinir-classical": "upscalers/001_classicalSR_DF2K_s64w8_SwinIR-M_x2.pth",
     "dat": "upscalers/DAT_x4.pth",
+    "hat": "upscalers/HAT_SRx4_ImageNet-pretrain.pth",
 }
 
 
@@ -422,6 +427,92 @@ def dat_state(shape: DATShape, seed: int, file: str) -> dict[str, torch.Tensor]:
     return weights | dat_buffers(shape)
 
 
+@dataclass(frozen=True)
+class HATShape:
+    """A HAT layout: tiny widths, real topology (`feat` 64 as in every released file)."""
+
+    scale: int
+    dim: int = 32
+    depths: tuple[int, ...] = (2, 2)
+    heads: tuple[int, ...] = (2, 4)
+    window: int = 4
+    overlap: int = 6  # window + int(0.5 * window): HAT's overlap ratio 0.5
+    compress: int = 8  # dim / compress_ratio (HAT: 3, HAT-S: 24)
+    squeeze: int = 2  # dim / squeeze_factor (HAT: 30)
+    mlp_hidden: int = 64
+    resi: bool = True  # conv_after_body and each group's conv (else none: "identity")
+    qkv_bias: bool = True
+    feat: int = 64
+
+
+HAT_X4 = HATShape(4)
+
+
+def hat_shapes(shape: HATShape) -> dict[str, tuple[int, ...]]:
+    """HAT's parameter keys (no buffers) for `shape`."""
+    dim, hidden = shape.dim, shape.mlp_hidden
+    sa, oca = (2 * shape.window - 1) ** 2, (shape.window + shape.overlap - 1) ** 2
+    shapes = _conv("conv_first", 3, dim) | _norm("patch_embed.norm", dim)
+    for i, (depth, heads) in enumerate(zip(shape.depths, shape.heads, strict=True)):
+        group = f"layers.{i}.residual_group."
+        for j in range(depth):
+            b = f"{group}blocks.{j}."
+            shapes |= _norm(b + "norm1", dim) | _norm(b + "norm2", dim)
+            shapes[b + "attn.relative_position_bias_table"] = (sa, heads)
+            shapes |= _linear(b + "attn.qkv", dim, 3 * dim, shape.qkv_bias)
+            shapes |= _linear(b + "attn.proj", dim, dim)
+            shapes |= _conv(b + "conv_block.cab.0", dim, shape.compress)
+            shapes |= _conv(b + "conv_block.cab.2", shape.compress, dim)
+            shapes |= _conv1(b + "conv_block.cab.3.attention.1", dim, shape.squeeze)
+            shapes |= _conv1(b + "conv_block.cab.3.attention.3", shape.squeeze, dim)
+            shapes |= _linear(b + "mlp.fc1", dim, hidden) | _linear(b + "mlp.fc2", hidden, dim)
+        o = group + "overlap_attn."
+        shapes |= _norm(o + "norm1", dim) | _norm(o + "norm2", dim)
+        shapes |= _linear(o + "qkv", dim, 3 * dim, shape.qkv_bias)
+        shapes[o + "relative_position_bias_table"] = (oca, heads)
+        shapes |= _linear(o + "proj", dim, dim)
+        shapes |= _linear(o + "mlp.fc1", dim, hidden) | _linear(o + "mlp.fc2", hidden, dim)
+        if shape.resi:
+            shapes |= _conv(f"layers.{i}.conv", dim, dim)
+    shapes |= _norm("norm", dim)
+    if shape.resi:
+        shapes |= _conv("conv_after_body", dim, dim)
+    feat = shape.feat
+    shapes |= _conv("conv_before_upsample.0", dim, feat)
+    factors = [3] if shape.scale == 3 else [2] * (shape.scale.bit_length() - 1)
+    for step, factor in enumerate(factors):
+        shapes |= _conv(f"upsample.{2 * step}", feat, factor * factor * feat)
+    return shapes | _conv("conv_last", feat, 3)
+
+
+def hat_buffers(shape: HATShape) -> dict[str, torch.Tensor]:
+    """The index buffers HAT files carry, from HAT's published formulas by loops of their own:
+    window attention's (dy + w - 1) * (2w - 1) + dx + w - 1, and the overlapping attention's
+    (ky - qy + w - o + 1) * (w + o - 1) + kx - qx + w - o + 1 (query token q of a w x w window,
+    key token k of its o x o window; negative where k is far above or left of q)."""
+    w, o = shape.window, shape.overlap
+    window = [(y, x) for y in range(w) for x in range(w)]
+    around = [(y, x) for y in range(o) for x in range(o)]
+    sa = [
+        [(a[0] - b[0] + w - 1) * (2 * w - 1) + a[1] - b[1] + w - 1 for b in window] for a in window
+    ]
+    shift = w - o + 1
+    oca = [
+        [(k[0] - q[0] + shift) * (w + o - 1) + k[1] - q[1] + shift for k in around] for q in window
+    ]
+    return {
+        "relative_position_index_SA": torch.tensor(sa),
+        "relative_position_index_OCA": torch.tensor(oca),
+    }
+
+
+def hat_state(shape: HATShape, seed: int, file: str) -> dict[str, torch.Tensor]:
+    """A random-weight HAT state dict for `shape`, with the buffers real files carry."""
+    shapes = hat_shapes(shape)
+    weights = {k: _swinir_tensor(v, seed, file, k, "conv_last") for k, v in sorted(shapes.items())}
+    return weights | hat_buffers(shape)
+
+
 def _tensors(shapes: dict[str, tuple[int, ...]], seed: int, file: str) -> dict[str, torch.Tensor]:
     return {key: _tensor(shape, seed, file, key) for key, shape in sorted(shapes.items())}
 
@@ -440,6 +531,7 @@ def write_all(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     classical = swinir_state(SWINIR_CLASSICAL, seed, "swinir-classical")
     torch.save({"params": classical}, paths["swinir-classical"])
     torch.save({"params": dat_state(DAT_X4, seed, "dat")}, paths["dat"])
+    torch.save({"params_ema": hat_state(HAT_X4, seed, "hat")}, paths["hat"])
     return paths
 
 

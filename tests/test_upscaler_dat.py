@@ -5,10 +5,7 @@ img2img and the extras endpoints."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +40,7 @@ from engine.upscaler_models import (
 from scripts import make_tiny_upscalers as tiny
 
 from .helpers import assert_pixels_changed, b64_png, card_image, payload, pixels
+from .spandrel_ref import spandrel_arch as reference_arch
 
 # spandrel's DAT calls torch.meshgrid without `indexing` (a deprecation warning).
 pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")
@@ -86,60 +84,9 @@ def model_of(shape: tiny.DATShape, seed: int = 0) -> tuple[nn.Module, dict[str, 
 # ------------------------------------------------------------------ the independent reference
 
 
-def _einops_stand_in() -> dict[str, types.ModuleType]:
-    """spandrel's DAT imports einops for two reshapes only ("b c h w -> b (h w) c" and back);
-    einops is not installed here (README "Packages"), so these modules give exactly those two
-    and refuse any other pattern."""
-
-    def rearrange(x: torch.Tensor, pattern: str, **sizes: int) -> torch.Tensor:
-        if pattern == "b c h w -> b (h w) c":
-            return x.flatten(2).transpose(1, 2)
-        if pattern == "b (h w) c -> b c h w":
-            return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], sizes["h"], sizes["w"])
-        raise NotImplementedError(pattern)
-
-    class Rearrange(nn.Module):
-        def __init__(self, pattern: str) -> None:
-            super().__init__()
-            self.pattern = pattern
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return rearrange(x, self.pattern)
-
-    root, layers, torch_layers = (
-        types.ModuleType(n) for n in ("einops", "einops.layers", "einops.layers.torch")
-    )
-    root.rearrange = rearrange  # type: ignore[attr-defined]
-    torch_layers.Rearrange = Rearrange  # type: ignore[attr-defined]
-    return {"einops": root, "einops.layers": layers, "einops.layers.torch": torch_layers}
-
-
-def _spandrel_dat() -> Any:
-    """spandrel's DAT architecture (requirements-dev.txt; webui 1.10.1 pins 0.3.4), without
-    spandrel's package __init__ (see tests/test_upscaler_swinir.py); the stand-in package
-    entries are removed again afterwards."""
-    spec = importlib.util.find_spec("spandrel")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("spandrel is not installed (requirements-dev.txt)")
-    before = set(sys.modules)
-    package = types.ModuleType("spandrel")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["spandrel"] = package
-    if importlib.util.find_spec("einops") is None:
-        sys.modules.update(_einops_stand_in())
-    try:
-        from spandrel.architectures.DAT import DATArch
-
-        return DATArch()
-    finally:
-        for name in set(sys.modules) - before:
-            if name.split(".")[0] in ("spandrel", "einops"):
-                sys.modules.pop(name)
-
-
 @pytest.fixture(scope="module")
 def spandrel_arch() -> Any:
-    return _spandrel_dat()
+    return reference_arch("DAT")
 
 
 @pytest.mark.parametrize("label", list(SHAPES))

@@ -231,7 +231,7 @@ def test_files_swinir_does_not_run_say_why() -> None:
     swin2sr = {**state, "layers.0.residual_group.blocks.0.attn.logit_scale": torch.zeros(3)}
     assert "a Swin2SR model" in _unsupported(swin2sr)
     hat = {**state, "layers.0.residual_group.overlap_attn.qkv.weight": torch.zeros(3)}
-    assert "a HAT model" in _unsupported(hat)
+    assert "a HAT-like model without" in _unsupported(hat)
 
 
 # ---------------------------------------------------------------------------- the catalog

@@ -38,6 +38,7 @@ FILES = {
     "swinir-real": ("SwinIR 4x", 4),
     "swinir-classical": ("001_classicalSR_DF2K_s64w8_SwinIR-M_x2", 2),
     "dat": ("DAT x4", 4),
+    "hat": ("HAT_SRx4_ImageNet-pretrain", 4),
 }
 FAST = "R-ESRGAN General 4xV3"  # the SRVGGNetCompact file: the cheapest to run
 
