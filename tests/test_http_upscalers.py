@@ -88,3 +88,21 @@ def test_shared_hires_payload_naming_dat_x4_runs(server: CogServer) -> None:
     (data,) = image_bytes(prediction)
     assert Image.open(io.BytesIO(data)).size == (128, 128)
     assert "Hires upscaler: DAT x4" in json.loads(prediction["output"]["info"])["infotexts"][0]
+
+
+def test_shared_hires_payload_naming_a_hat_file_runs(server: CogServer) -> None:
+    # A HAT file is named by its stem and tiled with the ESRGAN_tile options, as in webui.
+    body = payload(
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler="HAT_SRx4_ImageNet-pretrain",
+        denoising_strength=0.3,
+        hr_second_pass_steps=1,
+        override_settings={"ESRGAN_tile": 32},
+    )
+    prediction = server.predict(body)
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    (data,) = image_bytes(prediction)
+    assert Image.open(io.BytesIO(data)).size == (128, 128)
+    infotext = json.loads(prediction["output"]["info"])["infotexts"][0]
+    assert "Hires upscaler: HAT_SRx4_ImageNet-pretrain" in infotext

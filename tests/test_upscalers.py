@@ -214,12 +214,13 @@ def test_hires_resize_runs_a_model_upscale_then_lanczos_to_the_size() -> None:
 # ------------------------------------------------------------------ files that are skipped
 
 
-def _hat_like() -> dict[str, torch.Tensor]:
-    # HAT shares SwinIR's block keys and adds overlapping cross-attention.
+def _swin2sr_like() -> dict[str, torch.Tensor]:
+    # Swin2SR shares SwinIR's block keys and adds a cosine-attention scale and a bias MLP.
+    block = "layers.0.residual_group.blocks.0.attn."
     return {
         "conv_first.weight": torch.zeros(60, 3, 3, 3),
-        "layers.0.residual_group.blocks.0.attn.relative_position_bias_table": torch.zeros(225, 6),
-        "layers.0.residual_group.overlap_attn.qkv.weight": torch.zeros(180, 60),
+        block + "logit_scale": torch.zeros(6, 1, 1),
+        block + "cpb_mlp.0.weight": torch.zeros(512, 2),
     }
 
 
@@ -238,7 +239,7 @@ def test_unsupported_files_are_skipped_with_their_reason_and_code_never_runs(
 ) -> None:
     folder = tmp_path / "upscalers"
     folder.mkdir()
-    torch.save(_hat_like(), folder / "HAT_SRx4_ImageNet-pretrain.pth")
+    torch.save(_swin2sr_like(), folder / "Swin2SR_RealworldSR_X4_64_BSRGAN_PSNR.pth")
     torch.save({"weight": torch.zeros(3)}, folder / "mystery.pth")
     marker = tmp_path / "pwned"
     (folder / "evil.pth").write_bytes(pickle.dumps({"params": _Payload(marker)}))
@@ -248,7 +249,7 @@ def test_unsupported_files_are_skipped_with_their_reason_and_code_never_runs(
         catalog = UpscalerCatalog.scan(names, reserved=["Lanczos"])
     assert catalog.files == {}
     reasons = {path.name: reason for path, reason in catalog.skipped.items()}
-    assert "a HAT model" in reasons["HAT_SRx4_ImageNet-pretrain.pth"]
+    assert "a Swin2SR model" in reasons["Swin2SR_RealworldSR_X4_64_BSRGAN_PSNR.pth"]
     assert "supported here: ESRGAN" in reasons["mystery.pth"]
     assert "not a weights-only torch file" in reasons["evil.pth"]
     assert "safetensors" in reasons["truncated.safetensors"]
