@@ -65,8 +65,8 @@ BUILTIN_UPSCALERS: tuple[UpscalerRow, ...] = tuple(UpscalerRow(name) for name in
 def _model_row(file: UpscalerFile) -> UpscalerRow:
     # webui's model_name is the upscaler class's: None for its RealESRGAN class (the R-ESRGAN
     # names), "ESRGAN_4x" for its ESRGAN class (every other ESRGAN-kind file), "SwinIR 4x" for
-    # its SwinIR class, None for its DAT and HAT classes (KINDS). model_path: the file here (webui gives
-    # the download URL for the R-ESRGAN entries). scale: the file's own.
+    # its SwinIR class, None for its DAT and HAT classes (KINDS). model_path: the file here
+    # (webui gives the download URL for the R-ESRGAN entries). scale: the file's own.
     realesrgan = file.name in WEBUI_NAMES.values()
     return UpscalerRow(
         file.name,
