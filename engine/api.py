@@ -34,7 +34,7 @@ from .refresh import rescan
 from .response import Result
 from .upscaler_models import UpscalerCatalog
 from .vae import VaeCatalog
-from .working_set import BUDGET_ENV, WorkingSet, budget_from_env, gib
+from .working_set import BUDGET_ENV, WorkingSet, budget_from_env, gib, pinned_limit_from_env
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,15 @@ class Engine:
         # 2. The default checkpoint must exist before anything loads.
         default = catalog.default_checkpoint(config.default_checkpoint)
         # 3. Load every checkpoint into the cache; the device holds those that fit
-        # SD_DEVICE_MEMORY, the others wait in host memory (engine/working_set.py).
+        # SD_DEVICE_MEMORY, the others wait in host memory (engine/working_set.py). Every
+        # cache below reports to the same working set (through the placement).
         budget = budget_from_env(placement.device)
         if budget is not None:
             log.info("setup: device budget %s (%s)", gib(budget), BUDGET_ENV)
-        working = WorkingSet(placement.device, budget)
+        working = WorkingSet(
+            placement.device, budget, pinned_limit=pinned_limit_from_env(placement.device)
+        )
+        placement = dataclasses.replace(placement, memory=working)
         cache = PipelineCache(catalog, placement, config.cache_dir, working=working)
         cache.load_all()
         # 4. LoRAs and embeddings: listed and hashed once; LoRA weights load on first use.
@@ -147,6 +151,7 @@ class Engine:
             reserved=available_hr_upscalers(),
             device=cache.placement.device,
             dtype=cache.placement.dtype,
+            memory=working,
         )
         # 6. Extensions (alwayson_scripts): an extension that fails to import fails setup.
         extensions = ExtensionRegistry.discover()
@@ -197,7 +202,8 @@ class Engine:
             return Response(listing=INSPECTORS[name](self, api_json))
         if name in EXTRAS_ENDPOINTS:
             try:
-                extras = run_extras(self, name, api_json, (playground or {}).get("init_image"))
+                with self.models.cache.memory.lease():  # its upscaler stays until it ends
+                    extras = run_extras(self, name, api_json, (playground or {}).get("init_image"))
             finally:
                 release_host_memory()
             return Response(images=extras.images, info=extras.html_info)
@@ -222,7 +228,9 @@ class Engine:
     def generate(self, parsed: ParsedRequest, progress: Progress = log_progress) -> Response:
         """Run a parsed txt2img/img2img request."""
         try:
-            result: Result = generate(self.models, parsed, progress)
+            # What the request uses stays on the device until it ends (engine/working_set.py).
+            with self.models.cache.memory.lease():
+                result: Result = generate(self.models, parsed, progress)
         finally:
             release_host_memory()
         return Response(images=result.images, info=result.info, parameters=result.parameters)

@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,6 +521,10 @@ class LoraManager:
         self._layers: dict[str, tuple[Any, ...]] = {}  # component -> its peft LoRA layers
         self._present: dict[str, frozenset[str]] = {}  # component -> adapter ids it holds
         self._busy = threading.Lock()
+        # The device working set's hooks (engine/working_set.py, wired in planning.py): before
+        # a file loads, and for every adapter a generation uses; None: no budget.
+        self.before_load: Callable[[LoraInfo], None] | None = None
+        self.on_use: Callable[[LoraInfo], None] | None = None
         self._reindex()
 
     # ---- public
@@ -568,6 +572,19 @@ class LoraManager:
                 self._trim()
             finally:
                 self._busy.release()
+
+    def drop(self, adapter_id: str) -> bool:
+        """Delete one cached adapter (the working set's eviction under SD_DEVICE_MEMORY); False
+        while a generation has this pipeline's LoRAs applied (it is then left alone)."""
+        if not self._busy.acquire(blocking=False):
+            return False
+        try:
+            if self._cache.pop(adapter_id, None) is not None:
+                self.loaded.pipe.delete_adapters([adapter_id])  # not active: nothing else changes
+                self._reindex()
+            return True
+        finally:
+            self._busy.release()
 
     def cached(self) -> list[str]:
         """Names of the LoRAs held as adapters, least recently used first."""
@@ -658,10 +675,14 @@ class LoraManager:
             aid = use.info.adapter_id
             if aid in self._cache:
                 self._cache.move_to_end(aid)
-                continue
-            self._make_room(keep=needed, incoming=1)
-            with reported(f"loading LoRA {use.info.name}", "try fewer or smaller LoRAs"):
-                self._load(use.info, field)
+            else:
+                self._make_room(keep=needed, incoming=1)
+                if self.before_load is not None:
+                    self.before_load(use.info)
+                with reported(f"loading LoRA {use.info.name}", "try fewer or smaller LoRAs"):
+                    self._load(use.info, field)
+            if self.on_use is not None:
+                self.on_use(use.info)
 
     def _load(self, info: LoraInfo, field: str) -> None:
         """Load one file as adapter `info.adapter_id`; on any failure leave no trace of it."""

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .working_set import WorkingSet, module_entry
+
 log = logging.getLogger(__name__)
 
 
@@ -366,6 +368,9 @@ class UpscalerCatalog:
     skipped: dict[Path, str] = field(default_factory=dict)
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    # The device working set (engine/working_set.py): loaded models count against
+    # SD_DEVICE_MEMORY and an idle one waits in host memory; None: each stays where it loaded.
+    memory: WorkingSet | None = None
     _loaded: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -376,12 +381,13 @@ class UpscalerCatalog:
         reserved: Iterable[str] = (),
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        memory: WorkingSet | None = None,
     ) -> UpscalerCatalog:
         """Read each file's keys once: a usable one is listed under its webui name; anything
         else is skipped with the reason logged. `reserved`: names already taken (webui's
         built-in upscalers and latent modes), which a file cannot shadow."""
         taken = set(reserved)
-        catalog = cls(device=device, dtype=dtype)
+        catalog = cls(device=device, dtype=dtype, memory=memory)
         for path in paths:
             name = webui_name(path)
             try:
@@ -403,11 +409,17 @@ class UpscalerCatalog:
 
     def model(self, name: str) -> nn.Module:
         """The loaded model of `name` (a listed name), loaded on first use."""
+        entry = self.files[name]
         if name not in self._loaded:
-            entry = self.files[name]
+            if self.memory is not None:
+                self.memory.before_load(entry.path.stat().st_size)
             arch, args, sd = recognise(read_weights(entry.path))
             model = build(arch, args, sd).to(device=self.device, dtype=self.dtype)
             self._loaded[name] = model
+        if self.memory is not None:  # on the device for this request
+            self.memory.use(
+                module_entry("upscaler", f"{name} ({entry.path.name})", self._loaded[name])
+            )
         return self._loaded[name]
 
     def upscale(
