@@ -97,14 +97,14 @@ class VaeCatalog:
             raise UnknownName(field, setting, [AUTOMATIC, NONE, *self.files], kind="VAE")
         if file is None:
             return VaeChoice(None, loaded.pipe.vae)
-        return VaeChoice(file, self._load(file, loaded.family))
+        return VaeChoice(file, self._load(file, loaded.family, loaded.info.title))
 
-    def _load(self, file: VaeFile, family: Family) -> Any:
+    def _load(self, file: VaeFile, family: Family, loaded_title: str) -> Any:
         key = (file.name, family)
         memory = self.placement.memory
         if key not in self._loaded:
             if memory is not None:
-                memory.before_load(file.path.stat().st_size)
+                memory.before_load(file.path.stat().st_size, beside=[loaded_title])
             with reported(
                 f"loading VAE {file.name}", "try again, or use the checkpoint's own VAE (None)"
             ):
@@ -113,7 +113,7 @@ class VaeCatalog:
                 )
         if memory is not None:  # on the device for this request (engine/working_set.py)
             name = f"{file.name} [{file.shorthash}] ({family.value})"
-            memory.use(module_entry("vae", name, self._loaded[key]))
+            memory.use(module_entry("vae", name, self._loaded[key]), beside=[loaded_title])
         return self._loaded[key]
 
 

@@ -275,13 +275,14 @@ class WorkingSet:
 
     # ---- setup
 
-    def before_load(self, estimate: int) -> None:
-        """Make room for something about to load onto the device (`estimate`: its bytes)."""
+    def before_load(self, estimate: int, beside: Sequence[str] = ()) -> None:
+        """Make room for something about to load onto the device (`estimate`: its bytes),
+        keeping the checkpoints it will run `beside`."""
         if self.budget is None:
             return
         with self._lock:
             self._sizes.clear()
-            self._evict_until(estimate, keep=())
+            self._evict_until(estimate, keep=[(CHECKPOINT, t) for t in beside])
 
     def admit(self, title: str, pipe: Any) -> None:
         """A checkpoint just loaded onto the device (setup): resident if it fits, else to the
@@ -316,11 +317,12 @@ class WorkingSet:
         cannot all fit at once."""
         self.hold([(CHECKPOINT, t) for t in titles])
 
-    def use(self, entry: Entry) -> None:
+    def use(self, entry: Entry, beside: Sequence[str] = ()) -> None:
         """Hold a cache's entry for the current request (a VAE file, a ControlNet, an upscaler,
-        a LoRA adapter inside its checkpoint): on the device, pinned until the lease ends. An
-        entry the manager does not know yet was just loaded onto the device; if it cannot fit
-        it waits on the host for a later request and OutOfMemory is raised."""
+        a LoRA adapter inside its checkpoint) with the checkpoints it runs `beside` (so that
+        making room for it never moves them out): on the device, pinned until the lease ends.
+        An entry the manager does not know yet was just loaded onto the device; if it cannot
+        fit it waits on the host for a later request and OutOfMemory is raised."""
         if self.budget is None:
             return
         with self._lock:
@@ -332,7 +334,7 @@ class WorkingSet:
                     self.resident[entry.key] = None
                 self._sizes.clear()
             try:
-                self.hold([entry.key])
+                self.hold([*((CHECKPOINT, t) for t in beside), entry.key])
             except OutOfMemory:
                 if fresh and entry.key in self.resident:
                     self._leave(entry.key)
@@ -364,22 +366,42 @@ class WorkingSet:
             missing = [k for k in wanted if k not in self.resident]
             # Also when nothing is missing: the resident set may exceed a lowered budget.
             self._evict_until(0, keep=wanted, incoming=missing)
+            if self.resident_bytes([*self.resident, *missing]) > self.budget:
+                stuck = [k for k in self.resident if k not in wanted]
+                raise OutOfMemory(
+                    f"Out of memory: {self._labels(wanted)} do not fit on the device beside "
+                    f"{self._labels(stuck)}, which cannot leave while requests running now use "
+                    f"their models ({BUDGET_ENV} allows {gib(self.budget)}); try again when "
+                    "they finish"
+                )
             for key in missing:
                 if key not in self.resident:  # a child arrives with its parent
                     self._arrive(key)
+            if missing:  # the adapters that came back with a checkpoint may not all fit
+                self._evict_until(0, keep=wanted)
             for key in wanted:
                 self.resident.move_to_end(key)
             self._pin(wanted)
 
     def resident_bytes(self, keys: Iterable[Key] | None = None) -> int:
-        """Bytes on the device of `keys` (default: every resident entry), each storage once."""
-        key = frozenset(self.resident if keys is None else keys)
-        if key not in self._sizes:
+        """Bytes on the device of `keys` (default: every resident entry), each storage once. A
+        checkpoint's LoRA adapters count only when their entries are among `keys` (they may be
+        dropped to make room for it)."""
+        wanted = frozenset(
+            k for k in (self.resident if keys is None else keys) if k in self.entries
+        )
+        if wanted not in self._sizes:
             if len(self._sizes) > 256:
                 self._sizes.clear()
-            entries = [self.entries[k] for k in key if k in self.entries]
-            self._sizes[key] = tensor_bytes(t for e in entries for t in e.held())
-        return self._sizes[key]
+            left_out = {
+                storage_key(t)
+                for entry in self.entries.values()
+                if entry.parent in wanted and entry.key not in wanted
+                for t in entry.held()
+            }
+            held = (t for k in wanted for t in self.entries[k].held())
+            self._sizes[wanted] = tensor_bytes(t for t in held if storage_key(t) not in left_out)
+        return self._sizes[wanted]
 
     # ---- moving
 

@@ -177,17 +177,20 @@ class ModelCache:
         self._loaded: dict[Path, LoadedControlNet] = {}
         self._lock = threading.Lock()
 
-    def get(self, file: ControlNetFile) -> LoadedControlNet:
+    def get(self, file: ControlNetFile, beside: str | None = None) -> LoadedControlNet:
+        """The loaded ControlNet of `file`, on the device for this request with the checkpoint
+        titled `beside` (which making room for it never moves out)."""
         memory = self.placement.memory
+        with_checkpoint = [beside] if beside is not None else []
         with self._lock:
             if file.path not in self._loaded:
                 if memory is not None:
-                    memory.before_load(file.path.stat().st_size)
+                    memory.before_load(file.path.stat().st_size, beside=with_checkpoint)
                 with reported(f"loading ControlNet {file.title}", "try fewer ControlNet units"):
                     self._loaded[file.path] = self._load(file)
             loaded = self._loaded[file.path]
             if memory is not None:  # on the device for this request
-                memory.use(module_entry("controlnet", file.title, loaded.model))
+                memory.use(module_entry("controlnet", file.title, loaded.model), with_checkpoint)
             return loaded
 
     def _load(self, file: ControlNetFile) -> LoadedControlNet:
