@@ -244,6 +244,12 @@ class WorkingSet:
     # sets; walking every tensor is milliseconds for real models). Cleared on every change.
     _sizes: dict[frozenset[Key], int] = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # The budget the resident set was last found to fit, None after any change since.
+    _settled: int | None = field(default=None, repr=False)
+    # key -> (its modules' LoRA adapter names, the entry, its tensors): see _held.
+    _tensors: dict[Key, tuple[Any, Entry, list[torch.Tensor]]] = field(
+        default_factory=dict, repr=False
+    )
 
     # ---- leases
 
@@ -281,7 +287,7 @@ class WorkingSet:
         if self.budget is None:
             return
         with self._lock:
-            self._sizes.clear()
+            self._changed()
             self._evict_until(estimate, keep=[(CHECKPOINT, t) for t in beside])
 
     def admit(self, title: str, pipe: Any) -> None:
@@ -292,7 +298,7 @@ class WorkingSet:
         with self._lock:
             self.entries[entry.key] = entry
             self.resident[entry.key] = None
-            self._sizes.clear()
+            self._changed()
             if self.budget is not None and self.resident_bytes() > self.budget:
                 self._leave(entry.key)
 
@@ -305,9 +311,10 @@ class WorkingSet:
         with self._lock:
             self.entries.pop(key, None)
             self.resident.pop(key, None)
+            self._tensors.pop(key, None)
             for child in [k for k, e in self.entries.items() if e.parent == key]:
                 self.forget_entry(child)
-            self._sizes.clear()  # a name may come back with other weights
+            self._changed()  # a name may come back with other weights
 
     # ---- requests
 
@@ -332,7 +339,7 @@ class WorkingSet:
                 self.entries[entry.key] = entry
                 if entry.parent is None or entry.parent in self.resident:
                     self.resident[entry.key] = None
-                self._sizes.clear()
+                self._changed()
             try:
                 self.hold([*((CHECKPOINT, t) for t in beside), entry.key])
             except OutOfMemory:
@@ -346,8 +353,15 @@ class WorkingSet:
         if self.budget is None:
             return
         with self._lock:
-            self._sizes.clear()
             wanted = self._with_parents(keys)
+            if self._settled == self.budget and all(k in self.resident for k in wanted):
+                # Nothing to move and nothing changed since the last check (the usual request
+                # on a warm worker): no tensor walk.
+                for key in wanted:
+                    self.resident.move_to_end(key)
+                self._pin(wanted)
+                return
+            self._changed()
             need = self.resident_bytes(wanted)
             if need > self.budget:
                 raise OutOfMemory(
@@ -382,6 +396,8 @@ class WorkingSet:
             for key in wanted:
                 self.resident.move_to_end(key)
             self._pin(wanted)
+            if self.resident_bytes() <= self.budget:
+                self._settled = self.budget
 
     def resident_bytes(self, keys: Iterable[Key] | None = None) -> int:
         """Bytes on the device of `keys` (default: every resident entry), each storage once. A
@@ -392,18 +408,37 @@ class WorkingSet:
         )
         if wanted not in self._sizes:
             if len(self._sizes) > 256:
-                self._sizes.clear()
+                self._sizes = {}
             left_out = {
                 storage_key(t)
                 for entry in self.entries.values()
                 if entry.parent in wanted and entry.key not in wanted
-                for t in entry.held()
+                for t in self._held(entry)
             }
-            held = (t for k in wanted for t in self.entries[k].held())
+            held = (t for k in wanted for t in self._held(self.entries[k]))
             self._sizes[wanted] = tensor_bytes(t for t in held if storage_key(t) not in left_out)
         return self._sizes[wanted]
 
+    def _held(self, entry: Entry) -> list[torch.Tensor]:
+        """An entry's tensors, found once: walking a real UNet's module tree takes tens of
+        milliseconds, and only LoRA loads and deletes (peft) change it, which the modules'
+        peft_config shows."""
+        owner = self.entries.get(entry.parent) if entry.parent is not None else entry
+        stamp = tuple(
+            tuple(getattr(m, "peft_config", None) or ()) for m in (owner or entry).modules
+        )
+        cached = self._tensors.get(entry.key)
+        if cached is None or cached[0] != stamp or cached[1] is not entry:
+            cached = (stamp, entry, list(entry.held()))
+            self._tensors[entry.key] = cached
+        return cached[2]
+
     # ---- moving
+
+    def _changed(self) -> None:
+        """Something came, left or grew: sizes are found again, and the next hold checks."""
+        self._sizes.clear()
+        self._settled = None
 
     def _with_parents(self, keys: Iterable[Key]) -> list[Key]:
         out: list[Key] = []
@@ -439,7 +474,7 @@ class WorkingSet:
             del self.resident[child]
         del self.resident[key]
         self._move(entry, to_device=False)
-        self._sizes.clear()
+        self._changed()
 
     def _arrive(self, key: Key) -> None:
         entry = self.entries[key]
@@ -448,7 +483,7 @@ class WorkingSet:
         self.resident[key] = None
         for child in [k for k, e in self.entries.items() if e.parent == key]:
             self.resident[child] = None
-        self._sizes.clear()
+        self._changed()
 
     def _move(self, entry: Entry, to_device: bool) -> None:
         """Move one entry's modules; to the host, a module a resident entry shares stays."""

@@ -144,6 +144,7 @@ def test_a_lora_adapter_is_dropped_and_moves_with_its_checkpoint() -> None:
     working = WorkingSet("dev", 1200, host="host")
     # A checkpoint of 500 bytes, 100 of them a LoRA adapter's weights inside its modules.
     adapter = Recorder(5, log, "ckpt.lora")
+    adapter.peft_config = {"l": None}  # as peft marks the modules it adds adapters to
     working.admit("ckpt", Pipe(unet=Recorder(10, log, "ckpt.unet"), lora=adapter))
     busy, dropped = [False], []
 
@@ -152,6 +153,7 @@ def test_a_lora_adapter_is_dropped_and_moves_with_its_checkpoint() -> None:
             return False  # its manager is applying LoRAs for a generation
         dropped.append("lora")
         adapter.weight = torch.nn.Parameter(torch.empty(0))  # as peft deletes its weights
+        adapter.peft_config = {}
         return True
 
     lora = Entry(
