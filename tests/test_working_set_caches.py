@@ -54,6 +54,12 @@ class Recorder(torch.nn.Linear):
         return self
 
 
+class Adapter(Recorder):
+    """A LoRA adapter's weights inside a checkpoint; peft lists its adapters on the module."""
+
+    peft_config: dict[str, Any]
+
+
 class Pipe:
     def __init__(self, **components: torch.nn.Module) -> None:
         self.components = components
@@ -143,7 +149,7 @@ def test_a_lora_adapter_is_dropped_and_moves_with_its_checkpoint() -> None:
     log: list[tuple[str, str]] = []
     working = WorkingSet("dev", 1200, host="host")
     # A checkpoint of 500 bytes, 100 of them a LoRA adapter's weights inside its modules.
-    adapter = Recorder(5, log, "ckpt.lora")
+    adapter = Adapter(5, log, "ckpt.lora")
     adapter.peft_config = {"l": None}  # as peft marks the modules it adds adapters to
     working.admit("ckpt", Pipe(unet=Recorder(10, log, "ckpt.unet"), lora=adapter))
     busy, dropped = [False], []
