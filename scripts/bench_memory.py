@@ -33,21 +33,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.api import Engine, EngineConfig
+from engine.device import choose_placement
 from engine.working_set import WorkingSet, pinned_limit_from_env, weight_bytes
 from scripts.make_tiny_models import make_all
 
 SD1 = "tiny-sd15.safetensors"
 
 
-def layout(folder: Path, count: int, models: Path | None) -> Path:
-    """N copies of the tiny SD1 checkpoint (or the checkpoints of `models`) in a models folder."""
+def layout(folder: Path, count: int, models: Path | None, tiny: Path | None = None) -> Path:
+    """N copies of the tiny SD1 checkpoint (from `tiny`, else made now), or the checkpoints of
+    `models`, in a models folder."""
     (folder / "checkpoints").mkdir(parents=True)
     if models is not None:
         for path in sorted((models / "checkpoints").iterdir()):
             (folder / "checkpoints" / path.name).symlink_to(path.resolve())
         return folder
-    tiny = folder / "tiny"
-    make_all(tiny, seed=0)
+    if tiny is None:
+        tiny = folder / "tiny"
+        make_all(tiny, seed=0)
     for index in range(count):
         shutil.copy(
             tiny / "checkpoints" / SD1, folder / "checkpoints" / f"ckpt-{index}.safetensors"
@@ -86,7 +89,7 @@ def switches(
     return same, switched, moves
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoints", type=int, default=3, help="copies of the tiny SD1 (>= 2)")
     parser.add_argument("--models", type=Path, help="a models folder to read checkpoints from")
@@ -94,12 +97,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
-    args = parser.parse_args()
-    os.environ["SD_DEVICE"] = args.device
-    os.environ.pop("SD_DEVICE_MEMORY", None)  # set below, per measurement
+    parser.add_argument("--tiny", type=Path, help="a tiny-models folder to copy SD1 from")
+    args = parser.parse_args(argv)
+    placement = choose_placement({**os.environ, "SD_DEVICE": args.device})
     with tempfile.TemporaryDirectory() as tmp:
-        folder = layout(Path(tmp) / "models", max(2, args.checkpoints), args.models)
-        engine = Engine.setup(EngineConfig(models_dir=folder, cache_dir=folder / ".cache"))
+        count = max(2, args.checkpoints)
+        folder = layout(Path(tmp) / "models", count, args.models, args.tiny)
+        config = EngineConfig(models_dir=folder, cache_dir=folder / ".cache")
+        engine = Engine.setup(config, placement=placement)  # budgets are set per measurement
         working = engine.models.cache.memory
         pipes = list(working.pipes.values())
         # 1. Resident bytes, storages counted once vs each pipeline's own.

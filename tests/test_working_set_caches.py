@@ -384,3 +384,18 @@ def test_a_request_cannot_take_what_a_running_request_holds(cache_engine: Engine
     # Once the first request ended, the same request runs.
     assert cache_engine.handle("txt2img", payload(**CONTROLNET)).images
     check_memory(cache_engine)
+
+
+def test_bench_memory_runs_and_prints_its_ratios(
+    tiny_models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scripts import bench_memory
+
+    argv = ["--checkpoints", "2", "--repeats", "1", "--steps", "1", "--tiny", str(tiny_models_dir)]
+    assert bench_memory.main(argv) == 0
+    printed = capsys.readouterr().out
+    for line in ("each storage once", "same checkpoint", "resident", "host tier"):
+        assert line in printed
+    # Two copies of one checkpoint: their identical VAE is stored once.
+    shared = next(line for line in printed.splitlines() if "each storage once" in line)
+    assert 0.5 < float(shared.split("(")[1].split("x")[0]) < 1
