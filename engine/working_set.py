@@ -309,7 +309,9 @@ class WorkingSet:
 
     def forget_entry(self, key: Key) -> None:
         with self._lock:
-            self.entries.pop(key, None)
+            gone = self.entries.pop(key, None)
+            if gone is not None:
+                self.pinned_bytes -= gone.pinned_bytes  # its host copy is freed with it
             self.resident.pop(key, None)
             self._tensors.pop(key, None)
             for child in [k for k, e in self.entries.items() if e.parent == key]:
