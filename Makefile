@@ -26,7 +26,7 @@ $(VENV)/.installed: requirements.txt
 
 $(VENV)/.dev: $(VENV)/.installed requirements-dev.txt
 	$(PIP) -r requirements-dev.txt
-	$(PIP) --no-deps k-diffusion==0.1.1.post1 torchdiffeq==0.2.5
+	$(PIP) --no-deps k-diffusion==0.1.1.post1 torchdiffeq==0.2.5 spandrel==0.3.4
 	touch $@
 
 install: $(VENV)/.installed

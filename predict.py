@@ -3,16 +3,27 @@
 All the work happens in `engine/`; this file only maps Cog inputs and outputs onto it. Cog reads
 this file statically (tree-sitter), so every Input() argument is a plain literal
 (tests/test_deploy_schema.py checks the schema Cog would build from it).
+
+Concurrency: `predict` is async and Cog gives it up to 8 prediction slots (`@concurrent`, read
+statically by `cog build`; COG_MAX_CONCURRENCY overrides it at run time). Each prediction runs
+the engine in a worker thread; the engine admits SD_MAX_CONCURRENCY of them at once and batches
+their UNet steps together (engine/step_batcher.py). A cancelled prediction stops at its next
+step; the others go on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import shutil
 import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cog import BaseModel, BasePredictor, Input, Path
+from cog import BaseModel, BasePredictor, Input, Path, concurrent
 from cog.input import FieldInfo
 
 from engine.api import Engine, EngineConfig
@@ -21,7 +32,15 @@ from engine.errors import EngineError, public_error
 from engine.playground import FIELD_NAMES
 from engine.progress import print_progress
 
-KEEP_OUTPUT_DIRS = 2
+SLOTS = 8  # keep equal to @concurrent(max=...) below (Cog reads that literal)
+# Output folders are removed once this old: Cog has delivered their files long before, and a
+# folder of a prediction still being delivered is never this old.
+OUTPUT_TTL_S = 600.0
+
+
+class Cancelled(BaseException):
+    """Cog cancelled the prediction: raised in the engine's thread at its next step (a
+    BaseException, like Cog's own, so no `except Exception` in the engine swallows it)."""
 
 
 class Output(BaseModel):
@@ -47,10 +66,12 @@ class Predictor(BasePredictor):
         """Load every checkpoint under SD_MODELS_DIR (default: this repository)."""
         setup_logging()
         self.engine = Engine.setup(EngineConfig.from_env())
-        self.outdirs: list[Path] = []
+        self.outdirs: list[tuple[float, Path]] = []  # (created, folder), oldest first
+        self.workers = ThreadPoolExecutor(SLOTS, thread_name_prefix="predict")
 
     # fmt: off
-    def predict(
+    @concurrent(max=8)
+    async def predict(
         self,
         api_json: str = Input(description="For API clients: the webui API payload (body of /sdapi/v1/txt2img or /img2img) as JSON text, or a data: URL of it. A field set here wins over the inputs below.", default="{}"),
         endpoint: str = Input(description="auto (img2img when there is an init image, else txt2img), txt2img, img2img, or a listing named like webui's: sd-models, samplers, schedulers, loras, embeddings, sd-vae, upscalers, latent-upscale-modes, options, memory, controlnet/model_list, ... (all in the README). png-info answers the infotext of the image in api_json (an object whose image field is base64). extra-single-image / extra-batch-images upscale the image(s) in api_json as webui's extras do (info: webui's html_info).", default="auto"),
@@ -76,27 +97,47 @@ class Predictor(BasePredictor):
         # fmt: on
         args = {name: given(value) for name, value in locals().items() if name != "self"}
         playground = {name: args[name] for name in FIELD_NAMES}
+        stop = threading.Event()
+
+        def progress(step: int, total: int) -> None:
+            if stop.is_set():
+                raise Cancelled
+            print_progress(step, total)
+
+        def run() -> Any:
+            return self.engine.handle(args["endpoint"], args["api_json"], progress, playground)
+
+        # The worker thread keeps this prediction's context (Cog routes its logs by it).
+        work = self.workers.submit(contextvars.copy_context().run, run)
         try:
-            response = self.engine.handle(args["endpoint"], args["api_json"], print_progress, playground)
+            response = await asyncio.wrap_future(work)
+        except asyncio.CancelledError:
+            stop.set()  # the engine stops at its next step; the slot is free once it has
+            await asyncio.wait([asyncio.wrap_future(work)])
+            raise
         except EngineError as exc:
             raise public_error(exc) from None
         if response.seed is not None:
             print(f"Using seed: {response.seed}", flush=True)
-        # Each prediction writes into its own folder; older ones have been delivered by now,
-        # so only the last few are kept (a name is never reused while Cog may still read it).
-        outdir = Path(tempfile.mkdtemp(prefix="sd-out-"))
-        self.outdirs.append(outdir)
-        while len(self.outdirs) > KEEP_OUTPUT_DIRS:
-            shutil.rmtree(self.outdirs.pop(0), ignore_errors=True)
-        files = []
-        for index, image in enumerate(response.images):
-            path = outdir / f"{index:05d}.{image.extension}"
-            path.write_bytes(image.data)
-            files.append(Path(path))
         return Output(
-            images=files,
+            images=self._write(response.images),
             seed=response.seed,
             info=response.info,
             parameters=json.dumps(response.parameters) if response.parameters else "",
             listing="" if response.listing is None else json.dumps(response.listing),
         )
+
+    def _write(self, images: list[Any]) -> list[Path]:
+        """The files in a folder of this prediction's own; folders older than OUTPUT_TTL_S go
+        (concurrent predictions may still be delivering the newer ones)."""
+        now = time.monotonic()
+        while self.outdirs and now - self.outdirs[0][0] > OUTPUT_TTL_S:
+            shutil.rmtree(self.outdirs.pop(0)[1], ignore_errors=True)
+        outdir = Path(tempfile.mkdtemp(prefix="sd-out-"))
+        self.outdirs.append((now, outdir))
+        files = []
+        for index, image in enumerate(images):
+            path = outdir / f"{index:05d}.{image.extension}"
+            path.write_bytes(image.data)
+            files.append(Path(path))
+        return files

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .catalog import Catalog, HashCache
 from .device import choose_placement, describe
 from .embeddings import EmbeddingCatalog
@@ -32,6 +34,7 @@ from .planning import Models
 from .playground import merge_playground
 from .refresh import rescan
 from .response import Result
+from .step_batcher import CONCURRENCY_ENV, MAX_ROWS_ENV, max_rows_from_env, sessions_from_env
 from .upscaler_models import UpscalerCatalog
 from .vae import VaeCatalog
 from .working_set import BUDGET_ENV, WorkingSet, budget_from_env, gib, pinned_limit_from_env
@@ -139,6 +142,17 @@ class Engine:
         placement = dataclasses.replace(placement, memory=working)
         cache = PipelineCache(catalog, placement, config.cache_dir, working=working)
         cache.load_all()
+        # 3a. Requests in flight at once, and UNet rows per batched step (step_batcher.py).
+        free = torch.cuda.mem_get_info()[0] if placement.device == "cuda" else None
+        cache.batcher.max_sessions = sessions_from_env(free)
+        cache.batcher.max_rows = max_rows_from_env()
+        log.info(
+            "setup: up to %d requests at once, %d UNet rows per batched step (%s, %s)",
+            cache.batcher.max_sessions,
+            cache.batcher.max_rows,
+            CONCURRENCY_ENV,
+            MAX_ROWS_ENV,
+        )
         # 4. LoRAs and embeddings: listed and hashed once; LoRA weights load on first use.
         loras = LoraCatalog.scan(catalog.files("loras"), hashes)
         embeddings = EmbeddingCatalog.scan(catalog.files("embeddings"))
@@ -226,10 +240,11 @@ class Engine:
         return parse_request(payload, choose_mode(endpoint, payload), self.limits)
 
     def generate(self, parsed: ParsedRequest, progress: Progress = log_progress) -> Response:
-        """Run a parsed txt2img/img2img request."""
+        """Run a parsed txt2img/img2img request; several may run at once from several threads
+        (their UNet steps batched together: engine/step_batcher.py)."""
         try:
             # What the request uses stays on the device until it ends (engine/working_set.py).
-            with self.models.cache.memory.lease():
+            with self.models.cache.memory.lease(), self.models.cache.batcher.session():
                 result: Result = generate(self.models, parsed, progress)
         finally:
             release_host_memory()

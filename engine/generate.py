@@ -20,6 +20,7 @@ from .payload import (
 )
 from .planning import Models, make_plan
 from .response import Result, build_info, image_infotext
+from .step_batcher import away
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +50,25 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
             used.update(done.used)
             if done.stopped is not None and not done.stopped.skip:
                 break  # webui's interrupt: the batches so far are the answer
-    # 3. Infotext per image, encoded files, the info JSON.
+    # 3. Infotext per image, encoded files, the info JSON; no model is touched from here, so
+    # other requests' steps go on meanwhile (engine/step_batcher.py).
     infotexts = [image_infotext(plan, i, used) for i in range(len(pil_images))]
     settings = parsed.settings
-    images = [
-        encode_image(
-            img,
-            settings.samples_format,
-            text if settings.enable_pnginfo else None,
-            jpeg_quality=settings.jpeg_quality,
-        )
-        for img, text in zip(pil_images, infotexts, strict=True)
-    ]
-    # Extension images (ControlNet detected maps) follow the generated ones, without infotext.
-    images += [
-        encode_image(img, settings.samples_format, None, jpeg_quality=settings.jpeg_quality)
-        for img in plan.effects.extra_images
-    ]
+    with away():
+        images = [
+            encode_image(
+                img,
+                settings.samples_format,
+                text if settings.enable_pnginfo else None,
+                jpeg_quality=settings.jpeg_quality,
+            )
+            for img, text in zip(pil_images, infotexts, strict=True)
+        ]
+        # Extension images (ControlNet detected maps) follow the generated ones, no infotext.
+        images += [
+            encode_image(img, settings.samples_format, None, jpeg_quality=settings.jpeg_quality)
+            for img in plan.effects.extra_images
+        ]
     if not req.send_images:
         images = []
     info = info_json(build_info(plan, infotexts, used))

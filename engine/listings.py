@@ -28,7 +28,7 @@ from .infotext import parse_generation_parameters
 from .inputs import ALLOWED_FORMATS, open_image
 from .payload import OPTIONS, decode_api_json
 from .samplers import list_samplers, list_schedulers
-from .upscaler_models import WEBUI_NAMES, UpscalerFile
+from .upscaler_models import KINDS, WEBUI_NAMES, UpscalerFile
 
 if TYPE_CHECKING:
     from .api import Engine
@@ -64,12 +64,13 @@ BUILTIN_UPSCALERS: tuple[UpscalerRow, ...] = tuple(UpscalerRow(name) for name in
 
 def _model_row(file: UpscalerFile) -> UpscalerRow:
     # webui's model_name is the upscaler class's: None for its RealESRGAN class (the R-ESRGAN
-    # names), "ESRGAN_4x" for its ESRGAN class (every other file). model_path: the file here
-    # (webui gives the download URL for the R-ESRGAN entries). scale: the file's own.
+    # names), "ESRGAN_4x" for its ESRGAN class (every other ESRGAN-kind file), "SwinIR 4x" for
+    # its SwinIR class (KINDS). model_path: the file here (webui gives the download URL for
+    # the R-ESRGAN entries). scale: the file's own.
     realesrgan = file.name in WEBUI_NAMES.values()
     return UpscalerRow(
         file.name,
-        model_name=None if realesrgan else "ESRGAN_4x",
+        model_name=None if realesrgan else KINDS[file.arch.kind].model_name,
         model_path=str(file.path),
         scale=float(file.scale),
     )
@@ -79,7 +80,7 @@ def upscalers(engine: Engine) -> list[dict[str, Any]]:
     """`GET /sdapi/v1/upscalers` -> list[UpscalerItem]: name, model_name, model_path,
     model_url, scale. The built-ins first, then the upscalers/ files by lower-cased name
     (webui's `sd_upscalers` order)."""
-    files = sorted(engine.models.upscalers.files.values(), key=lambda f: f.name.lower())
+    files = sorted(engine.models.upscalers.listed, key=lambda f: f.name.lower())
     rows = [*BUILTIN_UPSCALERS, *(_model_row(f) for f in files)]
     return [row.item() for row in rows]
 

@@ -25,7 +25,7 @@ import math
 import threading
 import time
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -502,10 +502,12 @@ def _load_failure(exc: BaseException, report: Sequence[str]) -> str:
 
 
 class LoraManager:
-    """The LoRA adapters of one loaded checkpoint, applied for one generation at a time.
+    """The LoRA adapters of one loaded checkpoint.
 
-    Holds at most `max_cached` adapters (least recently used first out). Not re-entrant and
-    not shared between concurrent generations: a second `applied()` while one is open raises.
+    Holds at most `max_cached` adapters (least recently used first out; adapters a request in
+    flight uses are never evicted). `prepared()` loads a request's adapters and `activate()`
+    switches them on; several requests may hold prepared adapters at once while the engine's
+    turns (engine/step_batcher.py) switch between them. `applied()` is the one-generation form.
     Do not pass `cross_attention_kwargs={"scale": ...}` to the pipeline: weights are set here.
     """
 
@@ -520,9 +522,12 @@ class LoraManager:
         self._cache: OrderedDict[str, LoraInfo] = OrderedDict()  # adapter id -> file, LRU first
         self._layers: dict[str, tuple[Any, ...]] = {}  # component -> its peft LoRA layers
         self._present: dict[str, frozenset[str]] = {}  # component -> adapter ids it holds
-        self._busy = threading.Lock()
-        # The device working set's hooks (engine/working_set.py, wired in planning.py): before
-        # a file loads, and for every adapter a generation uses; None: no budget.
+        self._busy = threading.Lock()  # applied(): one generation at a time
+        self._pinned: Counter[str] = Counter()  # adapter id -> requests using it now
+        # The active state as activate() last set it; None: unknown (after loads and evictions).
+        self._applied: tuple[Any, ...] | None = None
+        # The device working set's hooks (engine/working_set.py, wired in lora_memory.py):
+        # before a file loads, and for every adapter a request uses; None: no budget.
         self.before_load: Callable[[LoraInfo], None] | None = None
         self.on_use: Callable[[LoraInfo], None] | None = None
         self._reindex()
@@ -535,53 +540,88 @@ class LoraManager:
     ) -> Iterator[list[tuple[LoraInfo, LoraRequest]]]:
         """Run the body with exactly `requests` active; afterwards no adapter is active.
 
-        Yields the (file, request) pairs in request order (for the infotext). Raises
-        `RequestError` (all problems at once) before touching the pipeline for unknown names,
-        non-finite weights and LoRAs of another model family; a file that fails to load
-        raises `RequestError` and leaves only the adapters that were there before.
+        The one-generation-at-a-time form (scripts, tests): a second `applied()` while one is
+        open raises. The engine uses `prepared()` and switches per turn instead
+        (engine/step_batcher.py), so that several requests can hold their LoRAs at once.
+        Yields the (file, request) pairs in request order (for the infotext).
+        """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                f"LoRAs of {self.loaded.info.title} are already applied to another generation"
+            )
+        try:
+            with self.prepared(requests, field=field) as (pairs, uses):
+                try:
+                    self.activate(uses)
+                    yield pairs
+                finally:
+                    self.deactivate()
+        finally:
+            self._busy.release()
+
+    @contextmanager
+    def prepared(
+        self, requests: Sequence[LoraRequest], *, field: str = "prompt"
+    ) -> Iterator[tuple[list[tuple[LoraInfo, LoraRequest]], list[LoraUse]]]:
+        """Resolve `requests` and load their adapters; they stay cached (never evicted) until
+        the body ends. Yields the (file, request) pairs and the adapter uses to `activate`.
+
+        Raises `RequestError` (all problems at once) before touching the pipeline for unknown
+        names, non-finite weights and LoRAs of another model family; a file that fails to load
+        raises `RequestError` and leaves only the adapters that were there before. The caller
+        holds the engine's turn (no two requests change the pipeline at once).
         """
         # 1. Resolve and check everything first: a bad request never touches the pipeline.
         pairs = self.resolve(requests, field)
         # A LoRA at weight 0 everywhere changes nothing: not even loaded (webui loads it).
         uses = [u for u in combine_requests(pairs) if u.te_weight or u.unet_weight]
         if not uses:
-            yield pairs
+            yield pairs, []
             return
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                f"LoRAs of {self.loaded.info.title} are already applied to another generation"
-            )
+        pinned = [u.info.adapter_id for u in uses]
+        self._pinned.update(pinned)
         try:
             # 2. Load what is not cached (the only step that reads files).
             self._ensure_loaded(uses, field)
-            # 3. Activate exactly these adapters at these weights.
-            started = time.perf_counter()
-            self._activate(uses)
-            log.debug(
-                "LoRA activate %s in %.2f ms",
-                ", ".join(f"{u.info.name}(te={u.te_weight}, unet={u.unet_weight})" for u in uses),
-                (time.perf_counter() - started) * 1e3,
-            )
-            # 4. Generate.
-            yield pairs
+            # 3. Generate (the caller activates them, turn by turn).
+            yield pairs, uses
         finally:
-            # 5. Always (errors, cancellation: BaseException too): back to the base model, and
-            # the lock is released even if that fails, or every later request would hang.
-            try:
-                self._deactivate()
-                self._trim()
-            finally:
-                self._busy.release()
+            # 4. Always (errors, cancellation: BaseException too): unpinned, cache trimmed.
+            self._pinned.subtract(pinned)
+            self._pinned += Counter()  # drop zero counts
+            self._trim()
+
+    def activate(self, uses: Sequence[LoraUse]) -> None:
+        """Exactly `uses` active at their weights (nothing for an empty list). A switch to
+        the state already active costs nothing."""
+        signature = tuple((u.info.adapter_id, u.te_weight, u.unet_weight) for u in uses)
+        if signature == self._applied:
+            return
+        if not signature:
+            self._deactivate()
+            return
+        started = time.perf_counter()
+        self._activate(uses)
+        self._applied = signature
+        log.debug(
+            "LoRA activate %s in %.2f ms",
+            ", ".join(f"{u.info.name}(te={u.te_weight}, unet={u.unet_weight})" for u in uses),
+            (time.perf_counter() - started) * 1e3,
+        )
+
+    def deactivate(self) -> None:
+        """No adapter active (the base model)."""
+        if self._applied != ():
+            self._deactivate()
 
     def drop(self, adapter_id: str) -> bool:
         """Delete one cached adapter (the working set's eviction under SD_DEVICE_MEMORY); False
-        while a generation has this pipeline's LoRAs applied (it is then left alone)."""
-        if not self._busy.acquire(blocking=False):
+        while any request uses this checkpoint's LoRAs (it is then left alone)."""
+        if self._pinned or not self._busy.acquire(blocking=False):
             return False
         try:
-            if self._cache.pop(adapter_id, None) is not None:
-                self.loaded.pipe.delete_adapters([adapter_id])  # not active: nothing else changes
-                self._reindex()
+            if adapter_id in self._cache:
+                self._evict(adapter_id)
             return True
         finally:
             self._busy.release()
@@ -596,6 +636,8 @@ class LoraManager:
         For /refresh-loras or memory pressure; never while a generation is running.
         """
         with self._busy:
+            if self._pinned:
+                raise RuntimeError(f"LoRAs of {self.loaded.info.title} are in use")
             self._reindex()
             self._deactivate()
             if self._layers and any(self._layers.values()):
@@ -676,7 +718,7 @@ class LoraManager:
             if aid in self._cache:
                 self._cache.move_to_end(aid)
             else:
-                self._make_room(keep=needed, incoming=1)
+                self._make_room(keep=needed | set(self._pinned), incoming=1)
                 if self.before_load is not None:
                     self.before_load(use.info)
                 with reported(f"loading LoRA {use.info.name}", "try fewer or smaller LoRAs"):
@@ -769,6 +811,7 @@ class LoraManager:
         for layers in self._layers.values():
             for layer in layers:
                 _set_active(layer, [])
+        self._applied = ()
 
     def _make_room(self, keep: set[str], incoming: int) -> None:
         while len(self._cache) + incoming > self.max_cached:
@@ -779,7 +822,7 @@ class LoraManager:
 
     def _trim(self) -> None:
         try:
-            self._make_room(keep=set(), incoming=0)
+            self._make_room(keep=set(self._pinned), incoming=0)
         except Exception:  # must not hide the generation's own outcome
             log.exception("LoRA cache trim on %s failed", self.loaded.info.title)
 
@@ -822,6 +865,7 @@ class LoraManager:
     def _reindex(self) -> None:
         """Find the peft LoRA layers of each component (after loads and deletes only)."""
         tuner = _tuner_layer_class()
+        self._applied = None  # layers changed: the next activate() sets every one again
         self._layers, self._present = {}, {}
         for component in COMPONENT_WEIGHTS:
             model = getattr(self.loaded.pipe, component, None)

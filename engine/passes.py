@@ -55,6 +55,7 @@ from .sampling import (
     has_non_finite,
 )
 from .seeds import NoiseSpec, first_noise
+from .step_batcher import away, exclusive, lora_state
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> Batch:
     tiled = [m.pipe.unet for m in models_used(plan)] + [plan.vae.vae]
     with (
         torch.inference_mode(),
+        # Tiling changes the shared modules: no other request runs meanwhile.
+        exclusive(bool(plan.request.tiling)),
         circular_padding(tiled, bool(plan.request.tiling)),
         LoraSwitch() as loras,
     ):
@@ -151,7 +154,8 @@ def models_used(plan: Plan) -> list[LoadedCheckpoint]:
 
 class LoraSwitch(ExitStack):
     """The LoRAs active on the shared models, pass by pass; none once the batch ends (also on
-    errors). Switching to the set already active keeps it (no deactivate/activate)."""
+    errors). Switching to the set already active keeps it. With several requests in flight
+    each one's LoRAs are switched on in its own turns only (engine/step_batcher.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -165,7 +169,8 @@ class LoraSwitch(ExitStack):
         self._active = (None, [])
         manager, requests = wanted
         if manager is not None and requests:
-            self.enter_context(manager.applied(requests))
+            _, uses = self.enter_context(manager.prepared(requests))
+            self.enter_context(lora_state(manager, uses))
             self._active = wanted
 
 
@@ -287,6 +292,8 @@ def _run(plan: Plan, job: PassJob, progress: Progress) -> Sampled:
             # Hooks that change the UNet for this pass (ControlNet reference) undo it on exit.
             for hook in job.hooks:
                 if isinstance(hook, ScopedUNetHook):
+                    # It changes the shared UNet: no other request runs meanwhile.
+                    scoped.enter_context(exclusive())
                     scoped.enter_context(hook.attached(loaded.pipe.unet))
             latents = run_pass(
                 spec, denoiser, job.noise, job.generators, job.seeds, plan.rng_device, job.init
@@ -462,15 +469,16 @@ def hires_pass(
         upscaled = crop_latent(upscaled, target)
     else:
         images = decode_latents(plan.vae.vae, latents)
-        resized = [
-            resize_image(
-                1 if target.crop else 0,
-                upscale_pixels(img, target.resize_x, target.resize_y, hires.upscaler.pixels),
-                target.width,
-                target.height,
-            )
-            for img in images
-        ]
+        with away():  # upscaler models hold no request state; other requests step meanwhile
+            resized = [
+                resize_image(
+                    1 if target.crop else 0,
+                    upscale_pixels(img, target.resize_x, target.resize_y, hires.upscaler.pixels),
+                    target.width,
+                    target.height,
+                )
+                for img in images
+            ]
         upscaled = encode_images(plan.vae.vae, resized).to(torch.float32)
     if hires.steps_run <= 0:
         return upscaled, {}  # webui decodes the upscaled latent as it is when denoising is 0

@@ -530,6 +530,9 @@ _OPTION_ROWS: Final[tuple[OptionSpec, ...]] = (
     # webui's sliders: tile 0..512 (0: no tiling), overlap 0..48, in input pixels.
     _opt("ESRGAN_tile", _check_int, 192, True, range=Range(0, 512)),
     _opt("ESRGAN_tile_overlap", _check_int, 8, True, range=Range(0, 48)),
+    # The SwinIR extension's sliders (extensions-builtin/SwinIR): tile 16..512, overlap 0..48.
+    _opt("SWIN_tile", _check_int, 192, True, range=Range(16, 512)),
+    _opt("SWIN_tile_overlap", _check_int, 8, True, range=Range(0, 48)),
 )
 OPTIONS: Final[dict[str, OptionSpec]] = {row.name: row for row in _OPTION_ROWS}
 
@@ -586,6 +589,8 @@ class Settings(BaseModel):
     upscaler_for_img2img: str | None = _d("upscaler_for_img2img")
     ESRGAN_tile: int = _d("ESRGAN_tile")
     ESRGAN_tile_overlap: int = _d("ESRGAN_tile_overlap")
+    SWIN_tile: int = _d("SWIN_tile")
+    SWIN_tile_overlap: int = _d("SWIN_tile_overlap")
 
 
 if set(Settings.model_fields) != set(OPTIONS):  # pragma: no cover - guards edits of one side

@@ -27,6 +27,7 @@ import torch
 from .catalog import Catalog, CheckpointInfo
 from .loading import LoadedCheckpoint, Placement, load_checkpoint, placement
 from .oom import reported
+from .step_batcher import StepBatcher
 from .working_set import WorkingSet, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class PipelineCache:
     _vaes: dict[str, Any] = field(default_factory=dict)  # content digest -> the shared module
     # Which checkpoints sit on the device (engine/working_set.py); default: no budget.
     working: WorkingSet | None = None
+    # Turns and batched UNet calls of the requests in flight on these modules.
+    batcher: StepBatcher = field(default_factory=StepBatcher)
 
     def __post_init__(self) -> None:
         if self.working is None:
@@ -84,7 +87,12 @@ class PipelineCache:
         """A cache for a rescanned `catalog`: unchanged checkpoints (same title, file and
         hashes) are reused as loaded, the others load now; this cache is left as it was."""
         fresh = PipelineCache(
-            catalog, self.placement, self.cache_root, _vaes=dict(self._vaes), working=self.working
+            catalog,
+            self.placement,
+            self.cache_root,
+            _vaes=dict(self._vaes),
+            working=self.working,
+            batcher=self.batcher,  # the same modules: the same turns
         )
         assert self.working is not None
         for title in set(self.loaded) - {info.title for info in catalog.checkpoints}:

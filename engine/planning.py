@@ -85,16 +85,18 @@ class Models:
 
     def model_upscalers(self, settings: Settings) -> dict[str, PixelUpscale]:
         """The installed model upscalers by webui name, each as webui's
-        `Upscaler.upscale(img, scale)` with the request's ESRGAN tile options."""
-        return {
-            name: partial(
+        `Upscaler.upscale(img, scale)` with the request's tile options for its kind
+        (`ESRGAN_tile`/`ESRGAN_tile_overlap`, `SWIN_tile`/`SWIN_tile_overlap`)."""
+        table: dict[str, PixelUpscale] = {}
+        for name in self.upscalers.names:
+            tile, overlap = self.upscalers.kind(name).tile_options
+            table[name] = partial(
                 self.upscalers.upscale,
                 name,
-                tile=settings.ESRGAN_tile,
-                overlap=settings.ESRGAN_tile_overlap,
+                tile=getattr(settings, tile),
+                overlap=getattr(settings, overlap),
             )
-            for name in self.upscalers.names
-        }
+        return table
 
     def lora_manager(self, loaded: LoadedCheckpoint) -> LoraManager:
         """One adapter cache per checkpoint, made on first use."""

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .schedules import Discretization
+from .step_batcher import away, run_unet
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,8 @@ class CFGDenoiser:
             sampling_steps=self.sampling_steps,
         )
         _apply_unet_hooks(list(stage.hooks), unet_in, t_in, kwargs, info)
-        outputs = stage.unet(unet_in, t_in, **kwargs).sample.to(torch.float32)
+        # Batched with other requests' calls when several run at once (engine/step_batcher.py).
+        outputs = run_unet(stage.unet, unet_in, t_in, kwargs).to(torch.float32)
         if self.cond_scale_multiplier != 1.0:
             self.last_uncond = outputs[:batch].clone()
         guided = combine_cfg(outputs, cond, self.cfg_scale * self.cond_scale_multiplier)
@@ -336,7 +338,8 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
     from .errors import GenerationError
     from .vae_precision import decode_pixels
 
-    pixels = decode_pixels(vae, latents)  # half precision, retried in fp32 on NaN
+    with away():  # other requests' steps go on meanwhile (engine/step_batcher.py)
+        pixels = decode_pixels(vae, latents)  # half precision, retried in fp32 on NaN
     if has_non_finite(pixels):
         raise GenerationError("the VAE produced NaN or Inf values; no image is returned")
     pixels = torch.clamp(pixels.float() * 0.5 + 0.5, min=0.0, max=1.0)
@@ -361,7 +364,8 @@ def encode_images(vae: Any, images: Sequence[Any]) -> torch.Tensor:
         [np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for img in images]
     )
     tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(tensor).latent_dist.mode()
+    with away():
+        latents = vae.encode(tensor).latent_dist.mode()
     return latents * vae.config.scaling_factor
 
 

@@ -13,11 +13,15 @@ this project's pinned CPU torch; README "Packages"):
   count, channel width and growth channels come from the keys.
 - Real-ESRGAN's SRVGGNetCompact (`body.N.weight`: convolutions and PReLUs, then a pixel
   shuffle; realesr-general-x4v3, realesr-animevideov3).
+- SwinIR (engine/upscaler_swinir.py), every upsampler its released files use (webui's
+  "SwinIR 4x" is the real-world x4 one), run as webui's SwinIR upscaler runs it: in float32,
+  tiled by `upscale_2` (tiles averaged in tensor space) with the `SWIN_tile` options.
 
-Anything else (SwinIR, DAT, HAT, an unknown layout, a pickle that is not weights-only) is
-skipped at setup with its reason in the log and never offered. `.pth` files are read with
-`torch.load(weights_only=True)`, so no code in a pickle ever runs; `.safetensors` with
-safetensors. Only files the catalog found inside the models folder are opened.
+Each kind's way of running (tiling, tile options, half precision, listed model_name) is one
+row of KINDS. Anything else (DAT, HAT, Swin2SR, SCUNet, an unknown layout, a pickle that is
+not weights-only) is skipped at setup with its reason in the log and never offered. `.pth`
+files are read with `torch.load(weights_only=True)`, so no code in a pickle ever runs;
+`.safetensors` with safetensors. Only files the catalog found inside the models folder are opened.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -36,7 +40,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .upscaler_arch import Architecture, Unsupported
+from .upscaler_swinir import KEY as SWINIR_KEY
+from .upscaler_swinir import SWINIR_NAMES, SwinIR, pad_to, recognise_swinir
 from .working_set import WorkingSet, module_entry
+
+__all__ = ["Architecture", "Unsupported"]  # shared with engine/upscaler_swinir.py
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +66,6 @@ WEBUI_NAMES: Final[Mapping[str, str]] = {
     "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B",
     "RealESRGAN_x2plus": "R-ESRGAN 2x+",
 }
-
-
-class Unsupported(Exception):
-    """A file this server does not run; the message is the reason shown in the log."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,24 +156,16 @@ class SRVGGNetCompact(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 _OTHER_ARCHES: Final = (
-    # (a key pattern, what it is): layouts recognised only to say why they are skipped.
-    (re.compile(r"(^|\.)layers\.\d+\.residual_group\.blocks\.\d+\.attn\."), "SwinIR/HAT"),
+    # (a key pattern, what it is): layouts recognised only to say why they are skipped. Checked
+    # before SwinIR's: HAT and Swin2SR share SwinIR's `layers.i.residual_group.blocks.j` keys.
     (re.compile(r"(^|\.)layers\.\d+\.blocks\.\d+\.attn\.attns\."), "DAT"),
-    (re.compile(r"(^|\.)overlap_attn\."), "HAT"),
+    (re.compile(r"(^|\.)overlap_attn\.|(^|\.)conv_block\.cab\."), "HAT"),
+    (re.compile(r"\.attn\.logit_scale$|\.attn\.cpb_mlp\."), "Swin2SR"),
     (re.compile(r"(^|\.)m_head\.|(^|\.)m_down1\."), "SCUNet"),
 )
 SUPPORTED: Final = (
-    "ESRGAN/RRDBNet (original and BasicSR key layouts) and Real-ESRGAN SRVGGNetCompact"
+    "ESRGAN/RRDBNet (original and BasicSR key layouts), Real-ESRGAN SRVGGNetCompact and SwinIR"
 )
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What the keys say: the kind, the native scale and a short description for the log."""
-
-    kind: str  # "ESRGAN" or "SRVGGNetCompact"
-    scale: int
-    describe: str
 
 
 def unwrap(state: Any) -> dict[str, torch.Tensor]:
@@ -279,6 +276,9 @@ def recognise(sd: Mapping[str, torch.Tensor]) -> tuple[Architecture, dict[str, A
     for pattern, name in _OTHER_ARCHES:
         if any(pattern.search(k) for k in sd):
             raise Unsupported(f"a {name} model; supported here: {SUPPORTED}")
+    if any(SWINIR_KEY.match(k) for k in sd):
+        arch, config, weights = recognise_swinir(sd)
+        return arch, {"config": config}, weights
     if "model.0.weight" in sd and any(k.startswith("model.1.sub.") for k in sd):
         sd = _old_to_new(sd)
     if "conv_first.weight" in sd:
@@ -311,7 +311,7 @@ def _rrdb_keys(sd: Mapping[str, torch.Tensor], upsamples: int) -> dict[str, torc
 
 def build(arch: Architecture, args: Mapping[str, Any], sd: Mapping[str, torch.Tensor]) -> nn.Module:
     """The module with the file's weights (strict: every key must fit)."""
-    model: nn.Module = RRDBNet(**args) if arch.kind == "ESRGAN" else SRVGGNetCompact(**args)
+    model = KINDS[arch.kind].build(**args)
     try:
         model.load_state_dict(dict(sd), strict=True)
     except RuntimeError as exc:
@@ -355,8 +355,9 @@ class UpscalerFile:
         return self.arch.scale
 
 
-def webui_name(path: Path) -> str:
-    return WEBUI_NAMES.get(path.stem, path.stem)
+def webui_name(path: Path, kind: str) -> str:
+    """webui's name for a file of `kind`: its release name, else the file name's stem."""
+    return KINDS[kind].names.get(path.stem, path.stem)
 
 
 @dataclass
@@ -389,38 +390,53 @@ class UpscalerCatalog:
         taken = set(reserved)
         catalog = cls(device=device, dtype=dtype, memory=memory)
         for path in paths:
-            name = webui_name(path)
             try:
+                arch, _, _ = recognise(read_weights(path))
+                name = webui_name(path, arch.kind)
                 if name in taken:
                     raise Unsupported(f"its upscaler name {name!r} is already taken")
-                arch, _, _ = recognise(read_weights(path))
             except Unsupported as exc:
                 catalog.skipped[path] = str(exc)
                 log.warning("upscalers: %s skipped: %s", path.name, exc)
                 continue
             taken.add(name)
-            catalog.files[name] = UpscalerFile(name, path, arch)
+            entry = catalog.files[name] = UpscalerFile(name, path, arch)
             log.info("upscalers: %r from %s: %s", name, path.name, arch.describe)
+            for alias in KINDS[arch.kind].aliases.get(name, ()):
+                if alias not in taken:
+                    taken.add(alias)
+                    catalog.files[alias] = entry
         return catalog
 
     @property
     def names(self) -> list[str]:
+        """Every name a request may use: the listed ones and their aliases."""
         return list(self.files)
 
+    @property
+    def listed(self) -> list[UpscalerFile]:
+        """The usable files, once each (the `upscalers` listing; aliases are not listed)."""
+        return [entry for key, entry in self.files.items() if key == entry.name]
+
+    def kind(self, name: str) -> Kind:
+        """How webui runs the file listed as `name`."""
+        return KINDS[self.files[name].arch.kind]
+
     def model(self, name: str) -> nn.Module:
-        """The loaded model of `name` (a listed name), loaded on first use."""
+        """The loaded model of `name` (a listed name), loaded on first use; in the catalog's
+        dtype, or float32 for a kind webui never runs in half precision."""
         entry = self.files[name]
-        if name not in self._loaded:
+        if entry.name not in self._loaded:  # an alias shares its file's model
             if self.memory is not None:
                 self.memory.before_load(entry.path.stat().st_size)
             arch, args, sd = recognise(read_weights(entry.path))
-            model = build(arch, args, sd).to(device=self.device, dtype=self.dtype)
-            self._loaded[name] = model
+            dtype = self.dtype if KINDS[arch.kind].half else torch.float32
+            model = build(arch, args, sd).to(device=self.device, dtype=dtype)
+            self._loaded[entry.name] = model
         if self.memory is not None:  # on the device for this request
-            self.memory.use(
-                module_entry("upscaler", f"{name} ({entry.path.name})", self._loaded[name])
-            )
-        return self._loaded[name]
+            label = f"{entry.name} ({entry.path.name})"
+            self.memory.use(module_entry("upscaler", label, self._loaded[entry.name]))
+        return self._loaded[entry.name]
 
     def upscale(
         self,
@@ -432,15 +448,18 @@ class UpscalerCatalog:
         overlap: int = DEFAULT_TILE_OVERLAP,
     ) -> Image.Image:
         """webui `Upscaler.upscale(img, scale)` with this model: up to three model passes
-        until the /8-rounded target is reached, then LANCZOS to exactly that size."""
+        (tiled as webui tiles this kind) until the /8-rounded target is reached, then LANCZOS
+        to exactly that size."""
         model = self.model(name)
+        # Looked up per call (not stored in KINDS) so that both stay patchable in tests.
+        tiler = {"grid": upscale_with_model, "tensor": upscale_2}[self.kind(name).tiling]
         dest_w = int((image.width * scale) // 8 * 8)
         dest_h = int((image.height * scale) // 8 * 8)
         for i in range(3):
             if image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1):
                 break
             shape = image.size
-            image = upscale_with_model(model, image, tile=tile, overlap=overlap)
+            image = tiler(model, image, tile=tile, overlap=overlap)
             if shape == image.size:
                 break
         if image.size != (dest_w, dest_h):
@@ -573,3 +592,101 @@ def upscale_with_model(
             grid.overlap * factor,
         )
     )
+
+
+def _descriptor_call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One model call as webui makes it through spandrel's model descriptor: a side under the
+    model's `min_side` padded up to it (reflected, then replicated) and cut back after, the
+    output clamped to [0, 1] (before any tile averaging)."""
+    height, width = x.shape[-2:]
+    side = getattr(model, "min_side", 0)
+    out = model(pad_to(x, max(height, side), max(width, side)))
+    scale = out.shape[-1] // max(width, side)
+    return out[..., : height * scale, : width * scale].clamp_(0, 1)
+
+
+def upscale_2(
+    model: nn.Module,
+    image: Image.Image,
+    *,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_TILE_OVERLAP,
+) -> Image.Image:
+    """webui `upscaler_utils.upscale_2` / `tiled_upscale_2` (its SwinIR path): square tiles of
+    `min(tile, height, width)` at a stride of tile - overlap, the last row and column pushed
+    back inside the image, each tile's output added into the result and divided by how many
+    tiles covered each pixel. Tile 0 runs the whole image. Where webui's stride would be 0 or
+    less (an image no larger than the overlap), it fails or leaves pixels uncovered; here the
+    whole image is run instead."""
+    x = _to_tensor(image, model)
+    height, width = x.shape[-2:]
+    tile = min(tile, height, width)
+    with torch.inference_mode():
+        if tile <= 0 or tile - overlap <= 0:
+            return _to_image(_descriptor_call(model, x))
+        stride = tile - overlap
+        rows = [*range(0, height - tile, stride), height - tile]
+        cols = [*range(0, width - tile, stride), width - tile]
+        result: torch.Tensor | None = None
+        weights: torch.Tensor | None = None
+        scale = 1
+        for top in rows:
+            for left in cols:
+                out = _descriptor_call(model, x[..., top : top + tile, left : left + tile])
+                if result is None or weights is None:
+                    scale = out.shape[-1] // tile
+                    result = x.new_zeros((*x.shape[:2], height * scale, width * scale))
+                    weights = torch.zeros_like(result)
+                rows_out = slice(top * scale, (top + tile) * scale)
+                cols_out = slice(left * scale, (left + tile) * scale)
+                result[..., rows_out, cols_out] += out
+                weights[..., rows_out, cols_out] += 1
+        assert result is not None and weights is not None  # at least one tile ran
+        return _to_image(result / weights)
+
+
+# --------------------------------------------------------------------------------------------
+# How webui runs each kind
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One architecture as webui runs it."""
+
+    build: Callable[..., nn.Module]  # the module, from recognise()'s arguments
+    names: Mapping[str, str]  # file stem -> webui's name for it (others: the stem)
+    tiling: str  # "grid": upscale_with_model (PIL tiles, ramps); "tensor": upscale_2
+    tile_options: tuple[str, str]  # webui's options for the tile side and overlap
+    half: bool  # runs in the catalog's half dtype (spandrel's supports_half)
+    model_name: str  # the `upscalers` listing's model_name (webui's upscaler class's)
+    # listed name -> other names requests may use for the same file (not listed)
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+KINDS: Final[Mapping[str, Kind]] = {
+    "ESRGAN": Kind(
+        RRDBNet, WEBUI_NAMES, "grid", ("ESRGAN_tile", "ESRGAN_tile_overlap"), True, "ESRGAN_4x"
+    ),
+    "SRVGGNetCompact": Kind(
+        SRVGGNetCompact,
+        WEBUI_NAMES,
+        "grid",
+        ("ESRGAN_tile", "ESRGAN_tile_overlap"),
+        True,
+        "ESRGAN_4x",
+    ),
+    # webui's UpscalerSwinIR: spandrel loads SwinIR with supports_half=False (float32 even
+    # under --half), upscale_2 with SWIN_tile / SWIN_tile_overlap, model_name "SwinIR 4x".
+    # webui lists its download as "SwinIR 4x" until a restart finds the saved SwinIR_4x.pth
+    # and lists it by its stem: payloads from either state name the same file.
+    "SwinIR": Kind(
+        SwinIR,
+        SWINIR_NAMES,
+        "tensor",
+        ("SWIN_tile", "SWIN_tile_overlap"),
+        False,
+        "SwinIR 4x",
+        {"SwinIR 4x": ("SwinIR_4x",)},
+    ),
+}

@@ -1,7 +1,7 @@
 """Benchmark (not a test): webui's tiled upscale with a tiny upscaler model, per tile size.
 
-    python scripts/bench_upscale.py [--model srvgg|esrgan-new|esrgan-old] [--size 512]
-                                    [--tiles 0,64,128,192,256,512] [--overlap 8]
+    python scripts/bench_upscale.py [--model srvgg|esrgan-new|esrgan-old|swinir-real|...]
+                                    [--size 512] [--tiles 0,64,128,192,256,512] [--overlap 8]
 
 Writes the tiny upscaler files (scripts/make_tiny_upscalers.py) into a temporary folder and
 upscales one `--size` square noise image with the chosen file, once per tile size (0: the
@@ -11,6 +11,8 @@ memory the upscale added: the child's peak resident set (ru_maxrss) after the up
 its peak before it (model loaded, image made). The tiny models have few channels, so the
 times are far below a real model's; the growth of memory with the tile size is what this is
 for (activations scale with the tile's area times the output scale squared).
+SwinIR files are tiled as webui tiles them (upscale_2: square tiles averaged in tensor space,
+counted from its row and column offsets), the others by webui's split_grid.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from PIL import Image
 
-from engine.upscaler_models import UpscalerCatalog, split_grid, upscale_with_model
+from engine.upscaler_models import UpscalerCatalog, split_grid, upscale_2, upscale_with_model
 from scripts.make_tiny_upscalers import FILES, write_all
 
 
@@ -40,19 +42,22 @@ def child(path: Path, size: int, tile: int, overlap: int) -> dict[str, float]:
     catalog = UpscalerCatalog.scan([path])
     (name,) = catalog.names
     model = catalog.model(name)
+    tensor_tiles = catalog.kind(name).tiling == "tensor"
+    tiler = upscale_2 if tensor_tiles else upscale_with_model
     rng = np.random.default_rng(0)
     image = Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8))
-    upscale_with_model(model, image.crop((0, 0, 16, 16)), tile=0)  # warm-up (oneDNN set-up)
+    tiler(model, image.crop((0, 0, 16, 16)), tile=0)  # warm-up (oneDNN set-up)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    out = upscale_with_model(model, image, tile=tile, overlap=overlap)
+    out = tiler(model, image, tile=tile, overlap=overlap)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tiles = (
-        1
-        if tile <= 0
-        else sum(len(row) for _, _, row in split_grid(image, tile, tile, overlap).tiles)
-    )
+    tiles = 1
+    if tile > 0 and tensor_tiles:
+        side = min(tile, size)  # webui's upscale_2: offsets by stride, plus the last one
+        tiles = (len(range(0, size - side, side - overlap)) + 1) ** 2
+    elif tile > 0:
+        tiles = sum(len(row) for _, _, row in split_grid(image, tile, tile, overlap).tiles)
     return {
         "tiles": tiles,
         "seconds": seconds,

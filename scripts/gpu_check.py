@@ -17,7 +17,10 @@ Steps:
    against a request on the same checkpoint (all checkpoints resident).
 6. The device working set (SD_DEVICE_MEMORY) with a budget for one checkpoint: requests
    alternating SD1/SDXL, the time of each host<->device move, pictures equal to the resident ones.
-7. On CUDA: step 6 again from pageable host memory (SD_PINNED_MEMORY=0) against pinned, and
+7. Concurrent requests (engine/step_batcher.py): images/s for 1, 4 and 8 client threads against
+   the same requests one after another, per family, with latency p50/p95 and the largest pixel
+   difference from the serial pictures (8-bit levels).
+8. On CUDA: step 6 again from pageable host memory (SD_PINNED_MEMORY=0) against pinned, and
    scripts/bench_memory.py on the tiny models (resident bytes, switch-time ratios).
 It prints one table and writes the figures as JSON (--out).
 """
@@ -25,6 +28,7 @@ It prints one table and writes the figures as JSON (--out).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -100,6 +104,9 @@ class Names:
     size_sd1: int
     size_sdxl: int
 
+
+CONCURRENT_REQUESTS = 8  # per family and client count in step 7
+CONCURRENT_CLIENTS = (1, 4, 8)
 
 TINY = Names(
     sd1="tiny-sd15",
@@ -363,6 +370,75 @@ def working_set_moves(engine: Engine, n: Names, steps: int, pinned: bool = True)
     }
 
 
+def concurrency(engine: Engine, name: str, size: int, steps: int) -> dict[str, Any]:
+    """Images/s of CONCURRENT_REQUESTS requests from 1, 4 and 8 threads vs serial."""
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    bodies = [
+        json.dumps(
+            {
+                "steps": steps,
+                "width": size,
+                "height": size,
+                "seed": 100 + i,
+                "override_settings": {"sd_model_checkpoint": name},
+            }
+        )
+        for i in range(CONCURRENT_REQUESTS)
+    ]
+
+    def picture(data: bytes) -> Any:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+    def serve(clients: int) -> tuple[float, list[float], dict[int, Any]]:
+        queue, latencies, pictures = list(enumerate(bodies)), [], {}
+        lock = threading.Lock()
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    index, body = queue.pop()
+                started = time.perf_counter()
+                answer = engine.handle("txt2img", body, lambda s, t: None)
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+                    pictures[index] = picture(answer.images[0].data)
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - started, sorted(latencies), pictures
+
+    batcher = engine.models.cache.batcher
+    saved = batcher.max_sessions
+    batcher.max_sessions = max(CONCURRENT_CLIENTS)
+    try:
+        engine.handle("txt2img", bodies[0], lambda s, t: None)  # warm-up
+        wall, latencies, serial = serve(1)
+        rows = {"serial": {"images_per_s": len(bodies) / wall, "ratio": 1.0}}
+        for clients in CONCURRENT_CLIENTS:
+            seconds, lat, pictures = serve(clients)
+            rows[str(clients)] = {
+                "images_per_s": len(bodies) / seconds,
+                "ratio": wall / seconds,
+                "p50_s": lat[len(lat) // 2],
+                "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
+                "max_level_diff": max(int(np.abs(pictures[i] - serial[i]).max()) for i in serial),
+            }
+        rows["serial"]["p50_s"] = latencies[len(latencies) // 2]
+    finally:
+        batcher.max_sessions = saved
+    return rows
+
+
 def bench_memory() -> str:
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_memory.py"), "--device", "cuda"],
@@ -431,7 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     report["switch"] = switch_times(engine, names, args.steps)
     # 6. The device working set under a budget that holds one checkpoint.
     report["working_set"] = working_set_moves(engine, names, args.steps)
-    # 7. On CUDA: the same from pageable host memory (the host tier is pinned by default), and
+    # 7. Concurrent requests batched step by step, per family.
+    report["concurrency"] = {
+        "sd1": concurrency(engine, names.sd1, names.size_sd1, args.steps),
+        "sdxl": concurrency(engine, names.sdxl, names.size_sdxl, args.steps),
+    }
+    # 8. On CUDA: the same from pageable host memory (the host tier is pinned by default), and
     # scripts/bench_memory.py on the tiny models (resident bytes, switch-time ratios).
     if placement.device == "cuda":
         report["working_set_pageable"] = working_set_moves(engine, names, args.steps, pinned=False)
@@ -474,6 +555,17 @@ def print_table(report: dict[str, Any]) -> None:
         f"moves, to device {max(to_device, default=0):.2f} s at most, same pictures "
         f"{report['working_set']['same_pictures']}"
     )
+    for family, rows in report["concurrency"].items():
+        cells = ", ".join(
+            f"{clients} clients {row['images_per_s']:.2f} img/s ({row['ratio']:.2f}x"
+            + (
+                f", p95 {row['p95_s']:.2f} s, max diff {row['max_level_diff']})"
+                if "p95_s" in row
+                else ")"
+            )
+            for clients, row in rows.items()
+        )
+        print(f"concurrency {family}: {cells}")
     pageable = report.get("working_set_pageable")
     if pageable is not None:
         slow = [m["seconds"] for m in pageable["moves"] if m["direction"] == "to device"]

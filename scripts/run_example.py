@@ -8,6 +8,7 @@ Uses SD_MODELS_DIR (default: the repository root) like the predictor does.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -30,8 +31,8 @@ def main() -> int:
 
     predictor = Predictor()
     predictor.setup()
-    output = predictor.predict(
-        api_json=args.payload.read_text(encoding="utf-8"), endpoint=args.endpoint
+    output = asyncio.run(
+        predictor.predict(api_json=args.payload.read_text(encoding="utf-8"), endpoint=args.endpoint)
     )
 
     args.out.mkdir(parents=True, exist_ok=True)

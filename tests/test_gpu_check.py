@@ -34,6 +34,12 @@ def test_gpu_check_runs_every_feature_on_the_cpu(tiny_models_dir: Path, tmp_path
     assert working["same_pictures"] is True and len(working["requests"]) == 4
     assert {m["direction"] for m in working["moves"]} == {"to device", "to host"}
     assert report["device"].startswith("device cpu, dtype float32")
+    # Concurrent requests: every client count ran, and the pictures are the serial ones.
+    for family in ("sd1", "sdxl"):
+        rows = report["concurrency"][family]
+        assert set(rows) == {"serial", "1", "4", "8"}
+        assert all(row["images_per_s"] > 0 for row in rows.values())
+        assert max(row["max_level_diff"] for k, row in rows.items() if k != "serial") <= 1
 
 
 @pytest.mark.parametrize(

@@ -281,9 +281,10 @@ def test_error_is_our_sentence_without_class_names(server: CogServer) -> None:
     prediction = server.predict(payload(steps=0))
     assert prediction["status"] == "failed"
     error = prediction["error"]
-    # coglet itself prefixes "Prediction failed: " (twice, in 0.23.1); after that, our sentence.
-    sentence = error.split("Prediction failed: ")[-1]
-    assert sentence.startswith("Invalid request: steps: got 0; ")
+    # coglet itself prefixes "Prediction failed: Async prediction failed: " (0.23.1, an async
+    # predictor); after that, our sentence.
+    sentence = error.split("prediction failed: ")[-1]
+    assert sentence.startswith("Invalid request: steps: got 0; "), error
     assert "RequestError" not in error and "Exception" not in error
 
 

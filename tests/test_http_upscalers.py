@@ -54,3 +54,20 @@ def test_shared_hires_payload_naming_r_esrgan_runs(server: CogServer) -> None:
     assert (
         "Hires upscaler: R-ESRGAN 4x+" in json.loads(prediction["output"]["info"])["infotexts"][0]
     )
+
+
+def test_shared_hires_payload_naming_swinir_4x_runs(server: CogServer) -> None:
+    # webui's SwinIR upscaler name, with its own tile option (SWIN_tile) in override_settings.
+    body = payload(
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler="SwinIR 4x",
+        denoising_strength=0.3,
+        hr_second_pass_steps=1,
+        override_settings={"SWIN_tile": 32, "SWIN_tile_overlap": 8},
+    )
+    prediction = server.predict(body)
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    (data,) = image_bytes(prediction)
+    assert Image.open(io.BytesIO(data)).size == (128, 128)
+    assert "Hires upscaler: SwinIR 4x" in json.loads(prediction["output"]["info"])["infotexts"][0]

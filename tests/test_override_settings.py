@@ -53,6 +53,7 @@ MODEL_HIRES = {
     "hr_upscaler": "R-ESRGAN 4x+",
     "denoising_strength": 0.3,
 }
+SWINIR_HIRES = {**MODEL_HIRES, "hr_upscaler": "SwinIR 4x"}
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ HONOURED = (
     # 32-pixel tiles cut it into several, and their overlap decides how the seams blend.
     Row("ESRGAN_tile", 32, MODEL_HIRES),
     Row("ESRGAN_tile_overlap", 0, {**MODEL_HIRES, "override_settings": {"ESRGAN_tile": 32}}),
+    # The same for a SwinIR file, whose tiles (webui's upscale_2) take the SWIN_ options.
+    Row("SWIN_tile", 32, SWINIR_HIRES),
+    Row("SWIN_tile_overlap", 0, {**SWINIR_HIRES, "override_settings": {"SWIN_tile": 32}}),
 )
 
 # Known, validated, and not acted on: a warning names them, and the picture is the plain one.

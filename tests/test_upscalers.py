@@ -35,6 +35,8 @@ FILES = {
     "esrgan-new": ("R-ESRGAN 4x+", 4),
     "esrgan-x2": ("R-ESRGAN 2x+", 2),
     "srvgg": ("R-ESRGAN General 4xV3", 4),
+    "swinir-real": ("SwinIR 4x", 4),
+    "swinir-classical": ("001_classicalSR_DF2K_s64w8_SwinIR-M_x2", 2),
 }
 FAST = "R-ESRGAN General 4xV3"  # the SRVGGNetCompact file: the cheapest to run
 
@@ -57,7 +59,9 @@ def catalog(tiny_models_dir: Path) -> UpscalerCatalog:
 
 
 def test_every_tiny_file_is_listed_under_webuis_name(catalog: UpscalerCatalog) -> None:
-    assert sorted(catalog.names) == sorted(name for name, _ in FILES.values())
+    assert sorted(f.name for f in catalog.listed) == sorted(name for name, _ in FILES.values())
+    # Requests may also use webui's other name for SwinIR's download (not listed).
+    assert sorted(catalog.names) == sorted([*(name for name, _ in FILES.values()), "SwinIR_4x"])
     assert catalog.skipped == {}
     for name, scale in FILES.values():
         assert catalog.files[name].scale == scale
@@ -207,11 +211,12 @@ def test_hires_resize_runs_a_model_upscale_then_lanczos_to_the_size() -> None:
 # ------------------------------------------------------------------ files that are skipped
 
 
-def _swinir_like() -> dict[str, torch.Tensor]:
+def _hat_like() -> dict[str, torch.Tensor]:
+    # HAT shares SwinIR's block keys and adds overlapping cross-attention.
     return {
         "conv_first.weight": torch.zeros(60, 3, 3, 3),
         "layers.0.residual_group.blocks.0.attn.relative_position_bias_table": torch.zeros(225, 6),
-        "layers.0.residual_group.blocks.0.attn.qkv.weight": torch.zeros(180, 60),
+        "layers.0.residual_group.overlap_attn.qkv.weight": torch.zeros(180, 60),
     }
 
 
@@ -230,7 +235,7 @@ def test_unsupported_files_are_skipped_with_their_reason_and_code_never_runs(
 ) -> None:
     folder = tmp_path / "upscalers"
     folder.mkdir()
-    torch.save(_swinir_like(), folder / "003_realSR_BSRGAN_DFO_s64w8_SwinIR-M_x4_GAN.pth")
+    torch.save(_hat_like(), folder / "HAT_SRx4_ImageNet-pretrain.pth")
     torch.save({"weight": torch.zeros(3)}, folder / "mystery.pth")
     marker = tmp_path / "pwned"
     (folder / "evil.pth").write_bytes(pickle.dumps({"params": _Payload(marker)}))
@@ -240,7 +245,7 @@ def test_unsupported_files_are_skipped_with_their_reason_and_code_never_runs(
         catalog = UpscalerCatalog.scan(names, reserved=["Lanczos"])
     assert catalog.files == {}
     reasons = {path.name: reason for path, reason in catalog.skipped.items()}
-    assert "SwinIR" in reasons["003_realSR_BSRGAN_DFO_s64w8_SwinIR-M_x4_GAN.pth"]
+    assert "a HAT model" in reasons["HAT_SRx4_ImageNet-pretrain.pth"]
     assert "supported here: ESRGAN" in reasons["mystery.pth"]
     assert "not a weights-only torch file" in reasons["evil.pth"]
     assert "safetensors" in reasons["truncated.safetensors"]

@@ -142,6 +142,9 @@ WEBUI_OPTION_DEFAULTS: dict[str, Any] = {
     # modules/shared_options.py, "Upscaling" section.
     "ESRGAN_tile": 192,
     "ESRGAN_tile_overlap": 8,
+    # extensions-builtin/SwinIR/scripts/swinir_model.py, on_ui_settings.
+    "SWIN_tile": 192,
+    "SWIN_tile_overlap": 8,
 }
 
 
