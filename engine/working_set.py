@@ -217,7 +217,8 @@ class Entry:
 class Lease:
     """What one request uses: pinned on the device until the request ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: WorkingSet) -> None:
+        self.owner = owner  # another engine's working set never pins on this lease
         self.keys: set[Key] = set()
 
 
@@ -257,7 +258,7 @@ class WorkingSet:
     def lease(self) -> Iterator[Lease]:
         """One request's lease: everything `use`d or `acquire`d in the body (in this thread or
         task) stays on the device until the body ends."""
-        lease = Lease()
+        lease = Lease(self)
         token = _CURRENT.set(lease)
         try:
             yield lease
@@ -272,8 +273,8 @@ class WorkingSet:
 
     def _pin(self, keys: Iterable[Key]) -> None:
         lease = _CURRENT.get()
-        if lease is None:
-            return  # no request open (setup, a script): nothing to protect
+        if lease is None or lease.owner is not self:
+            return  # no request open here (setup, a script): nothing to protect
         for key in keys:
             if key not in lease.keys:
                 lease.keys.add(key)

@@ -399,3 +399,30 @@ def test_bench_memory_runs_and_prints_its_ratios(
     # Two copies of one checkpoint: their identical VAE is stored once.
     shared = next(line for line in printed.splitlines() if "each storage once" in line)
     assert 0.5 < float(shared.split("(")[1].split("x")[0]) < 1
+
+
+def test_requests_at_once_each_hold_their_models_and_release_them(
+    cache_engine: Engine, engine: Engine
+) -> None:
+    """Two requests in flight together (the step batcher's threads), a budget for everything
+    they use: each gets its lone picture, and nothing stays pinned after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    working = cache_engine.models.cache.memory
+    assert working.budget is not None
+    saved = working.budget
+    working.budget = saved + 8 * MiB  # room for the ControlNet and the adapter too
+    bodies = {"vae": payload(**VAE), "lora": payload(**LORA)}
+
+    def run(body: str) -> np.ndarray:
+        return pixels(cache_engine.handle("txt2img", body).images[0].data)
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {name: pool.submit(run, body) for name, body in bodies.items()}
+            got = {name: future.result() for name, future in futures.items()}
+    finally:
+        working.budget = saved
+    for name, body in bodies.items():
+        assert np.array_equal(got[name], pixels(engine.handle("txt2img", body).images[0].data))
+    assert not any(working.pinned(k) for k in working.entries)
