@@ -2,7 +2,8 @@
 
 An adapter is an entry whose tensors are its LoRA weights inside its checkpoint's layers (so
 they are counted once, with the checkpoint, and move with it); under memory pressure it is
-deleted, and its file is read again on its next use. The manager is told before a file loads
+deleted (only while no request in flight uses that checkpoint's adapters: LoraManager.drop),
+and its file is read again on its next use. The manager is told before a file loads
 (room for its size on disk) and of every adapter a generation uses (pinned until it ends)."""
 
 from __future__ import annotations

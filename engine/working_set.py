@@ -159,7 +159,8 @@ def pipe_modules(pipe: Any) -> list[torch.nn.Module]:
 
 
 def gib(count: int) -> str:
-    return f"{count / 2**30:.2f} GiB"
+    """A byte count for people: GiB, or MiB below one GiB (small budgets read 0.00 GiB)."""
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 # ---- entries
