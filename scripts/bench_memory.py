@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.api import Engine, EngineConfig
 from engine.device import choose_placement
-from engine.working_set import WorkingSet, pinned_limit_from_env, weight_bytes
+from engine.working_set import WorkingSet, weight_bytes
 from scripts.make_tiny_models import make_all
 
 SD1 = "tiny-sd15.safetensors"
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             limit = working.pinned_limit
             working.pinned_limit = 0
             _, _, pageable = switches(engine, working, one + one // 4, args)
-            working.pinned_limit = limit or pinned_limit_from_env("cuda")
+            working.pinned_limit = limit
     med = statistics.median
     base = med(same + same_host)
     rows: list[tuple[str, Any]] = [

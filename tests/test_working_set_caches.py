@@ -34,6 +34,7 @@ from engine.working_set import (
     pinned_limit_from_env,
     pinned_size,
     should_pin,
+    to_pinned_host,
     weight_bytes,
 )
 
@@ -250,6 +251,10 @@ def test_moving_to_the_host_on_the_cpu_pins_nothing() -> None:
     assert working.pinned_bytes == 0
     assert not any(m.weight.is_pinned() for m in modules)
     assert all(torch.equal(m.weight, b) for m, b in zip(modules, before, strict=True))
+    # The pinned copy itself only takes tensors that are on a CUDA device.
+    storage = modules[0].weight.untyped_storage().data_ptr()
+    to_pinned_host(modules[0])
+    assert modules[0].weight.untyped_storage().data_ptr() == storage
 
 
 # ---- the engine: real caches under a budget for the checkpoint and one VAE file
