@@ -37,11 +37,20 @@ from .response import Result
 from .step_batcher import CONCURRENCY_ENV, MAX_ROWS_ENV, max_rows_from_env, sessions_from_env
 from .upscaler_models import UpscalerCatalog
 from .vae import VaeCatalog
-from .working_set import BUDGET_ENV, WorkingSet, budget_from_env, gib, pinned_limit_from_env
+from .working_set import (
+    BUDGET_ENV,
+    DeviceBusy,
+    WorkingSet,
+    budget_from_env,
+    gib,
+    pinned_limit_from_env,
+)
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# How long a request whose models do not fit beside running requests waits for one to end.
+BUSY_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -242,10 +251,20 @@ class Engine:
     def generate(self, parsed: ParsedRequest, progress: Progress = log_progress) -> Response:
         """Run a parsed txt2img/img2img request; several may run at once from several threads
         (their UNet steps batched together: engine/step_batcher.py)."""
+        batcher = self.models.cache.batcher
         try:
-            # What the request uses stays on the device until it ends (engine/working_set.py).
-            with self.models.cache.memory.lease(), self.models.cache.batcher.session():
-                result: Result = generate(self.models, parsed, progress)
+            while True:
+                try:
+                    # What it uses stays on the device until it ends (engine/working_set.py).
+                    with self.models.cache.memory.lease(), batcher.session():
+                        result: Result = generate(self.models, parsed, progress)
+                    break
+                except DeviceBusy as busy:
+                    # Its models fit once a request in flight ends: wait for one, then again
+                    # from the start (nothing was returned yet). None in flight: refused.
+                    log.info("waiting for a running request to end: %s", busy)
+                    if not batcher.wait_for_an_end(timeout=BUSY_WAIT_S):
+                        raise
         finally:
             release_host_memory()
         return Response(images=result.images, info=result.info, parameters=result.parameters)

@@ -266,6 +266,7 @@ class StepBatcher:
     _waiting: dict[Session, UNetCall] = field(default_factory=dict, repr=False)
     _away: set[Session] = field(default_factory=set, repr=False)
     _touched: dict[int, Any] = field(default_factory=dict, repr=False)  # LoRA managers used
+    _ended: int = 0  # sessions ended so far (wait_for_an_end)
     # Per call key: fewer rows than a batched call that ran out of memory.
     _row_caps: dict[tuple[Any, ...], int] = field(default_factory=dict, repr=False)
     # Rows per UNet call run by rounds (for tests and benchmarks): rows -> count.
@@ -296,6 +297,7 @@ class StepBatcher:
                     self._holder = None
                 self._active.discard(session)
                 self._away.discard(session)
+                self._ended += 1
                 self._cv.notify_all()
             self._lead_if_ready()
             _current.reset(token)
@@ -303,6 +305,15 @@ class StepBatcher:
     def active_sessions(self) -> int:
         with self._cv:
             return len(self._active)
+
+    def wait_for_an_end(self, timeout: float) -> bool:
+        """Outside any session: wait until a request in flight ends. False at once when none
+        is in flight (nothing would free anything), or after `timeout` seconds."""
+        with self._cv:
+            if not self._active:
+                return False
+            ended = self._ended
+            return self._cv.wait_for(lambda: self._ended != ended, timeout=timeout)
 
     # ---- turns
 

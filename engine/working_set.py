@@ -62,6 +62,11 @@ _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
+class DeviceBusy(OutOfMemory):
+    """What a request needs does not fit beside what requests running now hold: it fits once
+    they end (Engine.generate waits for that when other requests are in flight)."""
+
+
 def parse_budget(
     text: str, free_bytes: int | None, *, name: str = BUDGET_ENV, allow_zero: bool = False
 ) -> int:
@@ -376,7 +381,7 @@ class WorkingSet:
                 )
             held = [k for k in self.resident if self.pinned(k) and k not in wanted]
             if self.resident_bytes([*held, *wanted]) > self.budget:
-                raise OutOfMemory(
+                raise DeviceBusy(
                     f"Out of memory: {self._labels(wanted)} do not fit on the device beside "
                     f"{self._labels(held)}, which requests running now use ({BUDGET_ENV} "
                     f"allows {gib(self.budget)}); try again when they finish"
@@ -386,7 +391,7 @@ class WorkingSet:
             self._evict_until(0, keep=wanted, incoming=missing)
             if self.resident_bytes([*self.resident, *missing]) > self.budget:
                 stuck = [k for k in self.resident if k not in wanted]
-                raise OutOfMemory(
+                raise DeviceBusy(
                     f"Out of memory: {self._labels(wanted)} do not fit on the device beside "
                     f"{self._labels(stuck)}, which cannot leave while requests running now use "
                     f"their models ({BUDGET_ENV} allows {gib(self.budget)}); try again when "

@@ -431,3 +431,42 @@ def test_requests_at_once_each_hold_their_models_and_release_them(
     for name, body in bodies.items():
         assert np.array_equal(got[name], pixels(engine.handle("txt2img", body).images[0].data))
     assert not any(working.pinned(k) for k in working.entries)
+
+
+def test_a_request_that_does_not_fit_beside_a_running_one_waits_for_it(
+    cache_engine: Engine, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two requests in flight (the step batcher's threads): the second one's ControlNet does
+    not fit beside the first one's VAE file, so it waits for the first to end, then runs; both
+    get their lone pictures."""
+    import threading
+
+    caplog.set_level("INFO", logger="engine.api")
+    first_running = threading.Event()
+    results: dict[str, Any] = {}
+
+    def first_progress(step: int, total: int) -> None:
+        first_running.set()
+
+    def run(name: str, body: str, progress: Any = None) -> None:
+        try:
+            answer = cache_engine.handle("txt2img", body, progress or (lambda s, t: None))
+            results[name] = pixels(answer.images[0].data)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            results[name] = exc
+
+    bodies = {"vae": payload(steps=12, **VAE), "controlnet": payload(**CONTROLNET)}
+    first = threading.Thread(target=run, args=("vae", bodies["vae"], first_progress))
+    first.start()
+    assert first_running.wait(timeout=300)
+    second = threading.Thread(target=run, args=("controlnet", bodies["controlnet"]))
+    second.start()
+    first.join(timeout=300)
+    second.join(timeout=300)
+    assert "waiting for a running request to end" in caplog.text  # it did meet the first
+    for name, body in bodies.items():
+        assert isinstance(results[name], np.ndarray), results[name]
+        assert np.array_equal(results[name], pixels(engine.handle("txt2img", body).images[0].data))
+    assert not any(
+        cache_engine.models.cache.memory.pinned(k) for k in cache_engine.models.cache.memory.entries
+    )
