@@ -37,11 +37,20 @@ from .response import Result
 from .step_batcher import CONCURRENCY_ENV, MAX_ROWS_ENV, max_rows_from_env, sessions_from_env
 from .upscaler_models import UpscalerCatalog
 from .vae import VaeCatalog
-from .working_set import BUDGET_ENV, WorkingSet, budget_from_env, gib
+from .working_set import (
+    BUDGET_ENV,
+    DeviceBusy,
+    WorkingSet,
+    budget_from_env,
+    gib,
+    pinned_limit_from_env,
+)
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# How long a request whose models do not fit beside running requests waits for one to end.
+BUSY_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -131,11 +140,15 @@ class Engine:
         # 2. The default checkpoint must exist before anything loads.
         default = catalog.default_checkpoint(config.default_checkpoint)
         # 3. Load every checkpoint into the cache; the device holds those that fit
-        # SD_DEVICE_MEMORY, the others wait in host memory (engine/working_set.py).
+        # SD_DEVICE_MEMORY, the others wait in host memory (engine/working_set.py). Every
+        # cache below reports to the same working set (through the placement).
         budget = budget_from_env(placement.device)
         if budget is not None:
             log.info("setup: device budget %s (%s)", gib(budget), BUDGET_ENV)
-        working = WorkingSet(placement.device, budget)
+        working = WorkingSet(
+            placement.device, budget, pinned_limit=pinned_limit_from_env(placement.device)
+        )
+        placement = dataclasses.replace(placement, memory=working)
         cache = PipelineCache(catalog, placement, config.cache_dir, working=working)
         cache.load_all()
         # 3a. Requests in flight at once, and UNet rows per batched step (step_batcher.py).
@@ -161,6 +174,7 @@ class Engine:
             reserved=available_hr_upscalers(),
             device=cache.placement.device,
             dtype=cache.placement.dtype,
+            memory=working,
         )
         # 6. Extensions (alwayson_scripts): an extension that fails to import fails setup.
         extensions = ExtensionRegistry.discover()
@@ -211,7 +225,8 @@ class Engine:
             return Response(listing=INSPECTORS[name](self, api_json))
         if name in EXTRAS_ENDPOINTS:
             try:
-                extras = run_extras(self, name, api_json, (playground or {}).get("init_image"))
+                with self.models.cache.memory.lease():  # its upscaler stays until it ends
+                    extras = run_extras(self, name, api_json, (playground or {}).get("init_image"))
             finally:
                 release_host_memory()
             return Response(images=extras.images, info=extras.html_info)
@@ -236,9 +251,20 @@ class Engine:
     def generate(self, parsed: ParsedRequest, progress: Progress = log_progress) -> Response:
         """Run a parsed txt2img/img2img request; several may run at once from several threads
         (their UNet steps batched together: engine/step_batcher.py)."""
+        batcher = self.models.cache.batcher
         try:
-            with self.models.cache.batcher.session():
-                result: Result = generate(self.models, parsed, progress)
+            while True:
+                try:
+                    # What it uses stays on the device until it ends (engine/working_set.py).
+                    with self.models.cache.memory.lease(), batcher.session():
+                        result: Result = generate(self.models, parsed, progress)
+                    break
+                except DeviceBusy as busy:
+                    # Its models fit once a request in flight ends: wait for one, then again
+                    # from the start (nothing was returned yet). None in flight: refused.
+                    log.info("waiting for a running request to end: %s", busy)
+                    if not batcher.wait_for_an_end(timeout=BUSY_WAIT_S):
+                        raise
         finally:
             release_host_memory()
         return Response(images=result.images, info=result.info, parameters=result.parameters)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from .catalog import CheckpointInfo
 from .clip_vocab import EOS, write_tokenizer
 from .errors import ModelLoadError
 from .oom import is_out_of_memory
+
+if TYPE_CHECKING:
+    from .working_set import WorkingSet
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +416,9 @@ def probe_v_prediction(unet: Any) -> bool:
 class Placement:
     device: str
     dtype: torch.dtype
+    # The device working set (engine/working_set.py) that every cache loading models here
+    # reports to, so that one budget bounds them all; None: caches keep what they load.
+    memory: WorkingSet | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -526,6 +526,10 @@ class LoraManager:
         self._pinned: Counter[str] = Counter()  # adapter id -> requests using it now
         # The active state as activate() last set it; None: unknown (after loads and evictions).
         self._applied: tuple[Any, ...] | None = None
+        # The device working set's hooks (engine/working_set.py, wired in lora_memory.py):
+        # before a file loads, and for every adapter a request uses; None: no budget.
+        self.before_load: Callable[[LoraInfo], None] | None = None
+        self.on_use: Callable[[LoraInfo], None] | None = None
         self._reindex()
 
     # ---- public
@@ -609,6 +613,18 @@ class LoraManager:
         """No adapter active (the base model)."""
         if self._applied != ():
             self._deactivate()
+
+    def drop(self, adapter_id: str) -> bool:
+        """Delete one cached adapter (the working set's eviction under SD_DEVICE_MEMORY); False
+        while any request uses this checkpoint's LoRAs (it is then left alone)."""
+        if self._pinned or not self._busy.acquire(blocking=False):
+            return False
+        try:
+            if adapter_id in self._cache:
+                self._evict(adapter_id)
+            return True
+        finally:
+            self._busy.release()
 
     def cached(self) -> list[str]:
         """Names of the LoRAs held as adapters, least recently used first."""
@@ -701,10 +717,14 @@ class LoraManager:
             aid = use.info.adapter_id
             if aid in self._cache:
                 self._cache.move_to_end(aid)
-                continue
-            self._make_room(keep=needed | set(self._pinned), incoming=1)
-            with reported(f"loading LoRA {use.info.name}", "try fewer or smaller LoRAs"):
-                self._load(use.info, field)
+            else:
+                self._make_room(keep=needed | set(self._pinned), incoming=1)
+                if self.before_load is not None:
+                    self.before_load(use.info)
+                with reported(f"loading LoRA {use.info.name}", "try fewer or smaller LoRAs"):
+                    self._load(use.info, field)
+            if self.on_use is not None:
+                self.on_use(use.info)
 
     def _load(self, info: LoraInfo, field: str) -> None:
         """Load one file as adapter `info.adapter_id`; on any failure leave no trace of it."""

@@ -105,6 +105,12 @@ class PipelineCache:
                 fresh.load(info)
         return fresh
 
+    @property
+    def memory(self) -> WorkingSet:
+        """The device working set (engine/working_set.py) every cache reports to."""
+        assert self.working is not None
+        return self.working
+
     def get(self, info: CheckpointInfo) -> LoadedCheckpoint:
         return self.loaded[info.title]
 

@@ -34,6 +34,7 @@ from .geometry import (
 )
 from .inputs import decode_image_list, decode_mask
 from .loading import Family, LoadedCheckpoint, placement
+from .lora_memory import track
 from .networks import LoraCatalog, LoraInfo, LoraManager, LoraRequest, lora_hashes
 from .payload import (
     Img2ImgRequest,
@@ -102,7 +103,9 @@ class Models:
         """One adapter cache per checkpoint, made on first use."""
         title = loaded.info.title
         if title not in self.lora_managers:
-            self.lora_managers[title] = LoraManager(loaded, self.loras)
+            manager = LoraManager(loaded, self.loras)
+            track(manager, self.cache.memory)  # adapters under SD_DEVICE_MEMORY
+            self.lora_managers[title] = manager
         return self.lora_managers[title]
 
 

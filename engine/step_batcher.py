@@ -22,7 +22,8 @@ so a request's picture is the one it gives alone, up to the float rounding a dif
 size causes in matrix kernels (tests/test_step_batcher.py measures it).
 
 Failures stay with their owner: a batched call that runs out of memory is split in halves and
-retried; any other failure is retried call by call, so only the call that fails gets the error.
+retried, and later calls of that key get at most half those rows; any other failure is retried
+call by call, so only the call that fails gets the error.
 
 Exclusive sessions (tiling, ControlNet reference) change shared modules for a whole pass: they
 keep the turn and run their UNet calls directly, so no other request ever sees the change.
@@ -265,6 +266,9 @@ class StepBatcher:
     _waiting: dict[Session, UNetCall] = field(default_factory=dict, repr=False)
     _away: set[Session] = field(default_factory=set, repr=False)
     _touched: dict[int, Any] = field(default_factory=dict, repr=False)  # LoRA managers used
+    _ended: int = 0  # sessions ended so far (wait_for_an_end)
+    # Per call key: fewer rows than a batched call that ran out of memory.
+    _row_caps: dict[tuple[Any, ...], int] = field(default_factory=dict, repr=False)
     # Rows per UNet call run by rounds (for tests and benchmarks): rows -> count.
     batch_rows: Counter[int] = field(default_factory=Counter, repr=False)
 
@@ -293,6 +297,7 @@ class StepBatcher:
                     self._holder = None
                 self._active.discard(session)
                 self._away.discard(session)
+                self._ended += 1
                 self._cv.notify_all()
             self._lead_if_ready()
             _current.reset(token)
@@ -300,6 +305,15 @@ class StepBatcher:
     def active_sessions(self) -> int:
         with self._cv:
             return len(self._active)
+
+    def wait_for_an_end(self, timeout: float) -> bool:
+        """Outside any session: wait until a request in flight ends. False at once when none
+        is in flight (nothing would free anything), or after `timeout` seconds."""
+        with self._cv:
+            if not self._active:
+                return False
+            ended = self._ended
+            return self._cv.wait_for(lambda: self._ended != ended, timeout=timeout)
 
     # ---- turns
 
@@ -376,34 +390,36 @@ class StepBatcher:
         for call in calls:
             groups.setdefault(call_key(call), []).append(call)
         with torch.inference_mode():
-            for group in groups.values():
+            for key, group in groups.items():
                 self._apply_loras(group[0].loras)
-                for part in chunks(group, self.max_rows):
-                    self._run_guarded(part)
+                for part in chunks(group, self._row_caps.get(key, self.max_rows)):
+                    self._run_guarded(part, key)
 
-    def _run_guarded(self, calls: list[UNetCall]) -> None:
+    def _run_guarded(self, calls: list[UNetCall], key: tuple[Any, ...]) -> None:
         """Run `calls` as one UNet call; on failure, halves (out of memory) or one by one
-        (anything else), so an error reaches only the call that causes it."""
+        (anything else), so an error reaches only the call that causes it. After an out of
+        memory, calls of this key get at most half the rows that failed (the batch size adapts
+        to the memory there is)."""
+        rows = sum(c.rows for c in calls)
         try:
             run_batched(calls)
-            self.batch_rows[sum(c.rows for c in calls)] += 1
+            self.batch_rows[rows] += 1
         except Exception as exc:  # noqa: BLE001 - handed to its owner below
             if len(calls) == 1:
                 calls[0].error = exc
                 return
             if is_out_of_memory(exc):
-                log.warning(
-                    "batched UNet call of %d rows ran out of memory; splitting it",
-                    sum(c.rows for c in calls),
-                )
+                cap = max(1, rows // 2)
+                self._row_caps[key] = min(cap, self._row_caps.get(key, cap))
+                log.warning("batched UNet call of %d rows ran out of memory; splitting it", rows)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 half = len(calls) // 2
-                self._run_guarded(calls[:half])
-                self._run_guarded(calls[half:])
+                self._run_guarded(calls[:half], key)
+                self._run_guarded(calls[half:], key)
                 return
             for call in calls:
-                self._run_guarded([call])
+                self._run_guarded([call], key)
 
     # ---- LoRA state
 

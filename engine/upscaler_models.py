@@ -51,6 +51,7 @@ from .upscaler_hat import HAT, recognise_hat
 from .upscaler_hat import KEY as HAT_KEY
 from .upscaler_swinir import KEY as SWINIR_KEY
 from .upscaler_swinir import SWINIR_NAMES, SwinIR, pad_to, recognise_swinir
+from .working_set import WorkingSet, module_entry
 
 __all__ = ["Architecture", "Unsupported"]  # shared with engine/upscaler_swinir.py
 
@@ -381,6 +382,9 @@ class UpscalerCatalog:
     skipped: dict[Path, str] = field(default_factory=dict)
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    # The device working set (engine/working_set.py): loaded models count against
+    # SD_DEVICE_MEMORY and an idle one waits in host memory; None: each stays where it loaded.
+    memory: WorkingSet | None = None
     _loaded: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -391,12 +395,13 @@ class UpscalerCatalog:
         reserved: Iterable[str] = (),
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        memory: WorkingSet | None = None,
     ) -> UpscalerCatalog:
         """Read each file's keys once: a usable one is listed under its webui name; anything
         else is skipped with the reason logged. `reserved`: names already taken (webui's
         built-in upscalers and latent modes), which a file cannot shadow."""
         taken = set(reserved)
-        catalog = cls(device=device, dtype=dtype)
+        catalog = cls(device=device, dtype=dtype, memory=memory)
         for path in paths:
             try:
                 arch, _, _ = recognise(read_weights(path))
@@ -435,10 +440,15 @@ class UpscalerCatalog:
         dtype, or float32 for a kind webui never runs in half precision."""
         entry = self.files[name]
         if entry.name not in self._loaded:  # an alias shares its file's model
+            if self.memory is not None:
+                self.memory.before_load(entry.path.stat().st_size)
             arch, args, sd = recognise(read_weights(entry.path))
             dtype = self.dtype if KINDS[arch.kind].half else torch.float32
             model = build(arch, args, sd).to(device=self.device, dtype=dtype)
             self._loaded[entry.name] = model
+        if self.memory is not None:  # on the device for this request
+            label = f"{entry.name} ({entry.path.name})"
+            self.memory.use(module_entry("upscaler", label, self._loaded[entry.name]))
         return self._loaded[entry.name]
 
     def upscale(

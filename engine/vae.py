@@ -4,7 +4,8 @@
 find_vae_near_checkpoint), else the checkpoint's own VAE. "None": the checkpoint's own VAE.
 Anything else must be a file name from the listing. A chosen VAE is loaded once per model
 family (the SD1 and SDXL latent scaling factors differ; the weights are shared by name) and is
-only ever passed to encode/decode calls: the checkpoint's own VAE is never replaced.
+only ever passed to encode/decode calls: the checkpoint's own VAE is never replaced. Loaded
+files count against SD_DEVICE_MEMORY (engine/working_set.py): an idle one waits in host memory.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .catalog import HashCache
 from .errors import ModelLoadError, UnknownName
 from .loading import CONFIG_ROOT, Family, LoadedCheckpoint, Placement, infer_vae, read_shapes
 from .oom import is_out_of_memory, reported
+from .working_set import module_entry
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +97,23 @@ class VaeCatalog:
             raise UnknownName(field, setting, [AUTOMATIC, NONE, *self.files], kind="VAE")
         if file is None:
             return VaeChoice(None, loaded.pipe.vae)
-        return VaeChoice(file, self._load(file, loaded.family))
+        return VaeChoice(file, self._load(file, loaded.family, loaded.info.title))
 
-    def _load(self, file: VaeFile, family: Family) -> Any:
+    def _load(self, file: VaeFile, family: Family, loaded_title: str) -> Any:
         key = (file.name, family)
+        memory = self.placement.memory
         if key not in self._loaded:
+            if memory is not None:
+                memory.before_load(file.path.stat().st_size, beside=[loaded_title])
             with reported(
                 f"loading VAE {file.name}", "try again, or use the checkpoint's own VAE (None)"
             ):
                 self._loaded[key] = load_vae_file(
                     file.path, family, self.placement, self.cache_root
                 )
+        if memory is not None:  # on the device for this request (engine/working_set.py)
+            name = f"{file.name} [{file.shorthash}] ({family.value})"
+            memory.use(module_entry("vae", name, self._loaded[key]), beside=[loaded_title])
         return self._loaded[key]
 
 

@@ -20,6 +20,8 @@ Steps:
 7. Concurrent requests (engine/step_batcher.py): images/s for 1, 4 and 8 client threads against
    the same requests one after another, per family, with latency p50/p95 and the largest pixel
    difference from the serial pictures (8-bit levels).
+8. On CUDA: step 6 again from pageable host memory (SD_PINNED_MEMORY=0) against pinned, and
+   scripts/bench_memory.py on the tiny models (resident bytes, switch-time ratios).
 It prints one table and writes the figures as JSON (--out).
 """
 
@@ -311,13 +313,17 @@ def switch_times(engine: Engine, n: Names, steps: int) -> dict[str, float]:
     return {"same_checkpoint_s": same, "after_switch_s": switched, "ratio": switched / same}
 
 
-def working_set_moves(engine: Engine, n: Names, steps: int) -> dict[str, Any]:
+def working_set_moves(engine: Engine, n: Names, steps: int, pinned: bool = True) -> dict[str, Any]:
     """SD_DEVICE_MEMORY at work: the budget set to hold only the largest checkpoint, then
     requests alternating between SD1 and SDXL, each moving its checkpoint onto the device and
     the other off. Pictures must equal the all-resident ones; move times and the device memory
-    after each request are recorded. Everything is moved back at the end."""
+    after each request are recorded. Everything is moved back at the end. `pinned=False`: the
+    host tier in pageable memory (SD_PINNED_MEMORY=0), to compare the copy times."""
     working = engine.models.cache.working
     assert working is not None
+    pinned_limit = working.pinned_limit
+    if not pinned:
+        working.pinned_limit = 0
 
     def request(name: str, size: int) -> tuple[float, bytes]:
         body = {
@@ -355,7 +361,7 @@ def working_set_moves(engine: Engine, n: Names, steps: int) -> dict[str, Any]:
     ]
     working.budget = sum(weight_bytes(pipe) for pipe in working.pipes.values())
     working.acquire(list(working.pipes))  # all back on the device
-    working.budget = saved
+    working.budget, working.pinned_limit = saved, pinned_limit
     return {
         "budget_gib": int(biggest * 1.1) / 2**30,
         "requests": runs,
@@ -433,6 +439,19 @@ def concurrency(engine: Engine, name: str, size: int, steps: int) -> dict[str, A
     return rows
 
 
+def bench_memory() -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_memory.py"), "--device", "cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return (
+        done.stdout if done.returncode == 0 else f"exited {done.returncode}: {done.stderr[-2000:]}"
+    )
+
+
 def gpu_tests() -> str:
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
@@ -493,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         "sd1": concurrency(engine, names.sd1, names.size_sd1, args.steps),
         "sdxl": concurrency(engine, names.sdxl, names.size_sdxl, args.steps),
     }
+    # 8. On CUDA: the same from pageable host memory (the host tier is pinned by default), and
+    # scripts/bench_memory.py on the tiny models (resident bytes, switch-time ratios).
+    if placement.device == "cuda":
+        report["working_set_pageable"] = working_set_moves(engine, names, args.steps, pinned=False)
+        report["bench_memory"] = bench_memory()
     report["total_s"] = time.perf_counter() - started
     print_table(report)
     if args.out:
@@ -542,6 +566,15 @@ def print_table(report: dict[str, Any]) -> None:
             for clients, row in rows.items()
         )
         print(f"concurrency {family}: {cells}")
+    pageable = report.get("working_set_pageable")
+    if pageable is not None:
+        slow = [m["seconds"] for m in pageable["moves"] if m["direction"] == "to device"]
+        print(
+            f"host tier pageable: to device {max(slow, default=0):.2f} s at most "
+            f"({max(slow, default=0) / max(max(to_device, default=0), 1e-9):.2f}x pinned)"
+        )
+    if "bench_memory" in report:
+        print(f"scripts/bench_memory.py --device cuda:\n{report['bench_memory']}")
     print(f"total {report['total_s']:.0f} s")
 
 

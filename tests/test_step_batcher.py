@@ -277,12 +277,21 @@ class _PickyUNet(torch.nn.Module):
 
 def test_out_of_memory_splits_the_batch_and_every_member_succeeds() -> None:
     unet = _PickyUNet(limit=2)
-    calls = [UNetCall(unet, torch.full((1, 3), float(i)), torch.ones(1), {}) for i in range(4)]
-    StepBatcher(max_rows=16).run_round(calls)
-    assert unet.sizes[0] == 4  # tried together first
-    for i, call in enumerate(calls):
+    batcher = StepBatcher(max_rows=16)
+
+    def calls() -> list[UNetCall]:
+        return [UNetCall(unet, torch.full((1, 3), float(i)), torch.ones(1), {}) for i in range(4)]
+
+    first = calls()
+    batcher.run_round(first)
+    assert unet.sizes == [4, 2, 2]  # tried together first, then halves
+    for i, call in enumerate(first):
         assert call.error is None
         assert call.result is not None and torch.equal(call.result, torch.full((1, 3), 2.0 * i + 1))
+    # The next round of the same shape stays below what failed: no second out of memory.
+    unet.sizes.clear()
+    batcher.run_round(calls())
+    assert unet.sizes == [2, 2]
 
 
 def test_a_call_that_fails_fails_alone() -> None:

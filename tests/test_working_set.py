@@ -95,13 +95,17 @@ def pipes(log: list[tuple[str, str]]) -> dict[str, Pipe]:
     }
 
 
+def names(working: WorkingSet) -> list[str]:
+    return [name for _, name in working.resident]
+
+
 def test_everything_stays_when_there_is_no_budget() -> None:
     log: list[tuple[str, str]] = []
     working = WorkingSet("dev", None, host="host")
     for title, pipe in pipes(log).items():
         working.admit(title, pipe)
     working.acquire(["a"])
-    assert log == [] and list(working.resident) == ["a", "b", "c"]
+    assert log == [] and names(working) == ["a", "b", "c"]
 
 
 def test_least_recently_used_moves_out_and_shared_modules_stay() -> None:
@@ -113,16 +117,16 @@ def test_least_recently_used_moves_out_and_shared_modules_stay() -> None:
         working.admit(title, pipe)
     # a (400) + b (800) fill the budget; c needs 400 more: it waits on the host, its VAE
     # (shared with resident b) stays on the device.
-    assert list(working.resident) == ["a", "b"]
+    assert names(working) == ["a", "b"]
     assert log == [("c.unet", "host")]
     log.clear()
     working.acquire(["c"])  # c: 400 more (its VAE is there): a, the least recently used, goes
     assert log == [("a.unet", "host"), ("c.unet", "dev"), ("bc.vae", "dev")]
-    assert list(working.resident) == ["b", "c"]
+    assert names(working) == ["b", "c"]
     assert working.resident_bytes() == 1200 <= 1200
     log.clear()
     working.acquire(["b"])  # resident: nothing moves, b becomes the most recently used
-    assert log == [] and list(working.resident) == ["c", "b"]
+    assert log == [] and names(working) == ["c", "b"]
     working.acquire(["a"])  # now c is the least recently used
     assert log == [("c.unet", "host"), ("a.unet", "dev")]
     assert [(t, d) for t, d, _ in working.moves][-2:] == [("c", "to host"), ("a", "to device")]
@@ -133,11 +137,11 @@ def test_a_request_that_cannot_fit_is_refused_naming_its_checkpoints() -> None:
     working = WorkingSet("dev", 1000, host="host")
     for title, pipe in pipes(log).items():
         working.admit(title, pipe)
-    before = (list(working.resident), list(log))
+    before = (names(working), list(log))
     with pytest.raises(OutOfMemory, match=BUDGET_ENV) as caught:
         working.acquire(["a", "b"])  # 1200 bytes at once > 1000
     assert "a, b" in str(caught.value)
-    assert (list(working.resident), log) == before  # refused before anything moved
+    assert (names(working), log) == before  # refused before anything moved
 
 
 # ---- the engine with a budget that holds one checkpoint
@@ -174,7 +178,7 @@ def monkeypatch_module() -> Any:
 def titles(engine: Engine) -> list[str]:
     working = engine.models.cache.working
     assert working is not None
-    return [t.split(" ")[0] for t in working.resident]
+    return [name.split(" ")[0] for _, name in working.resident]
 
 
 def test_one_checkpoint_on_the_device_and_the_same_pictures(

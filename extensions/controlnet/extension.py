@@ -323,7 +323,7 @@ class ControlNetExtension:
     def _model(self, ctx: GenerationContext, model: ControlNetFile, field: str) -> LoadedControlNet:
         """The unit's ControlNet, loaded, of the checkpoint's family."""
         assert self.cache is not None
-        loaded = self.cache.get(model)
+        loaded = self.cache.get(model, beside=ctx.loaded.info.title)
         family = ctx.loaded.family
         unet_cross = int(ctx.loaded.pipe.unet.config.cross_attention_dim)
         if loaded.family is not family or loaded.cross_attention_dim != unet_cross:

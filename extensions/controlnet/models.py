@@ -28,6 +28,7 @@ from engine.loading import (
     read_shapes,
 )
 from engine.oom import is_out_of_memory, reported
+from engine.working_set import module_entry
 
 CONTROL = "control_model."
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")
@@ -168,19 +169,29 @@ class LoadedControlNet:
 
 
 class ModelCache:
-    """Loaded ControlNets by path: loaded on first use, kept."""
+    """Loaded ControlNets by path: loaded on first use, kept; under SD_DEVICE_MEMORY an idle
+    one waits in host memory (engine/working_set.py)."""
 
     def __init__(self, placement: Placement):
         self.placement = placement
         self._loaded: dict[Path, LoadedControlNet] = {}
         self._lock = threading.Lock()
 
-    def get(self, file: ControlNetFile) -> LoadedControlNet:
+    def get(self, file: ControlNetFile, beside: str | None = None) -> LoadedControlNet:
+        """The loaded ControlNet of `file`, on the device for this request with the checkpoint
+        titled `beside` (which making room for it never moves out)."""
+        memory = self.placement.memory
+        with_checkpoint = [beside] if beside is not None else []
         with self._lock:
             if file.path not in self._loaded:
+                if memory is not None:
+                    memory.before_load(file.path.stat().st_size, beside=with_checkpoint)
                 with reported(f"loading ControlNet {file.title}", "try fewer ControlNet units"):
                     self._loaded[file.path] = self._load(file)
-            return self._loaded[file.path]
+            loaded = self._loaded[file.path]
+            if memory is not None:  # on the device for this request
+                memory.use(module_entry("controlnet", file.title, loaded.model), with_checkpoint)
+            return loaded
 
     def _load(self, file: ControlNetFile) -> LoadedControlNet:
         """diffusers' own converter for the original layout, then a strict load into a model
