@@ -33,9 +33,10 @@ from engine.working_set import (
     module_entry,
     pinned_limit_from_env,
     pinned_size,
+    pipe_modules,
     should_pin,
+    tensor_bytes,
     to_pinned_host,
-    weight_bytes,
 )
 
 from .helpers import SD1, b64_png, card_image, payload
@@ -272,7 +273,15 @@ def sizes(engine: Engine) -> dict[str, int]:
     loaded = next(m for t, m in models.cache.loaded.items() if t.startswith(SD1))
     assert models.vaes is not None
     vae = models.vaes.choose("tiny-vae.safetensors", loaded).vae
-    return {"checkpoint": weight_bytes(loaded.pipe), "vae": storage_bytes(vae)}
+    # The checkpoint as loaded: without the LoRA adapters earlier tests of the session may
+    # have left cached in the shared engine (they would make room for the adapter here).
+    base = [
+        t
+        for module in pipe_modules(loaded.pipe)
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if ".lora_" not in name
+    ]
+    return {"checkpoint": tensor_bytes(base), "vae": storage_bytes(vae)}
 
 
 @pytest.fixture(scope="module")
