@@ -363,8 +363,10 @@ def test_turns_are_fair_between_clients_and_tasks_report_by_id(auth_url: str) ->
 
     threads = [run_in_thread(lambda: submit(alice, "a1", 40))]
     wait_until(lambda: state(alice, "a1")["active"], "a1 to run")
-    threads += [run_in_thread(lambda t=t: submit(alice, t, 4)) for t in ("a2", "a3")]
-    wait_until(lambda: state(alice, "a2")["queued"] and state(alice, "a3")["queued"], "a2, a3")
+    # a2 then a3, each queued before the next is sent (two threads at once race to the server).
+    for task in ("a2", "a3"):
+        threads.append(run_in_thread(lambda t=task: submit(alice, t, 4)))
+        wait_until(lambda t=task: state(alice, t)["queued"], f"{task} to queue")
     threads.append(run_in_thread(lambda: submit(bob, "b1", 4)))
     queued = wait_until(lambda: (s := state(bob, "b1"))["queued"] and s, "b1 to queue")
     # Bob has not been served yet, so he goes next: one task (a1, running) ahead of him.
