@@ -35,6 +35,7 @@ from .prompt_parser import (
     tokenize_chunks,
 )
 from .sampling import CondPart, StepConditioning
+from .step_batcher import text_encoding
 
 PENULTIMATE = -2
 
@@ -188,19 +189,22 @@ class TextConditioner:
             return self._cache[key]
         per_slot = []
         pooled = None
-        for slot in self.slots:
-            chunks = tokenize_chunks(
-                slot.tokenizer,
-                text,
-                emphasis=self.emphasis,
-                comma_backtrack=self.comma_backtrack,
-                pad_token_id=slot.pad_token_id,
-                find_embedding=self._finder(slot),
-            )
-            encoded = [self._encode_chunk(slot, chunk) for chunk in chunks]
-            per_slot.append(torch.cat([z for z, _ in encoded], dim=1))
-            if slot.pooled:
-                pooled = encoded[0][1]  # webui: the pooled output of the first chunk
+        # Beside other requests' UNet steps, with this request's text-encoder LoRAs
+        # (engine/step_batcher.py).
+        with text_encoding():
+            for slot in self.slots:
+                chunks = tokenize_chunks(
+                    slot.tokenizer,
+                    text,
+                    emphasis=self.emphasis,
+                    comma_backtrack=self.comma_backtrack,
+                    pad_token_id=slot.pad_token_id,
+                    find_embedding=self._finder(slot),
+                )
+                encoded = [self._encode_chunk(slot, chunk) for chunk in chunks]
+                per_slot.append(torch.cat([z for z, _ in encoded], dim=1))
+                if slot.pooled:
+                    pooled = encoded[0][1]  # webui: the pooled output of the first chunk
         # Both SDXL encoders chunk the same token ids, so their lengths agree.
         length = max(t.shape[1] for t in per_slot)
         per_slot = [

@@ -61,6 +61,14 @@ COMPONENT_WEIGHTS: Mapping[str, str] = {
     "text_encoder": "te",
     "text_encoder_2": "te",
 }
+KINDS = ("unet", "te")  # switched separately: text encoding and UNet steps of requests interleave
+
+
+def _signature(uses: Sequence[LoraUse], kind: str) -> tuple[tuple[str, float], ...]:
+    """The (adapter, weight) pairs active in the components of `kind` (zero weights off)."""
+    pairs = ((u.info.adapter_id, u.te_weight if kind == "te" else u.unet_weight) for u in uses)
+    return tuple((aid, w) for aid, w in pairs if w != 0)
+
 
 # --------------------------------------------------------------------------- family guess
 
@@ -524,8 +532,9 @@ class LoraManager:
         self._present: dict[str, frozenset[str]] = {}  # component -> adapter ids it holds
         self._busy = threading.Lock()  # applied(): one generation at a time
         self._pinned: Counter[str] = Counter()  # adapter id -> requests using it now
-        # The active state as activate() last set it; None: unknown (after loads and evictions).
-        self._applied: tuple[Any, ...] | None = None
+        # Per kind ("unet", "te"), the active adapters and weights as activate() last set them;
+        # missing: unknown (after loads and evictions).
+        self._applied: dict[str, tuple[tuple[str, float], ...]] = {}
         # The device working set's hooks (engine/working_set.py, wired in lora_memory.py):
         # before a file loads, and for every adapter a request uses; None: no budget.
         self.before_load: Callable[[LoraInfo], None] | None = None
@@ -591,28 +600,26 @@ class LoraManager:
             self._pinned += Counter()  # drop zero counts
             self._trim()
 
-    def activate(self, uses: Sequence[LoraUse]) -> None:
-        """Exactly `uses` active at their weights (nothing for an empty list). A switch to
-        the state already active costs nothing."""
-        signature = tuple((u.info.adapter_id, u.te_weight, u.unet_weight) for u in uses)
-        if signature == self._applied:
-            return
-        if not signature:
-            self._deactivate()
-            return
-        started = time.perf_counter()
-        self._activate(uses)
-        self._applied = signature
-        log.debug(
-            "LoRA activate %s in %.2f ms",
-            ", ".join(f"{u.info.name}(te={u.te_weight}, unet={u.unet_weight})" for u in uses),
-            (time.perf_counter() - started) * 1e3,
-        )
+    def activate(self, uses: Sequence[LoraUse], kinds: Sequence[str] = KINDS) -> None:
+        """Exactly `uses` active at their weights in the components of `kinds` ("unet", "te";
+        nothing for an empty list). A switch to the state already active costs nothing."""
+        for kind in kinds:
+            signature = _signature(uses, kind)
+            if signature == self._applied.get(kind):
+                continue
+            started = time.perf_counter()
+            self._activate(uses, kind)
+            self._applied[kind] = signature
+            log.debug(
+                "LoRA %s activate %s in %.2f ms",
+                kind,
+                ", ".join(f"{aid}({w})" for aid, w in signature) or "(none)",
+                (time.perf_counter() - started) * 1e3,
+            )
 
-    def deactivate(self) -> None:
-        """No adapter active (the base model)."""
-        if self._applied != ():
-            self._deactivate()
+    def deactivate(self, kinds: Sequence[str] = KINDS) -> None:
+        """No adapter active in the components of `kinds` (the base model there)."""
+        self.activate([], kinds)
 
     def drop(self, adapter_id: str) -> bool:
         """Delete one cached adapter (the working set's eviction under SD_DEVICE_MEMORY); False
@@ -786,20 +793,17 @@ class LoraManager:
             len(self._cache),
         )
 
-    def _activate(self, uses: Sequence[LoraUse]) -> None:
-        # The whole cost of a switch: one pass over the LoRA layers (a few hundred to about a
-        # thousand for SDXL), each getting a new active list and one set_scale per active
-        # adapter. No module walk, no file, and independent of how many adapters are cached.
+    def _activate(self, uses: Sequence[LoraUse], kind: str) -> None:
+        # The whole cost of a switch: one pass over the LoRA layers of the components of `kind`
+        # (a few hundred to about a thousand for SDXL), each getting a new active list and one
+        # set_scale per active adapter. No module walk, no file, and independent of how many
+        # adapters are cached.
         for component, layers in self._layers.items():
-            kind = COMPONENT_WEIGHTS[component]
+            if COMPONENT_WEIGHTS[component] != kind:
+                continue
             held = self._present.get(component, frozenset())
-            active = [
-                (u.info.adapter_id, u.te_weight if kind == "te" else u.unet_weight)
-                for u in uses
-                if u.info.adapter_id in held
-            ]
             # A zero weight leaves the adapter off in this component: exactly the base path.
-            active = [(aid, w) for aid, w in active if w != 0]
+            active = [(aid, w) for aid, w in _signature(uses, kind) if aid in held]
             names = [aid for aid, _ in active]
             for layer in layers:
                 _set_active(layer, names)
@@ -811,7 +815,7 @@ class LoraManager:
         for layers in self._layers.values():
             for layer in layers:
                 _set_active(layer, [])
-        self._applied = ()
+        self._applied = dict.fromkeys(KINDS, ())
 
     def _make_room(self, keep: set[str], incoming: int) -> None:
         while len(self._cache) + incoming > self.max_cached:
@@ -865,7 +869,7 @@ class LoraManager:
     def _reindex(self) -> None:
         """Find the peft LoRA layers of each component (after loads and deletes only)."""
         tuner = _tuner_layer_class()
-        self._applied = None  # layers changed: the next activate() sets every one again
+        self._applied = {}  # layers changed: the next activate() sets every one again
         self._layers, self._present = {}, {}
         for component in COMPONENT_WEIGHTS:
             model = getattr(self.loaded.pipe, component, None)

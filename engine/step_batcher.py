@@ -4,13 +4,17 @@ step by step across requests.
 Turns. The models are shared, and some of their state belongs to one request at a time: which
 LoRA adapters are active at which weights (inside the peft layers), the circular padding of a
 `tiling` request, a ControlNet reference hook in the UNet's attention. So engine work runs in
-turns: a request (a `Session`, one thread) holds the turn while it plans, encodes prompts, runs
-extension hooks and switches its LoRAs, exactly as a lone request does. Whenever it gets the
-turn back, its own LoRA state is applied again (a cached switch: milliseconds).
+turns: a request (a `Session`, one thread) holds the turn while it plans, runs extension hooks
+and switches its LoRAs, exactly as a lone request does. Whenever it gets the turn back, its own
+UNet LoRA state is applied again (a cached switch: milliseconds). Text encoding runs outside the
+turn, beside other requests' UNet rounds, one request at a time under the text-encoder lock,
+with that request's text-encoder LoRAs switched on there (UNet and text-encoder LoRA layers are
+switched separately, each only under its own lock).
 
 Batching. At each UNet call a session hands its inputs in (`Session.unet`) and gives the turn
 up. When every session in flight waits on a UNet call, or is away doing work that touches no
-shared module state (VAE decode, PNG encoding: `Session.away`), the last one to get there runs
+shared module state (VAE decode, PNG encoding, text encoding: `Session.away`), the last one to
+get there runs
 every waiting call: calls with the same `call_key` (the same UNet, LoRA state, input shapes and
 extension residual shapes) are concatenated along the batch and evaluated in one UNet call of
 at most `max_rows` rows; each session gets its rows back and waits for its turn again. Sessions
@@ -100,6 +104,8 @@ def sessions_from_env(free_bytes: int | None, environ: Mapping[str, str] | None 
 
 
 LoraState = tuple[Any, tuple[Any, ...]]  # (LoraManager or None, its active uses)
+UNET = ("unet",)  # LoRA component kinds (engine/networks.py KINDS)
+TEXT_ENCODERS = ("te",)
 NO_LORAS: LoraState = (None, ())
 
 
@@ -266,6 +272,8 @@ class StepBatcher:
     _waiting: dict[Session, UNetCall] = field(default_factory=dict, repr=False)
     _away: set[Session] = field(default_factory=set, repr=False)
     _touched: dict[int, Any] = field(default_factory=dict, repr=False)  # LoRA managers used
+    # Text encoding runs outside the turn (beside UNet rounds), one request at a time.
+    _encoder_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ended: int = 0  # sessions ended so far (wait_for_an_end)
     # Per call key: fewer rows than a batched call that ran out of memory.
     _row_caps: dict[tuple[Any, ...], int] = field(default_factory=dict, repr=False)
@@ -423,16 +431,24 @@ class StepBatcher:
 
     # ---- LoRA state
 
-    def _apply_loras(self, loras: LoraState) -> None:
-        """Exactly `loras` active: every other LoRA manager used so far switched off (a no-op
-        for those already off), then this one switched to its uses."""
+    def _apply_loras(self, loras: LoraState, kinds: tuple[str, ...] = UNET) -> None:
+        """Exactly `loras` active in the components of `kinds`: every other LoRA manager used
+        so far switched off there (a no-op for those already off), then this one switched to
+        its uses. UNet layers change only under the turn; text-encoder layers only under the
+        text-encoder lock."""
         manager, uses = loras
         for other in list(self._touched.values()):
             if other is not manager:
-                other.deactivate()
+                other.deactivate(kinds)
         if manager is not None:
             self._touched[id(manager)] = manager
-            manager.activate(list(uses))
+            manager.activate(list(uses), kinds)
+
+    @contextmanager
+    def _text_encoding(self, session: Session) -> Iterator[None]:
+        with session.away(), self._encoder_lock:
+            self._apply_loras(session.loras, TEXT_ENCODERS)
+            yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,6 +483,18 @@ def lora_state(manager: Any, uses: Sequence[Any]) -> Iterator[None]:
         yield
     finally:
         session.set_loras(NO_LORAS)
+
+
+@contextmanager
+def text_encoding() -> Iterator[None]:
+    """The body runs the text encoders: outside the turn (other requests' steps go on), one
+    request at a time, with this request's text-encoder LoRAs active."""
+    session = current_session()
+    if session is None:
+        yield
+        return
+    with session.batcher._text_encoding(session):
+        yield
 
 
 @contextmanager

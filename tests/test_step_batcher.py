@@ -302,3 +302,53 @@ def test_a_call_that_fails_fails_alone() -> None:
     assert isinstance(calls[1].error, ValueError)
     assert calls[0].result is not None and calls[2].result is not None
     assert calls[0].error is None and calls[2].error is None
+
+
+def test_text_encoding_runs_beside_other_requests_steps(
+    engine: Engine, wide_door: StepBatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's prompt encoding (made slow here) does not hold the others' steps."""
+    import time
+
+    import engine.conditioning as conditioning
+
+    real = conditioning.run_encoder
+    windows: list[tuple[float, float]] = []
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "slow-encoder":
+            started = time.perf_counter()
+            time.sleep(0.4)
+            windows.append((started, time.perf_counter()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conditioning, "run_encoder", slow)
+    steps_at: list[float] = []
+    sampling = threading.Event()
+
+    def long_progress(step: int, total: int) -> None:
+        steps_at.append(time.perf_counter())
+        if step >= 2:
+            sampling.set()
+
+    results: dict[str, Any] = {}
+    long = threading.Thread(
+        target=lambda: results.update(
+            long=engine.handle("txt2img", payload(steps=80, seed=3), long_progress)
+        )
+    )
+    long.start()
+    assert sampling.wait(timeout=300)
+    slow_one = threading.Thread(
+        name="slow-encoder",
+        target=lambda: results.update(
+            slow=engine.handle("txt2img", payload(prompt="a slowly encoded prompt", seed=4))
+        ),
+    )
+    slow_one.start()
+    slow_one.join(timeout=300)
+    long.join(timeout=300)
+    assert isinstance(results.get("slow"), Response) and isinstance(results.get("long"), Response)
+    assert windows, "the slow encoder never ran"
+    during = [t for t in steps_at if any(a <= t <= b for a, b in windows)]
+    assert len(during) >= 2, f"{len(during)} steps of the other request during the encoding"
