@@ -444,6 +444,10 @@ class StepBatcher:
             self._touched[id(manager)] = manager
             manager.activate(list(uses), kinds)
 
+    def _off_in_text_encoders(self) -> None:
+        with self._encoder_lock:
+            self._apply_loras(NO_LORAS, TEXT_ENCODERS)
+
     @contextmanager
     def _text_encoding(self, session: Session) -> Iterator[None]:
         with session.away(), self._encoder_lock:
@@ -483,6 +487,7 @@ def lora_state(manager: Any, uses: Sequence[Any]) -> Iterator[None]:
         yield
     finally:
         session.set_loras(NO_LORAS)
+        session.batcher._off_in_text_encoders()  # nothing left active after the request
 
 
 @contextmanager
