@@ -24,11 +24,21 @@ pytestmark = pytest.mark.http
 SLOTS = 4
 MAX_LEVELS = 1  # as in tests/test_step_batcher.py
 
+CONTROLNET_UNIT = {
+    "input_image": b64_png(card_image(64, 64)),
+    "module": "canny",
+    "model": "tiny-controlnet-sd15",
+    "processor_res": 64,
+}
+
 MIXED = {
     "euler": payload(seed=41),
     "lora": payload(seed=42, prompt="a lighthouse <lora:tiny-lora-sd15:1>", steps=5),
     "img2img": payload(seed=43, init_images=[b64_png(card_image(64, 64))]),
     "sdxl": with_model("tiny-sdxl", seed=44, sampler_name="DPM++ 2M"),
+    "controlnet": payload(
+        seed=45, width=96, alwayson_scripts={"controlnet": {"args": [CONTROLNET_UNIT]}}
+    ),
 }
 
 
@@ -81,6 +91,7 @@ def test_concurrent_clients_each_get_the_picture_they_get_alone(
         assert _diff(_arrays(prediction), alone[name]) <= MAX_LEVELS, name
         # Logs are routed per prediction: its own seed line, nobody else's.
         seeds = {n: f"Using seed: {40 + i}" for i, n in enumerate(MIXED, start=1)}
+        assert all(str(40 + i) in body for i, body in enumerate(MIXED.values(), start=1))
         assert seeds[name] in prediction["logs"]
         assert not any(line in prediction["logs"] for n, line in seeds.items() if n != name)
 

@@ -31,6 +31,13 @@ from .helpers import b64_png, card_image, payload, pixels, with_model
 LORA = "<lora:tiny-lora-sd15:1>"
 MAX_LEVELS = 1  # the most a concurrent picture may differ from the lone one, per channel
 
+CONTROLNET_UNIT = {
+    "input_image": b64_png(card_image(64, 64)),
+    "module": "canny",
+    "model": "tiny-controlnet-sd15",
+    "processor_res": 64,
+}
+
 MIXED = {
     "euler": payload(seed=11),
     "dpmpp": payload(seed=12, sampler_name="DPM++ 2M", steps=6),
@@ -41,6 +48,7 @@ MIXED = {
     "img2img": payload(seed=16, init_images=[b64_png(card_image(64, 64))], denoising_strength=0.6),
     "sdxl": with_model("tiny-sdxl", seed=17),
     "ancestral": payload(seed=18, sampler_name="Euler a", steps=5),
+    "controlnet": payload(seed=19, alwayson_scripts={"controlnet": {"args": [CONTROLNET_UNIT]}}),
 }
 
 
