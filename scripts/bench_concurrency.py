@@ -2,7 +2,7 @@
 requests sent one after another, through the real Cog server (async predictor, batched steps).
 
     python scripts/bench_concurrency.py [--models DIR] [--requests 16] [--clients 1,2,4,8]
-                                        [--size 64] [--steps 8]
+                                        [--size 64] [--steps 20]
 
 Starts the Cog server on 127.0.0.1 over the tiny models (made into a temporary folder unless
 --models names a folder made by make_tiny_models.py) with COG_MAX_CONCURRENCY and
@@ -70,7 +70,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--clients", default="1,2,4,8")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)  # webui's default
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +78,12 @@ def main() -> int:
         if models is None:
             models = Path(tmp) / "models"
             make_all(models)
-        env = {"COG_MAX_CONCURRENCY": str(max(counts)), "SD_MAX_CONCURRENCY": str(max(counts))}
+        env = {
+            "COG_MAX_CONCURRENCY": str(max(counts)),
+            "SD_MAX_CONCURRENCY": str(max(counts)),
+            # As cog.yaml and the Makefile set it (README "Many users at once").
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
         with running_server(models, Path(tmp) / "server.log", env) as (server, status):
             if status != "READY":
                 print((Path(tmp) / "server.log").read_text()[-3000:])

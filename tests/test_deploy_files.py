@@ -49,6 +49,7 @@ def test_cog_yaml_has_no_bare_pip_step_and_sets_the_runtime_environment() -> Non
     environment = dict(item.split("=", 1) for item in config["environment"])
     assert environment["HF_HUB_OFFLINE"] == "1"
     assert environment["SD_DEVICE"] == "cuda"
+    assert environment["OMP_NUM_THREADS"] == "1"  # one OpenMP team per request thread
     assert not [name for name in environment if COG_ENV_DENIED.match(name)]
 
 
