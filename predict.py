@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -25,6 +26,9 @@ from typing import Any
 
 from cog import BaseModel, BasePredictor, Input, Path, concurrent
 from cog.input import FieldInfo
+
+# One OpenMP thread per torch-calling thread (cog.yaml sets it too), before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from engine.api import Engine, EngineConfig
 from engine.device import setup_logging

@@ -11,6 +11,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+# One OpenMP thread per torch-calling thread, set before torch loads: requests run in a worker
+# thread, and per-thread OpenMP teams oversubscribe the cores (README "Many users at once").
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from engine.api import Engine, EngineConfig
 from engine.device import setup_logging
 
