@@ -10,9 +10,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# One OpenMP thread per torch-calling thread: concurrent requests each run in their own thread,
-# and per-thread OpenMP teams oversubscribe the cores (README "Many users at once").
-export OMP_NUM_THREADS ?= 1
 # Keep the CPU torch: pip installs torch==2.13.0 from the machine's local CPU wheel.
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 TINY := .tiny-models

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .cog_schema import install_schema
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +100,9 @@ def running_server(
         # The worker is started as plain `python`: our interpreter must come first on PATH.
         PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
     )
+    # The tests compare the server's pixels with this process's engine: the same OpenMP thread
+    # count (predict.py defaults the server to 1; other counts round some floats differently).
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     env.update(extra_env or {})
     with log.open("wb") as out:
         process = subprocess.Popen(
