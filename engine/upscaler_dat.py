@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .upscaler_arch import Architecture, Unsupported
+from .upscaler_arch import Architecture, Unsupported, ceil_to, count_indexed
 from .upscaler_swinir import RGB_MEAN, _pixelshuffle_steps, _resi_conv
 
 # webui's "DAT x2/x3/x4" (modules/dat_model.py): downloads saved as DAT_x2.pth, ... (the URL's
@@ -130,10 +130,6 @@ def is_shifted(group: int, block: int) -> bool:
     if group % 2 == 0:
         return block > 0 and (block - 2) % 4 == 0
     return block % 4 == 0
-
-
-def _ceil(size: int, multiple: int) -> int:
-    return -(-size // multiple) * multiple
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +382,7 @@ class DAT(nn.Module):
         tokens = self.before_RG[1](_tokens(first))
         # The shifted blocks' masks, one per window shape, for the padded size.
         side = max(config.split)
-        h, w = _ceil(x.shape[-2], side), _ceil(x.shape[-1], side)
+        h, w = ceil_to(x.shape[-2], side), ceil_to(x.shape[-1], side)
         s0, s1 = config.split
         masks = {shape: shift_mask(h, w, *shape).to(x.device) for shape in ((s0, s1), (s1, s0))}
         for layer in self.layers:
@@ -404,12 +400,6 @@ class DAT(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
-    """1 + the highest index N of keys matching `pattern` (with (\\d+) for N), or 0."""
-    found = [int(m[1]) for k in sd if (m := re.match(pattern, k))]
-    return 1 + max(found) if found else 0
-
-
 def _scale_and_feat(sd: Mapping[str, torch.Tensor], upsampler: str) -> tuple[int, int]:
     if upsampler == "pixelshuffledirect":
         channels = sd["upsample.0.weight"].shape[0]
@@ -420,7 +410,7 @@ def _scale_and_feat(sd: Mapping[str, torch.Tensor], upsampler: str) -> tuple[int
     feat = sd["conv_before_upsample.0.weight"].shape[0]
     scale = 1
     # Convs at the Sequential's even indices, a PixelShuffle after each.
-    for index in range(0, _count(sd, r"upsample\.(\d+)\.weight$"), 2):
+    for index in range(0, count_indexed(sd, r"upsample\.(\d+)\.weight$"), 2):
         key = f"upsample.{index}.weight"
         step = math.isqrt(sd[key].shape[0] // feat) if key in sd else 0
         if step not in (2, 3) or step * step * feat != sd[key].shape[0]:
@@ -455,8 +445,8 @@ def recognise_dat(
     for key in ("attn.attns.0.pos.pos_proj.weight", "ffn.fc1.weight"):
         if first + key not in sd:
             raise Unsupported(f"a DAT-like model without {first + key}")
-    layers = _count(sd, r"layers\.(\d+)\.")
-    depths = tuple(_count(sd, rf"layers\.{i}\.blocks\.(\d+)\.") for i in range(layers))
+    layers = count_indexed(sd, r"layers\.(\d+)\.")
+    depths = tuple(count_indexed(sd, rf"layers\.{i}\.blocks\.(\d+)\.") for i in range(layers))
     spatial = tuple(
         sd[f"layers.{i}.blocks.0.attn.attns.0.pos.pos3.2.weight"].shape[0] for i in range(layers)
     )

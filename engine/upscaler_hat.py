@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .upscaler_arch import Architecture, Unsupported
+from .upscaler_arch import Architecture, Unsupported, ceil_to, count_indexed
 from .upscaler_swinir import (
     RGB_MEAN,
+    PatchEmbed,
     _pixelshuffle_steps,
     pad_to,
     relative_position_index,
@@ -265,13 +266,6 @@ class _Group(nn.Module):
         return self.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
 
 
-class _PatchEmbed(nn.Module):
-    # Patch size 1 in every HAT file: the embedding is only the optional LayerNorm.
-    def __init__(self, dim: int, norm: bool):
-        super().__init__()
-        self.norm: nn.Module = nn.LayerNorm(dim) if norm else nn.Identity()
-
-
 class HAT(nn.Module):
     """HAT over a (B, 3, H, W) tensor in [0, 1]; any H, W (padded to the window)."""
 
@@ -290,7 +284,7 @@ class HAT(nn.Module):
             "index_oca", oca_index(config.window, config.overlap_window), persistent=False
         )
         self.conv_first = nn.Conv2d(3, dim, 3, 1, 1)
-        self.patch_embed = _PatchEmbed(dim, config.patch_norm)
+        self.patch_embed = PatchEmbed(dim, config.patch_norm)
         self.layers = nn.ModuleList(
             _Group(config, heads, depth)
             for depth, heads in zip(config.depths, config.num_heads, strict=True)
@@ -309,7 +303,7 @@ class HAT(nn.Module):
         height, width = x.shape[-2:]
         mean = self.get_buffer("mean").to(x.dtype)
         window = config.window
-        x = pad_to(x - mean, _ceil(height, window), _ceil(width, window))
+        x = pad_to(x - mean, ceil_to(height, window), ceil_to(width, window))
         first = self.conv_first(x)
         h, w = x.shape[-2:]
         mask = shift_mask(h, w, window, window // 2).to(x.device)
@@ -322,25 +316,15 @@ class HAT(nn.Module):
         return out[..., : height * config.scale, : width * config.scale]
 
 
-def _ceil(size: int, multiple: int) -> int:
-    return -(-size // multiple) * multiple
-
-
 # --------------------------------------------------------------------------------------------
 # Recognising a HAT state dict
 # --------------------------------------------------------------------------------------------
 
 
-def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
-    """1 + the highest index N of keys matching `pattern` (with (\\d+) for N), or 0."""
-    found = [int(m[1]) for k in sd if (m := re.match(pattern, k))]
-    return 1 + max(found) if found else 0
-
-
 def _scale(sd: Mapping[str, torch.Tensor], feat: int) -> int:
     scale = 1
     # Convs at the Sequential's even indices, a PixelShuffle after each.
-    for index in range(0, _count(sd, r"upsample\.(\d+)\.weight$"), 2):
+    for index in range(0, count_indexed(sd, r"upsample\.(\d+)\.weight$"), 2):
         key = f"upsample.{index}.weight"
         step = math.isqrt(sd[key].shape[0] // feat) if key in sd else 0
         if step not in (2, 3) or step * step * feat != sd[key].shape[0]:
@@ -375,9 +359,9 @@ def recognise_hat(
     overlap = math.isqrt(sd["relative_position_index_OCA"].shape[-1])
     if overlap < window or (overlap - window) % 2:
         raise Unsupported(f"a HAT model with window {window} and overlapping window {overlap}")
-    layers = _count(sd, r"layers\.(\d+)\.")
+    layers = count_indexed(sd, r"layers\.(\d+)\.")
     depths = tuple(
-        _count(sd, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.") for i in range(layers)
+        count_indexed(sd, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.") for i in range(layers)
     )
     heads = tuple(
         sd[f"layers.{i}.residual_group.overlap_attn.relative_position_bias_table"].shape[1]

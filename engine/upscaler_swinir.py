@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .upscaler_arch import Architecture, Unsupported
+from .upscaler_arch import Architecture, Unsupported, ceil_to, count_indexed
 
 # The file names webui gives "SwinIR 4x": its download URL's release file, and the name its
 # SwinIR upscaler saves that download under (load_model: model_name with "_" for " ").
@@ -229,8 +229,8 @@ class _RSTB(nn.Module):
         return self.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
 
 
-class _PatchEmbed(nn.Module):
-    # Patch size 1 in every SwinIR file: the embedding is only the optional LayerNorm.
+class PatchEmbed(nn.Module):
+    # Patch size 1 in every SwinIR (and HAT) file: the embedding is only the optional LayerNorm.
     def __init__(self, dim: int, norm: bool):
         super().__init__()
         self.norm: nn.Module = nn.LayerNorm(dim) if norm else nn.Identity()
@@ -249,7 +249,7 @@ class SwinIR(nn.Module):
         dim, feat = config.embed_dim, config.num_feat
         self.register_buffer("mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.conv_first = nn.Conv2d(3, dim, 3, 1, 1)
-        self.patch_embed = _PatchEmbed(dim, config.patch_norm)
+        self.patch_embed = PatchEmbed(dim, config.patch_norm)
         self.layers = nn.ModuleList(
             _RSTB(config, depth, heads)
             for depth, heads in zip(config.depths, config.num_heads, strict=True)
@@ -289,7 +289,7 @@ class SwinIR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         config = self.config
         height, width = x.shape[-2:]
-        x = pad_to(x, _ceil(height, config.window), _ceil(width, config.window))
+        x = pad_to(x, ceil_to(height, config.window), ceil_to(width, config.window))
         mean = self.get_buffer("mean").to(x.dtype)
         x = (x - mean) * config.img_range
         first = self.conv_first(x)
@@ -321,10 +321,6 @@ def _pixelshuffle_steps(scale: int, feat: int) -> nn.Sequential:
     return nn.Sequential(*steps)
 
 
-def _ceil(size: int, multiple: int) -> int:
-    return -(-size // multiple) * multiple
-
-
 def pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Pad the bottom/right of (B, C, H, W) to at least height x width: reflected as SwinIR
     does, and, where the image is too small to reflect that far, the rest replicated (as
@@ -345,12 +341,6 @@ def pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
-    """1 + the highest index N of keys matching `pattern` (with (\\d+) for N), or 0."""
-    found = [int(m[1]) for k in sd if (m := re.match(pattern, k))]
-    return 1 + max(found) if found else 0
-
-
 def _upsampler(sd: Mapping[str, torch.Tensor]) -> str:
     if "conv_before_upsample.0.weight" in sd:
         return "nearest+conv" if "conv_up1.weight" in sd else "pixelshuffle"
@@ -363,7 +353,7 @@ def _scale_and_feat(sd: Mapping[str, torch.Tensor], upsampler: str, dim: int) ->
         feat = sd["conv_before_upsample.0.weight"].shape[0]
         scale = 1
         # Convs at the Sequential's even indices, a PixelShuffle after each.
-        for index in range(0, _count(sd, r"upsample\.(\d+)\.weight$"), 2):
+        for index in range(0, count_indexed(sd, r"upsample\.(\d+)\.weight$"), 2):
             key = f"upsample.{index}.weight"
             if key not in sd:
                 raise Unsupported(f"SwinIR pixelshuffle without {key}")
@@ -373,7 +363,7 @@ def _scale_and_feat(sd: Mapping[str, torch.Tensor], upsampler: str, dim: int) ->
             scale *= step
         return scale, feat
     if upsampler == "nearest+conv":
-        ups = _count(sd, r"conv_up(\d+)\.weight$") - 1  # conv_up1.. are 1-based
+        ups = count_indexed(sd, r"conv_up(\d+)\.weight$") - 1  # conv_up1.. are 1-based
         return 2**ups, sd["conv_before_upsample.0.weight"].shape[0]
     if upsampler == "pixelshuffledirect":
         channels = sd["upsample.0.weight"].shape[0]
@@ -403,9 +393,9 @@ def recognise_swinir(
     window = (math.isqrt(table.shape[0]) + 1) // 2
     if (2 * window - 1) ** 2 != table.shape[0]:
         raise Unsupported(f"a SwinIR bias table of {table.shape[0]} rows (not (2w-1)²)")
-    layers = _count(sd, r"layers\.(\d+)\.")
+    layers = count_indexed(sd, r"layers\.(\d+)\.")
     depths = tuple(
-        _count(sd, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.") for i in range(layers)
+        count_indexed(sd, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.") for i in range(layers)
     )
     heads = tuple(
         sd[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1]

@@ -6,6 +6,7 @@ import io
 import json
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 SD1 = "tiny-sd15.safetensors"
@@ -89,8 +90,6 @@ MIN_CHANGE_LEVELS = 0.25
 
 def mean_pixel_change(a: list[bytes], b: list[bytes]) -> float:
     """Mean absolute difference in 8-bit levels between two equally long lists of images."""
-    import numpy as np
-
     assert len(a) == len(b) and a, (len(a), len(b))
     diffs = [
         np.abs(
@@ -104,3 +103,23 @@ def mean_pixel_change(a: list[bytes], b: list[bytes]) -> float:
 def assert_pixels_changed(a: list[bytes], b: list[bytes]) -> None:
     change = mean_pixel_change(a, b)
     assert change >= MIN_CHANGE_LEVELS, f"pixels changed by {change:.3f} levels on average"
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A random RGB picture (upscaler tests: every pixel differs from its neighbours)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+
+
+def levels(image: Image.Image) -> np.ndarray:
+    """An image's 8-bit RGB levels as signed integers (differences do not wrap)."""
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# A ControlNet unit as clients send it (canny over a card, the tiny SD1 ControlNet).
+CONTROLNET_UNIT = {
+    "input_image": b64_png(card_image(64, 64)),
+    "module": "canny",
+    "model": "tiny-controlnet-sd15",
+    "processor_res": 64,
+}

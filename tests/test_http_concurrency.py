@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from .cog_server import BUSY_RETRIES, CogServer, image_bytes, running_server
-from .helpers import b64_png, card_image, payload, pixels, with_model
+from .helpers import CONTROLNET_UNIT, b64_png, card_image, payload, pixels, with_model
 from .test_http import WebhookSink
 
 pytestmark = pytest.mark.http
@@ -24,12 +24,6 @@ pytestmark = pytest.mark.http
 SLOTS = 4
 MAX_LEVELS = 1  # as in tests/test_step_batcher.py
 
-CONTROLNET_UNIT = {
-    "input_image": b64_png(card_image(64, 64)),
-    "module": "canny",
-    "model": "tiny-controlnet-sd15",
-    "processor_res": 64,
-}
 
 MIXED = {
     "euler": payload(seed=41),

@@ -26,17 +26,11 @@ from engine.step_batcher import (
     sessions_from_env,
 )
 
-from .helpers import b64_png, card_image, payload, pixels, with_model
+from .helpers import CONTROLNET_UNIT, b64_png, card_image, payload, pixels, with_model
 
 LORA = "<lora:tiny-lora-sd15:1>"
 MAX_LEVELS = 1  # the most a concurrent picture may differ from the lone one, per channel
 
-CONTROLNET_UNIT = {
-    "input_image": b64_png(card_image(64, 64)),
-    "module": "canny",
-    "model": "tiny-controlnet-sd15",
-    "processor_res": 64,
-}
 
 MIXED = {
     "euler": payload(seed=11),

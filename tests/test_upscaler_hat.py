@@ -27,7 +27,7 @@ from engine.upscaler_models import (
 )
 from scripts import make_tiny_upscalers as tiny
 
-from .helpers import assert_pixels_changed, b64_png, card_image, payload, pixels
+from .helpers import assert_pixels_changed, b64_png, card_image, levels, noise, payload, pixels
 from .spandrel_ref import spandrel_arch as reference_arch
 
 # spandrel's HAT calls torch.meshgrid without `indexing` (a deprecation warning).
@@ -45,15 +45,6 @@ SHAPES = {
     "x3 no qkv bias, HAT-S compress": tiny.HATShape(3, qkv_bias=False, compress=2, squeeze=1),
 }
 SIZES = [(16, 16), (24, 20), (13, 9), (5, 30)]
-
-
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
-
-
-def levels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def model_of(shape: tiny.HATShape, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:

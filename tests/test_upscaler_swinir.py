@@ -5,10 +5,7 @@ extras endpoints."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +36,8 @@ from engine.upscaler_swinir import (
 )
 from scripts import make_tiny_upscalers as tiny
 
-from .helpers import assert_pixels_changed, b64_png, card_image, payload, pixels
+from .helpers import assert_pixels_changed, b64_png, card_image, levels, noise, payload, pixels
+from .spandrel_ref import spandrel_arch as reference_arch
 
 # spandrel's SwinIR calls torch.meshgrid without `indexing` (a deprecation warning).
 pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")
@@ -62,15 +60,6 @@ SHAPES = {
 SIZES = [(16, 16), (24, 20), (13, 9), (5, 30)]
 
 
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
-
-
-def levels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
 def model_of(shape: tiny.SwinIRShape, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     state = tiny.swinir_state(shape, seed, "test")
     arch, args, weights = recognise(state)
@@ -80,31 +69,9 @@ def model_of(shape: tiny.SwinIRShape, seed: int = 0) -> tuple[nn.Module, dict[st
 # ------------------------------------------------------------------ the independent reference
 
 
-def _spandrel_swinir() -> Any:
-    """spandrel's SwinIR architecture (requirements-dev.txt; webui 1.10.1 pins 0.3.4), without
-    spandrel's package __init__, whose registry imports every architecture (torchvision and
-    einops among their imports). Only the SwinIR modules and their helpers are imported; the
-    stand-in package entry is removed again afterwards."""
-    spec = importlib.util.find_spec("spandrel")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("spandrel is not installed (requirements-dev.txt)")
-    before = set(sys.modules)
-    package = types.ModuleType("spandrel")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["spandrel"] = package
-    try:
-        from spandrel.architectures.SwinIR import SwinIRArch
-
-        return SwinIRArch()
-    finally:
-        for name in set(sys.modules) - before:
-            if name == "spandrel" or name.startswith("spandrel."):
-                sys.modules.pop(name)
-
-
 @pytest.fixture(scope="module")
 def spandrel_arch() -> Any:
-    return _spandrel_swinir()
+    return reference_arch("SwinIR")
 
 
 @pytest.mark.parametrize("label", list(SHAPES))
