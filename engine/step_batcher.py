@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -271,7 +272,10 @@ class StepBatcher:
     _door: deque[object] = field(default_factory=deque, repr=False)
     _waiting: dict[Session, UNetCall] = field(default_factory=dict, repr=False)
     _away: set[Session] = field(default_factory=set, repr=False)
-    _touched: dict[int, Any] = field(default_factory=dict, repr=False)  # LoRA managers used
+    # LoRA managers used so far; weak, so a checkpoint dropped by a refresh is not kept alive.
+    _touched: weakref.WeakValueDictionary[int, Any] = field(
+        default_factory=weakref.WeakValueDictionary, repr=False
+    )
     # Text encoding runs outside the turn (beside UNet rounds), one request at a time.
     _encoder_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ended: int = 0  # sessions ended so far (wait_for_an_end)
