@@ -138,6 +138,9 @@ class LoadedCheckpoint:
     prediction_type: str
     is_inpainting: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    # Suffix of this checkpoint's LoRA adapter names ("" : plain ids); engine/pipelines.py
+    # gives checkpoints that share some LoRA-bearing modules with another a scope of their own.
+    lora_scope: str = ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from .working_set import CHECKPOINT, Entry, WorkingSet
 
 def adapter_tensors(manager: LoraManager, adapter_id: str) -> Iterator[torch.Tensor]:
     """The weights peft holds for one adapter (`...lora_A.<adapter>.weight` and the like)."""
-    marker = f".{adapter_id}."
+    marker = f".{manager.adapter_name(adapter_id)}."
     for component in COMPONENT_WEIGHTS:
         model = getattr(manager.loaded.pipe, component, None)
         if model is None:

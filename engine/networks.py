@@ -12,6 +12,12 @@ afterwards with none, bit for bit as before:
   request with the same LoRA, at any weights, reads no file: switching is a walk over the LoRA
   layers that sets their active list and scale (see `_activate` for where the time goes).
 
+Checkpoints may share a text encoder or UNet (engine/pipelines.py). Each has its own manager;
+a checkpoint sharing modules has a `lora_scope`, a suffix of its adapter names, so no manager
+ever takes, switches, pins or deletes another's adapters in a shared module, and the LoRA state
+of a module is recorded on the module (`STATE_ATTR`), so a switch skipped as "already so" is
+never fooled by another manager's change. Loads and deletes hold `modules_lock`.
+
 Request values are only looked up in the catalog's name tables; a name is never joined to a path.
 """
 
@@ -62,6 +68,12 @@ COMPONENT_WEIGHTS: Mapping[str, str] = {
     "text_encoder_2": "te",
 }
 KINDS = ("unet", "te")  # switched separately: text encoding and UNet steps of requests interleave
+# On each LoRA-bearing model: the (adapter name, weight) pairs active in its layers as last set.
+# Kept on the module, not on a manager: checkpoints sharing a text encoder or UNet
+# (engine/pipelines.py) have one manager each, and any of them may have switched it last.
+STATE_ATTR = "_webui_lora_state"
+ADAPTER_ID_PREFIX = "lora_"
+ADAPTER_ID_CHARS = len(ADAPTER_ID_PREFIX) + 24  # the prefix and 24 hex of the file's content id
 
 
 def _signature(uses: Sequence[LoraUse], kind: str) -> tuple[tuple[str, float], ...]:
@@ -253,7 +265,7 @@ def lora_info(path: Path, hash_cache: HashCache | None = None) -> LoraInfo:
         metadata=dict(facts.metadata),
         addnet_hash=(sshs or facts.data_sha256)[:ADDNET_HASH_CHARS],
         family=guess_family(facts.metadata, facts.shapes),
-        adapter_id="lora_" + facts.content_id[:24],
+        adapter_id=(ADAPTER_ID_PREFIX + facts.content_id)[:ADAPTER_ID_CHARS],
         network_type=network_type(facts.shapes),
     )
 
@@ -525,16 +537,18 @@ class LoraManager:
         if max_cached < 1:
             raise ValueError(f"max_cached: got {max_cached!r}; must be at least 1")
         self.loaded = loaded
+        self.scope = loaded.lora_scope  # suffix of this checkpoint's adapter names
         self.catalog = catalog  # swap in a rescanned catalog for /refresh-loras
         self.max_cached = max_cached
         self._cache: OrderedDict[str, LoraInfo] = OrderedDict()  # adapter id -> file, LRU first
         self._layers: dict[str, tuple[Any, ...]] = {}  # component -> its peft LoRA layers
-        self._present: dict[str, frozenset[str]] = {}  # component -> adapter ids it holds
+        self._present: dict[str, frozenset[str]] = {}  # component -> adapter names it holds
         self._busy = threading.Lock()  # applied(): one generation at a time
         self._pinned: Counter[str] = Counter()  # adapter id -> requests using it now
-        # Per kind ("unet", "te"), the active adapters and weights as activate() last set them;
-        # missing: unknown (after loads and evictions).
-        self._applied: dict[str, tuple[tuple[str, float], ...]] = {}
+        # Held while adapters are loaded into or deleted from the layers. The engine makes it
+        # the step batcher's text-encoder lock, so that no request's text encoding runs through
+        # layers being changed (UNet layers change under the engine's turn, held by the caller).
+        self.modules_lock: Any = threading.RLock()
         # The device working set's hooks (engine/working_set.py, wired in lora_memory.py):
         # before a file loads, and for every adapter a request uses; None: no budget.
         self.before_load: Callable[[LoraInfo], None] | None = None
@@ -602,20 +616,22 @@ class LoraManager:
 
     def activate(self, uses: Sequence[LoraUse], kinds: Sequence[str] = KINDS) -> None:
         """Exactly `uses` active at their weights in the components of `kinds` ("unet", "te";
-        nothing for an empty list). A switch to the state already active costs nothing."""
+        nothing for an empty list). A component already in that state costs nothing."""
         for kind in kinds:
-            signature = _signature(uses, kind)
-            if signature == self._applied.get(kind):
-                continue
             started = time.perf_counter()
-            self._activate(uses, kind)
-            self._applied[kind] = signature
-            log.debug(
-                "LoRA %s activate %s in %.2f ms",
-                kind,
-                ", ".join(f"{aid}({w})" for aid, w in signature) or "(none)",
-                (time.perf_counter() - started) * 1e3,
-            )
+            switched = [c for c in self._components(kind) if self._switch(c, uses, kind)]
+            if switched:
+                log.debug(
+                    "LoRA %s activate %s in %.2f ms",
+                    ", ".join(switched),
+                    ", ".join(f"{aid}({w})" for aid, w in _signature(uses, kind)) or "(none)",
+                    (time.perf_counter() - started) * 1e3,
+                )
+
+    def adapter_name(self, adapter_id: str) -> str:
+        """The peft adapter name of a LoRA on this checkpoint (its id, scoped when the
+        checkpoint shares some LoRA-bearing modules with another: engine/pipelines.py)."""
+        return f"{adapter_id}_{self.scope}" if self.scope else adapter_id
 
     def deactivate(self, kinds: Sequence[str] = KINDS) -> None:
         """No adapter active in the components of `kinds` (the base model there)."""
@@ -627,9 +643,14 @@ class LoraManager:
         if self._pinned or not self._busy.acquire(blocking=False):
             return False
         try:
-            if adapter_id in self._cache:
-                self._evict(adapter_id)
-            return True
+            if not self.modules_lock.acquire(blocking=False):
+                return False  # a text encoding runs through these layers now
+            try:
+                if adapter_id in self._cache:
+                    self._evict(adapter_id)
+                return True
+            finally:
+                self.modules_lock.release()
         finally:
             self._busy.release()
 
@@ -642,13 +663,15 @@ class LoraManager:
 
         For /refresh-loras or memory pressure; never while a generation is running.
         """
-        with self._busy:
+        with self._busy, self.modules_lock:
             if self._pinned:
                 raise RuntimeError(f"LoRAs of {self.loaded.info.title} are in use")
             self._reindex()
             self._deactivate()
-            if self._layers and any(self._layers.values()):
-                self.loaded.pipe.unload_lora_weights()
+            mine = [n for held in self._present.values() for n in held if self._owns(n)]
+            if mine:
+                self.loaded.pipe.delete_adapters(list(dict.fromkeys(mine)))
+            self._unwrap_if_empty()
             self._cache.clear()
             self._reindex()
 
@@ -713,11 +736,15 @@ class LoraManager:
         if present == self._present:
             return
         alive: set[str] = set().union(*present.values()) if present else set()
-        for aid in [a for a in self._cache if a not in alive]:
+        for aid in [a for a in self._cache if self.adapter_name(a) not in alive]:
             del self._cache[aid]
         self._reindex()
 
     def _ensure_loaded(self, uses: Sequence[LoraUse], field: str) -> None:
+        with self.modules_lock:
+            self._ensure_loaded_locked(uses, field)
+
+    def _ensure_loaded_locked(self, uses: Sequence[LoraUse], field: str) -> None:
         self._resync()
         needed = {u.info.adapter_id for u in uses}
         for use in uses:
@@ -735,10 +762,11 @@ class LoraManager:
 
     def _load(self, info: LoraInfo, field: str) -> None:
         """Load one file as adapter `info.adapter_id`; on any failure leave no trace of it."""
-        aid = info.adapter_id
+        aid, name = info.adapter_id, self.adapter_name(info.adapter_id)
         started = time.perf_counter()
-        if any(aid in held for held in self._present_now().values()):
-            # Already in the pipeline (ids name file content, so it is this very file): adopt.
+        if any(name in held for held in self._present_now().values()):
+            # Already in the pipeline (ids name file content, so it is this very file; the
+            # scope makes it this checkpoint's, left by an earlier manager of it): adopt.
             self._reindex()
             self._freeze_and_rest()
             self._cache[aid] = info
@@ -756,9 +784,9 @@ class LoraManager:
         try:
             # The cost of a first use: peft walks every module to inject the LoRA layers.
             with _quiet_adapter_loading() as report:
-                self.loaded.pipe.load_lora_weights(state, adapter_name=aid)
+                self.loaded.pipe.load_lora_weights(state, adapter_name=name)
             self._reindex()
-            if not any(aid in held for held in self._present.values()):
+            if not any(name in held for held in self._present.values()):
                 raise RequestError.single(
                     field,
                     info.name,
@@ -793,29 +821,42 @@ class LoraManager:
             len(self._cache),
         )
 
-    def _activate(self, uses: Sequence[LoraUse], kind: str) -> None:
-        # The whole cost of a switch: one pass over the LoRA layers of the components of `kind`
-        # (a few hundred to about a thousand for SDXL), each getting a new active list and one
-        # set_scale per active adapter. No module walk, no file, and independent of how many
-        # adapters are cached.
-        for component, layers in self._layers.items():
-            if COMPONENT_WEIGHTS[component] != kind:
-                continue
-            held = self._present.get(component, frozenset())
-            # A zero weight leaves the adapter off in this component: exactly the base path.
-            active = [(aid, w) for aid, w in _signature(uses, kind) if aid in held]
-            names = [aid for aid, _ in active]
-            for layer in layers:
-                _set_active(layer, names)
-                for aid, weight in active:
-                    layer.set_scale(aid, weight)  # alpha/rank * weight; ignores absent adapters
+    def _components(self, kind: str) -> list[str]:
+        return [c for c in self._layers if COMPONENT_WEIGHTS[c] == kind]
+
+    def _wanted(self, component: str, uses: Sequence[LoraUse], kind: str) -> tuple[Any, ...]:
+        held = self._present.get(component, frozenset())
+        named = ((self.adapter_name(aid), w) for aid, w in _signature(uses, kind))
+        # A zero weight leaves the adapter off in this component: exactly the base path.
+        return tuple((name, w) for name, w in named if name in held)
+
+    def _switch(self, component: str, uses: Sequence[LoraUse], kind: str) -> bool:
+        """Set one component's LoRA state; False when it is in that state already.
+
+        The whole cost of a switch: one pass over the component's LoRA layers (a few hundred
+        to about a thousand for SDXL), each getting a new active list and one set_scale per
+        active adapter. No module walk, no file, and independent of how many adapters are
+        cached."""
+        model = getattr(self.loaded.pipe, component)
+        if getattr(model, STATE_ATTR, None) == self._wanted(component, uses, kind):
+            return False
+        self._resync()  # a checkpoint sharing this module may have loaded into it
+        wanted = self._wanted(component, uses, kind)
+        names = [name for name, _ in wanted]
+        for layer in self._layers.get(component, ()):
+            _set_active(layer, names)
+            for name, weight in wanted:
+                layer.set_scale(name, weight)  # alpha/rank * weight; ignores absent adapters
+        setattr(model, STATE_ATTR, wanted)
+        return True
 
     def _deactivate(self) -> None:
         # O(LoRA layers), attribute writes only: cannot fail halfway through.
-        for layers in self._layers.values():
+        self._resync()
+        for component, layers in self._layers.items():
             for layer in layers:
                 _set_active(layer, [])
-        self._applied = dict.fromkeys(KINDS, ())
+            setattr(getattr(self.loaded.pipe, component), STATE_ATTR, ())
 
     def _make_room(self, keep: set[str], incoming: int) -> None:
         while len(self._cache) + incoming > self.max_cached:
@@ -826,14 +867,15 @@ class LoraManager:
 
     def _trim(self) -> None:
         try:
-            self._make_room(keep=set(self._pinned), incoming=0)
+            with self.modules_lock:
+                self._make_room(keep=set(self._pinned), incoming=0)
         except Exception:  # must not hide the generation's own outcome
             log.exception("LoRA cache trim on %s failed", self.loaded.info.title)
 
     def _evict(self, aid: str) -> None:
         info = self._cache.pop(aid)
         self._deactivate()
-        self.loaded.pipe.delete_adapters([aid])
+        self.loaded.pipe.delete_adapters([self.adapter_name(aid)])
         self._reindex()
         log.info("LoRA %s evicted from %s", info.name, self.loaded.info.title)
 
@@ -842,10 +884,8 @@ class LoraManager:
         self._reindex()
         self._deactivate()
         try:
-            self.loaded.pipe.delete_adapters([aid])
-            if not self._cache:
-                # Nothing else cached: drop the empty peft wrappers too (pristine modules).
-                self.loaded.pipe.unload_lora_weights()
+            self.loaded.pipe.delete_adapters([self.adapter_name(aid)])
+            self._unwrap_if_empty()
         except Exception:  # report the load failure, not the cleanup's
             log.exception("cleaning up failed LoRA adapter %s failed", aid)
         self._reindex()
@@ -858,6 +898,16 @@ class LoraManager:
                 layer.set_adapter(layer.active_adapters, inference_mode=True)
         self._deactivate()
 
+    def _owns(self, name: str) -> bool:
+        """Whether an adapter name in the layers is one of this checkpoint's (its scope)."""
+        return self.adapter_name(name[:ADAPTER_ID_CHARS]) == name
+
+    def _unwrap_if_empty(self) -> None:
+        """No adapter left in any component (of any checkpoint sharing them): drop the empty
+        peft wrappers too, so the modules are as loaded from disk."""
+        if any(self._layers.values()) and not any(self._present_now().values()):
+            self.loaded.pipe.unload_lora_weights()
+
     def _present_now(self) -> dict[str, frozenset[str]]:
         # peft_config lives on each model: a dict lookup, no module walk.
         return {
@@ -869,7 +919,6 @@ class LoraManager:
     def _reindex(self) -> None:
         """Find the peft LoRA layers of each component (after loads and deletes only)."""
         tuner = _tuner_layer_class()
-        self._applied = {}  # layers changed: the next activate() sets every one again
         self._layers, self._present = {}, {}
         for component in COMPONENT_WEIGHTS:
             model = getattr(self.loaded.pipe, component, None)

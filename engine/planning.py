@@ -104,6 +104,8 @@ class Models:
         title = loaded.info.title
         if title not in self.lora_managers:
             manager = LoraManager(loaded, self.loras)
+            # No request's text encoding runs through layers a LoRA load or delete changes.
+            manager.modules_lock = self.cache.batcher.text_encoder_lock
             track(manager, self.cache.memory)  # adapters under SD_DEVICE_MEMORY
             self.lora_managers[title] = manager
         return self.lora_managers[title]

@@ -276,13 +276,20 @@ class StepBatcher:
     _touched: weakref.WeakValueDictionary[int, Any] = field(
         default_factory=weakref.WeakValueDictionary, repr=False
     )
-    # Text encoding runs outside the turn (beside UNet rounds), one request at a time.
-    _encoder_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Text encoding runs outside the turn (beside UNet rounds), one request at a time; LoRA
+    # loads and deletes hold it too (LoraManager.modules_lock). Reentrant: a load may evict.
+    _encoder_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _ended: int = 0  # sessions ended so far (wait_for_an_end)
     # Per call key: fewer rows than a batched call that ran out of memory.
     _row_caps: dict[tuple[Any, ...], int] = field(default_factory=dict, repr=False)
     # Rows per UNet call run by rounds (for tests and benchmarks): rows -> count.
     batch_rows: Counter[int] = field(default_factory=Counter, repr=False)
+
+    @property
+    def text_encoder_lock(self) -> threading.RLock:
+        """Held while a request's text encoding runs: whoever changes the text encoders'
+        layers (LoRA loads and deletes) holds it too."""
+        return self._encoder_lock
 
     @contextmanager
     def session(self) -> Iterator[Session]:

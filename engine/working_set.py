@@ -41,7 +41,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import torch
@@ -303,6 +303,13 @@ class WorkingSet:
         self.pipes[title] = pipe
         entry = Entry(CHECKPOINT, title, tuple(pipe_modules(pipe)))
         with self._lock:
+            # A module it shares with a checkpoint waiting in host memory (engine/pipelines.py
+            # stores identical components once) is on the host: it comes to the device too.
+            on_device = {id(m) for k in self.resident for m in self.entries[k].modules}
+            away = {id(m) for e in self.entries.values() for m in e.modules} - on_device
+            stray = tuple(m for m in entry.modules if id(m) in away)
+            if stray and self.budget is not None:
+                self._move(replace(entry, modules=stray), to_device=True)
             self.entries[entry.key] = entry
             self.resident[entry.key] = None
             self._changed()

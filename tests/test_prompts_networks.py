@@ -317,7 +317,7 @@ def test_lycoris_loha_is_refused_clearly_and_the_pipeline_untouched(
 
 
 def test_diffusers_format_lora_matches_the_kohya_file(
-    engine: Engine, tiny_models_dir: Any, tmp_path: Any
+    engine: Engine, tiny_models_dir: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same LoRA saved in diffusers/peft format gives the same pixels as the kohya file."""
     from diffusers import StableDiffusionPipeline
@@ -325,7 +325,7 @@ def test_diffusers_format_lora_matches_the_kohya_file(
 
     from engine.catalog import Catalog
     from engine.loading import default_placement, load_checkpoint
-    from engine.networks import LoraCatalog, LoraManager, LoraRequest
+    from engine.networks import LoraCatalog
 
     kohya = tiny_models_dir / "loras" / "tiny-lora-sd15.safetensors"
     scratch = load_checkpoint(
@@ -341,19 +341,27 @@ def test_diffusers_format_lora_matches_the_kohya_file(
     )
     diffusers_file = tmp_path / "tiny-lora-diffusers.safetensors"
     (tmp_path / "out" / "pytorch_lora_weights.safetensors").rename(diffusers_file)
-    manager = LoraManager(loaded(engine, SD1), LoraCatalog.scan([diffusers_file]))
+    # Both files served by the engine (its catalog and its managers' catalogs).
+    catalog = LoraCatalog.scan([*(i.path for i in engine.models.loras.loras), diffusers_file])
+    monkeypatch.setattr(engine.models, "loras", catalog)
+    for manager in engine.models.lora_managers.values():
+        monkeypatch.setattr(manager, "catalog", catalog)
     plain = image(engine)
     # The kohya file scales by alpha / rank = 0.5; the diffusers file was saved without that
     # metadata (scale 1), so weight 0.5 there is weight 1 here.
-    with manager.applied([LoraRequest("tiny-lora-diffusers", 0.5, 0.5)]):
-        converted = image(engine)
+    converted = image(engine, prompt="a lighthouse on a cliff <lora:tiny-lora-diffusers:0.5>")
     kohya_image = image(engine, prompt="a lighthouse on a cliff <lora:tiny-lora-sd15:1>")
-    assert converted != plain
+    changed = torch.tensor(list(converted), dtype=torch.int16) - torch.tensor(
+        list(plain), dtype=torch.int16
+    )
+    assert changed.abs().max() > 8  # the LoRA was applied
     diff = torch.tensor(list(converted), dtype=torch.int16) - torch.tensor(
         list(kohya_image), dtype=torch.int16
     )
     assert diff.abs().max() <= 1  # same weights, another file format
-    manager.clear()
+    sd1 = engine.models.lora_manager(loaded(engine, SD1))
+    assert sd1.drop(catalog.resolve("tiny-lora-diffusers").adapter_id)  # the engine as it was
+    monkeypatch.undo()
     assert image(engine) == plain
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from engine.api import Engine, EngineConfig
 from engine.errors import ModelLoadError
@@ -132,6 +133,23 @@ def test_least_recently_used_moves_out_and_shared_modules_stay() -> None:
     assert [(t, d) for t, d, _ in working.moves][-2:] == [("c", "to host"), ("a", "to device")]
 
 
+def test_a_new_checkpoint_brings_a_module_it_shares_from_the_host() -> None:
+    """A checkpoint admitted at setup (or a refresh) that shares a module with one waiting in
+    host memory is resident: that module must come to the device with it."""
+    log: list[tuple[str, str]] = []
+    shared = Recorder(5, log, "s.te")  # 100 bytes
+    working = WorkingSet("dev", 1200, host="host")
+    working.admit("x", Pipe(unet=Recorder(10, log, "x.unet"), text_encoder=shared))
+    working.admit("z", Pipe(unet=Recorder(10, log, "z.unet")))
+    working.admit("w", Pipe(unet=Recorder(10, log, "w.unet")))  # 1300 > 1200: to the host
+    working.acquire(["w"])  # x, the least recently used, leaves with the shared module
+    assert ("s.te", "host") in log and names(working) == ["z", "w"]
+    log.clear()
+    working.admit("y", Pipe(unet=Recorder(5, log, "y.unet"), text_encoder=shared))
+    assert names(working) == ["z", "w", "y"]
+    assert log == [("s.te", "dev")]
+
+
 def test_a_request_that_cannot_fit_is_refused_naming_its_checkpoints() -> None:
     log: list[tuple[str, str]] = []
     working = WorkingSet("dev", 1000, host="host")
@@ -152,20 +170,36 @@ def pixels(data: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
+def budget_folder(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD1 checkpoint (a) and a fine-tune of it (b: its own UNet, the same VAE and
+    text encoder, which the pipeline cache stores once)."""
+    folder = tmp_path_factory.mktemp("budget-models")
+    (folder / "checkpoints").mkdir()
+    shutil.copy(tiny_models_dir / "checkpoints" / SD1, folder / "checkpoints" / "a.safetensors")
+    state = load_file(str(tiny_models_dir / "checkpoints" / SD1))
+    tuned = {
+        k: v * -1.5 if k.startswith("model.diffusion_model.out.") else v for k, v in state.items()
+    }
+    save_file(tuned, str(folder / "checkpoints" / "b.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unbudgeted(budget_folder: Path) -> Engine:
+    return Engine.setup(EngineConfig(models_dir=budget_folder, cache_dir=budget_folder / ".c0"))
+
+
+@pytest.fixture(scope="module")
 def budget_engine(
-    tiny_models_dir: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    budget_folder: Path,
+    unbudgeted: Engine,
     engine: Engine,
     monkeypatch_module: pytest.MonkeyPatch,
 ) -> Engine:
-    """Two copies of the tiny SD1 checkpoint; a budget for one of them (and its VAE)."""
-    folder = tmp_path_factory.mktemp("budget-models")
-    (folder / "checkpoints").mkdir()
-    for name in ("a.safetensors", "b.safetensors"):
-        shutil.copy(tiny_models_dir / "checkpoints" / SD1, folder / "checkpoints" / name)
+    """A budget for one of the two checkpoints (and its VAE and text encoder)."""
     one = weight_bytes(engine.models.cache.loaded[next(iter(engine.models.cache.loaded))].pipe)
-    monkeypatch_module.setenv(BUDGET_ENV, str(one + one // 4))
-    return Engine.setup(EngineConfig(models_dir=folder, cache_dir=folder / ".cache"))
+    monkeypatch_module.setenv(BUDGET_ENV, str(one + one // 8))
+    return Engine.setup(EngineConfig(models_dir=budget_folder, cache_dir=budget_folder / ".c1"))
 
 
 @pytest.fixture(scope="module")
@@ -182,15 +216,15 @@ def titles(engine: Engine) -> list[str]:
 
 
 def test_one_checkpoint_on_the_device_and_the_same_pictures(
-    budget_engine: Engine, engine: Engine
+    budget_engine: Engine, unbudgeted: Engine
 ) -> None:
     working = budget_engine.models.cache.working
     assert working is not None and working.budget is not None
     assert len(working.resident) == 1 and working.resident_bytes() <= working.budget
-    reference = engine.handle("txt2img", payload())
     for name in ("a", "b", "a"):
         body = payload(override_settings={"sd_model_checkpoint": name})
         answer = budget_engine.handle("txt2img", body)
+        reference = unbudgeted.handle("txt2img", body)
         assert titles(budget_engine) == [f"{name}.safetensors"]
         assert np.array_equal(pixels(answer.images[0].data), pixels(reference.images[0].data))
     moved = [(t.split(" ")[0], d) for t, d, _ in working.moves[-2:]]

@@ -410,7 +410,7 @@ def test_bench_memory_runs_and_prints_its_ratios(
     printed = capsys.readouterr().out
     for line in ("each storage once", "same checkpoint", "resident", "host tier"):
         assert line in printed
-    # Two copies of one checkpoint: their identical VAE is stored once.
+    # Two fine-tunes of one base: their identical VAE and text encoder are stored once.
     shared = next(line for line in printed.splitlines() if "each storage once" in line)
     assert 0.5 < float(shared.split("(")[1].split("x")[0]) < 1
 
