@@ -9,10 +9,12 @@ fp32 and retries (opts.auto_vae_precision); a NaN that survives is an error. Her
 - a decode whose half-precision result is not finite is retried with an fp32 copy of the VAE;
   the shared module is never converted, so a request's pixels never depend on what ran before.
 - decoding is sliced per image, as webui's decode_latent_batch does (one image's activations at
-  a time, and each image's pixels independent of its batch-mates), and an image larger than
-  SD_VAE_TILE_PIXELS (default 2048x2048) is decoded in overlapping tiles (diffusers'
-  tiled_decode, blended seams); smaller images are never tiled, so their pixels are exactly the
-  untiled decode's.
+  a time, and each image's pixels independent of its batch-mates). An image is decoded in
+  overlapping tiles (diffusers' tiled_decode, blended seams) when it is larger than
+  SD_VAE_TILE_PIXELS (default 2048x2048), when the estimate of its decode's activations
+  (`decode_bytes`) exceeds the device memory free at that moment (CUDA), or when the whole
+  decode runs out of memory anyway (then retried in tiles). Otherwise it is never tiled, so its
+  pixels are exactly the untiled decode's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from .loading import Family, Placement
+from .oom import is_out_of_memory, memory_figures, release
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ PROBE_SHAPE = (1, 4, 16, 16)  # a 128x128 decode: every block runs; cheap even i
 PROBE_SEED = 0
 TILE_ENV = "SD_VAE_TILE_PIXELS"
 TILE_PIXELS = int(os.environ.get(TILE_ENV) or 2048 * 2048)  # decoded pixels per image
+# What one image's decode holds at its peak, in elements per output pixel: SD's decoder runs
+# its last up blocks at full resolution (256, then 128 channels) with a few such tensors live
+# at once (input, normed, convolved, residual, the upsampled one). On the high side.
+PEAK_ELEMENTS_PER_PIXEL = 1024
 
 
 def _finite(tensor: torch.Tensor) -> bool:
@@ -69,15 +76,43 @@ def decode_pixels(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return torch.cat([_decode_one(vae, latents[i : i + 1]) for i in range(latents.shape[0])])
 
 
-def _tiled(latent: torch.Tensor) -> bool:
-    return latent.shape[-2] * latent.shape[-1] * 64 > TILE_PIXELS
+def decode_bytes(pixels: int, dtype: torch.dtype) -> int:
+    """Estimated peak activation bytes of decoding one image of `pixels` output pixels."""
+    return pixels * PEAK_ELEMENTS_PER_PIXEL * torch.finfo(dtype).bits // 8
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Device memory free now (CUDA; None elsewhere: the host has no such limit to check)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def _tiled(latent: torch.Tensor, dtype: torch.dtype) -> bool:
+    pixels = latent.shape[-2] * latent.shape[-1] * 64
+    if pixels > TILE_PIXELS:
+        return True
+    free = free_device_bytes(latent.device)
+    return free is not None and decode_bytes(pixels, dtype) > free
 
 
 def _run_decoder(vae: Any, latent: torch.Tensor) -> torch.Tensor:
     z = latent.to(dtype=vae.dtype) / vae.config.scaling_factor
-    if _tiled(latent):
+    if _tiled(z, vae.dtype):
         return vae.tiled_decode(z).sample  # a method call: no flag is set on the shared module
-    return vae.decode(z).sample
+    try:
+        return vae.decode(z).sample
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+    release()  # outside the except block: the failed attempt's frames are gone
+    log.warning(
+        "VAE decode of %dx%d pixels ran out of memory (%s); decoding in tiles",
+        z.shape[-1] * 8,
+        z.shape[-2] * 8,
+        memory_figures(),
+    )
+    return vae.tiled_decode(z).sample
 
 
 def _decode_one(vae: Any, latent: torch.Tensor) -> torch.Tensor:

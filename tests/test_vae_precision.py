@@ -125,3 +125,48 @@ def test_large_images_are_tiled_small_ones_never(
     # Tiles see less context than the whole image; the blended seams stay close (measured on
     # the tiny VAE: see the message) and the tiled path really ran (not identical).
     assert 0 < float(seams.mean()) < 0.05, f"mean {float(seams.mean()):.4f}"
+
+
+def _big_latent() -> torch.Tensor:
+    # 96x96 latents = 768x768 pixels: larger than the SD1 VAE's 512-pixel tile.
+    return torch.randn(1, 4, 96, 96, generator=torch.Generator().manual_seed(7))
+
+
+def test_a_decode_that_runs_out_of_memory_is_retried_in_tiles(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tiny_models_dir / "vae" / "tiny-vae.safetensors"
+    vae = load_vae_file(source, Family.SD1, FULL, tmp_path)
+    big = _big_latent()
+    with torch.no_grad():
+        whole = vae.decode(big / vae.config.scaling_factor).sample
+        expected = vae.tiled_decode(big / vae.config.scaling_factor).sample
+        attempts: list[tuple[int, ...]] = []
+
+        def out_of_memory(z: torch.Tensor, *args: object, **kwargs: object) -> object:
+            attempts.append(tuple(z.shape))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+        monkeypatch.setattr(vae, "decode", out_of_memory)
+        retried = decode_pixels(vae, big)
+    assert attempts == [(1, 4, 96, 96)]  # the whole decode was tried once, then tiles
+    assert torch.equal(retried, expected) and not torch.equal(retried, whole)
+
+
+def test_tiling_follows_the_free_device_memory(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine.vae_precision as precision
+
+    source = tiny_models_dir / "vae" / "tiny-vae.safetensors"
+    vae = load_vae_file(source, Family.SD1, FULL, tmp_path)
+    big = _big_latent()
+    needed = precision.decode_bytes(768 * 768, torch.float32)
+    assert needed == 768 * 768 * precision.PEAK_ELEMENTS_PER_PIXEL * 4
+    with torch.no_grad():
+        whole = vae.decode(big / vae.config.scaling_factor).sample
+        tiled = vae.tiled_decode(big / vae.config.scaling_factor).sample
+        monkeypatch.setattr(precision, "free_device_bytes", lambda device: needed)
+        assert torch.equal(decode_pixels(vae, big), whole)  # fits: exactly the whole decode
+        monkeypatch.setattr(precision, "free_device_bytes", lambda device: needed - 1)
+        assert torch.equal(decode_pixels(vae, big), tiled)
