@@ -231,3 +231,22 @@ def test_different_vaes_are_not_shared(engine: Engine) -> None:
         modules = [getattr(c.pipe, part, None) for c in engine.models.cache.loaded.values()]
         present = [id(m) for m in modules if m is not None]
         assert len(set(present)) == len(present), f"{part}: the tiny models' weights all differ"
+
+
+def test_a_checkpoint_added_by_a_refresh_shares_with_the_kept_ones(
+    tiny_models_dir: Path, tmp_path: Path, alone: dict[str, Engine]
+) -> None:
+    folder = _folder(tiny_models_dir, tmp_path / "models", {"tiny-sd15": None})
+    before = _engine(folder)
+    _variant(
+        tiny_models_dir / "checkpoints" / SD1,
+        folder / "checkpoints" / f"{TUNE}.safetensors",
+        TUNE_PREFIX,
+    )
+    after = before.rescanned()
+    base, tune = _loaded(after, "tiny-sd15"), _loaded(after, TUNE)
+    assert base is _loaded(before, "tiny-sd15")  # kept as loaded
+    assert tune.pipe.text_encoder is base.pipe.text_encoder and tune.pipe.vae is base.pipe.vae
+    assert tune.lora_scope != base.lora_scope
+    body = _body(TUNE, 1.0)
+    assert np.array_equal(_picture(after, body), _picture(alone[TUNE], body))
