@@ -8,7 +8,7 @@ Concurrency: `predict` is async and Cog gives it up to 8 prediction slots (`@con
 statically by `cog build`; COG_MAX_CONCURRENCY overrides it at run time). Each prediction runs
 the engine in a worker thread; the engine admits SD_MAX_CONCURRENCY of them at once and batches
 their UNet steps together (engine/step_batcher.py). A cancelled prediction stops at its next
-step; the others go on.
+step, or at once while it waits to start; the others go on.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from engine.device import setup_logging
 from engine.errors import EngineError, public_error
 from engine.playground import FIELD_NAMES
 from engine.progress import print_progress
+from engine.step_batcher import cancellable
 
 SLOTS = 8  # keep equal to @concurrent(max=...) below (Cog reads that literal)
 # Output folders are removed once this old: Cog has delivered their files long before, and a
@@ -43,8 +44,9 @@ OUTPUT_TTL_S = 600.0
 
 
 class Cancelled(BaseException):
-    """Cog cancelled the prediction: raised in the engine's thread at its next step (a
-    BaseException, like Cog's own, so no `except Exception` in the engine swallows it)."""
+    """Cog cancelled the prediction: raised in the engine's thread at its next step, or while
+    it waits to start (a BaseException, like Cog's own, so no `except Exception` in the
+    engine swallows it)."""
 
 
 class Output(BaseModel):
@@ -103,13 +105,17 @@ class Predictor(BasePredictor):
         playground = {name: args[name] for name in FIELD_NAMES}
         stop = threading.Event()
 
-        def progress(step: int, total: int) -> None:
+        def check() -> None:
             if stop.is_set():
                 raise Cancelled
+
+        def progress(step: int, total: int) -> None:
+            check()
             print_progress(step, total)
 
-        def run() -> Any:
-            return self.engine.handle(args["endpoint"], args["api_json"], progress, playground)
+        def run() -> Any:  # checked while it waits to start too (engine door, memory)
+            with cancellable(check):
+                return self.engine.handle(args["endpoint"], args["api_json"], progress, playground)
 
         # The worker thread keeps this prediction's context (Cog routes its logs by it).
         work = self.workers.submit(contextvars.copy_context().run, run)

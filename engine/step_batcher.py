@@ -40,9 +40,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -67,6 +68,39 @@ MAX_DEFAULT_SESSIONS = 8
 DEFAULT_MAX_ROWS = 16
 
 _current: ContextVar[Session | None] = ContextVar("engine_session", default=None)
+# The request's cancellation check (it raises the caller's own exception), polled while the
+# request waits before its first step: at the door and for memory. Its steps are checked by
+# the progress callback.
+_cancel_check: ContextVar[Callable[[], None] | None] = ContextVar("cancel_check", default=None)
+CANCEL_POLL_S = 0.25
+
+
+@contextmanager
+def cancellable(check: Callable[[], None]) -> Iterator[None]:
+    """Requests the body starts call `check` every CANCEL_POLL_S while they wait to start."""
+    token = _cancel_check.set(check)
+    try:
+        yield
+    finally:
+        _cancel_check.reset(token)
+
+
+def _wait(cv: threading.Condition, ready: Callable[[], bool], timeout: float | None = None) -> bool:
+    """`cv.wait_for(ready, timeout)` (cv held), calling this request's cancellation check
+    between short waits."""
+    check = _cancel_check.get()
+    if check is None:
+        return cv.wait_for(ready, timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not ready():
+        left = (
+            CANCEL_POLL_S if deadline is None else min(CANCEL_POLL_S, deadline - time.monotonic())
+        )
+        if left <= 0:
+            return False
+        cv.wait(left)
+        check()
+    return True
 
 
 def current_session() -> Session | None:
@@ -296,13 +330,19 @@ class StepBatcher:
         """One request in flight: waits at the door while `max_sessions` are in, then holds
         the turn until its first UNet call."""
         session = Session(self)
-        token = _current.set(session)
         ticket = object()
         with self._cv:
             self._door.append(ticket)
-            self._cv.wait_for(
-                lambda: self._door[0] is ticket and len(self._active) < self.max_sessions
-            )
+            try:
+                _wait(
+                    self._cv,
+                    lambda: self._door[0] is ticket and len(self._active) < self.max_sessions,
+                )
+            except BaseException:  # cancelled at the door: the next one in line may go
+                self._door.remove(ticket)
+                self._cv.notify_all()
+                raise
+            token = _current.set(session)
             self._door.popleft()
             self._active.add(session)
             self._cv.notify_all()
@@ -332,7 +372,7 @@ class StepBatcher:
             if not self._active:
                 return False
             ended = self._ended
-            return self._cv.wait_for(lambda: self._ended != ended, timeout=timeout)
+            return _wait(self._cv, lambda: self._ended != ended, timeout)
 
     # ---- turns
 

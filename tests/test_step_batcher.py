@@ -18,9 +18,11 @@ import torch
 from engine.api import Engine, Response
 from engine.errors import ModelLoadError
 from engine.step_batcher import (
+    CANCEL_POLL_S,
     StepBatcher,
     UNetCall,
     call_key,
+    cancellable,
     chunks,
     run_batched,
     sessions_from_env,
@@ -354,3 +356,62 @@ def test_text_encoding_runs_beside_other_requests_steps(
     assert windows, "the slow encoder never ran"
     during = [t for t in steps_at if any(a <= t <= b for a, b in windows)]
     assert len(during) >= 2, f"{len(during)} steps of the other request during the encoding"
+
+
+class _Stop(BaseException):
+    """A caller's own cancellation (predict.py raises its Cancelled)."""
+
+
+def test_a_request_cancelled_while_it_waits_to_start_leaves_at_once() -> None:
+    """At the door (SD_MAX_CONCURRENCY full) and while waiting for memory, a cancelled request
+    leaves within a poll instead of at its first step, and the line moves on."""
+    batcher = StepBatcher(max_sessions=1)
+    inside, release, stop = threading.Event(), threading.Event(), threading.Event()
+    outcome: dict[str, str] = {}
+
+    def check() -> None:
+        if stop.is_set():
+            raise _Stop
+
+    def holder() -> None:
+        with batcher.session():
+            inside.set()
+            release.wait(30)
+
+    def waiter(name: str, wait: Callable[[], Any]) -> None:
+        try:
+            with cancellable(check):
+                wait()
+            outcome[name] = "went on"
+        except _Stop:
+            outcome[name] = "cancelled"
+
+    def at_door() -> None:
+        with batcher.session():
+            pass
+
+    first = threading.Thread(target=holder, daemon=True)
+    first.start()
+    assert inside.wait(10)
+    door = threading.Thread(target=waiter, args=("door", at_door), daemon=True)
+    memory = threading.Thread(
+        target=waiter,
+        args=("memory", lambda: batcher.wait_for_an_end(timeout=60)),
+        daemon=True,
+    )
+    door.start()
+    memory.start()
+    door.join(0.5)
+    assert door.is_alive() and memory.is_alive() and outcome == {}  # both waiting
+    stop.set()
+    door.join(5 * CANCEL_POLL_S + 1)
+    memory.join(5 * CANCEL_POLL_S + 1)
+    assert outcome == {"door": "cancelled", "memory": "cancelled"}
+    assert first.is_alive()  # the running request was not waited for
+    stop.clear()
+    nxt = threading.Thread(target=waiter, args=("next", at_door), daemon=True)
+    nxt.start()
+    release.set()
+    for thread in (first, nxt):
+        thread.join(10)
+    assert outcome["next"] == "went on"  # the cancelled one left no ticket at the door
