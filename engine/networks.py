@@ -10,7 +10,7 @@ afterwards with none, bit for bit as before:
   returns `base_layer(x)` itself, the same call on the same weights as before any LoRA was loaded.
 - Adapters stay loaded (up to `max_cached` per pipeline, least recently used evicted), so a later
   request with the same LoRA, at any weights, reads no file: switching is a walk over the LoRA
-  layers that sets their active list and scale (see `_activate` for where the time goes).
+  layers that sets their active list and scale (see `_switch` for where the time goes).
 
 Checkpoints may share a text encoder or UNet (engine/pipelines.py). Each has its own manager;
 a checkpoint sharing modules has a `lora_scope`, a suffix of its adapter names, so no manager
