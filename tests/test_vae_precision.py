@@ -5,6 +5,7 @@ converting the shared module."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -127,20 +128,26 @@ def test_large_images_are_tiled_small_ones_never(
     assert 0 < float(seams.mean()) < 0.05, f"mean {float(seams.mean()):.4f}"
 
 
-def _big_latent() -> torch.Tensor:
-    # 96x96 latents = 768x768 pixels: larger than the SD1 VAE's 512-pixel tile.
-    return torch.randn(1, 4, 96, 96, generator=torch.Generator().manual_seed(7))
+def _big_decodes(
+    tiny_models_dir: Path, tmp_path: Path
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tiny SD1 VAE, a latent larger than its tile (96x96 = 768x768 pixels, the tile is
+    512), and that latent's whole and tiled decodes."""
+    vae = load_vae_file(
+        tiny_models_dir / "vae" / "tiny-vae.safetensors", Family.SD1, FULL, tmp_path
+    )
+    big = torch.randn(1, 4, 96, 96, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        whole = vae.decode(big / vae.config.scaling_factor).sample
+        tiled = vae.tiled_decode(big / vae.config.scaling_factor).sample
+    return vae, big, whole, tiled
 
 
 def test_a_decode_that_runs_out_of_memory_is_retried_in_tiles(
     tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = tiny_models_dir / "vae" / "tiny-vae.safetensors"
-    vae = load_vae_file(source, Family.SD1, FULL, tmp_path)
-    big = _big_latent()
+    vae, big, whole, expected = _big_decodes(tiny_models_dir, tmp_path)
     with torch.no_grad():
-        whole = vae.decode(big / vae.config.scaling_factor).sample
-        expected = vae.tiled_decode(big / vae.config.scaling_factor).sample
         attempts: list[tuple[int, ...]] = []
 
         def out_of_memory(z: torch.Tensor, *args: object, **kwargs: object) -> object:
@@ -158,14 +165,10 @@ def test_tiling_follows_the_free_device_memory(
 ) -> None:
     import engine.vae_precision as precision
 
-    source = tiny_models_dir / "vae" / "tiny-vae.safetensors"
-    vae = load_vae_file(source, Family.SD1, FULL, tmp_path)
-    big = _big_latent()
+    vae, big, whole, tiled = _big_decodes(tiny_models_dir, tmp_path)
     needed = precision.decode_bytes(768 * 768, torch.float32)
     assert needed == 768 * 768 * precision.PEAK_ELEMENTS_PER_PIXEL * 4
     with torch.no_grad():
-        whole = vae.decode(big / vae.config.scaling_factor).sample
-        tiled = vae.tiled_decode(big / vae.config.scaling_factor).sample
         monkeypatch.setattr(precision, "free_device_bytes", lambda device: needed)
         assert torch.equal(decode_pixels(vae, big), whole)  # fits: exactly the whole decode
         monkeypatch.setattr(precision, "free_device_bytes", lambda device: needed - 1)
