@@ -457,12 +457,12 @@ def _set_active(layer: Any, names: list[str]) -> None:
     `active_adapter` property reads; tests/test_networks.py checks that through the property.
 
     Why not the public API (peft 0.21.2 offers no other way to switch: `active_adapter` is a
-    read-only property "set with set_adapter"): measured with scripts/bench_lora.py on the tiny
-    SD1 (2 cores, loaded machine), `layer.set_adapter(names held by the layer,
-    inference_mode=True)` made a cached switch 60 ms instead of 2.6 ms (diffusers' own
-    set_adapters: 48-64 ms, so the ratio went from 0.04 to 1.27), a weight-only change 65 ms
-    instead of 1.8 ms, the way back to the plain model 28 ms instead of 0.4 ms, and the switch
-    grew 2.6x from 2 to 8 cached adapters instead of 1.03x. It does not raise (with or without
+    read-only property "set with set_adapter"): `scripts/bench_lora.py --peft-public` swaps
+    this function for `layer.set_adapter(names, inference_mode=True)`. Measured on the tiny
+    SD1 (2 idle cores, 2026-12-03): a cached switch 49.8 ms instead of 1.75 ms (diffusers' own
+    set_adapters: 35 ms, so the ratio goes from 0.05 to 1.42), a weight-only change 45.3 ms
+    instead of 0.9 ms, the way back to the plain model 25.0 ms instead of 0.7 ms, and the
+    switch grows 2.7x from 2 to 8 cached adapters instead of 0.98x. It does not raise (with or without
     names a layer lacks); the earlier "hang" was tests/test_networks.py
     test_switching_cached_loras_walks_no_modules, which forbids set_adapter on the switching
     path, raising inside the manager's finally while the lock was not yet released there.

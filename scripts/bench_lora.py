@@ -1,6 +1,6 @@
 """Benchmark (not a test): our per-request LoRA handling against plain diffusers, in one run.
 
-    python scripts/bench_lora.py [--models DIR] [--adapters 8] [--repeats 20]
+    python scripts/bench_lora.py [--models DIR] [--adapters 8] [--repeats 20] [--peft-public]
 
 On the tiny models (made into a temporary folder unless --models names a folder made by
 make_tiny_models.py) it times, for our LoraManager and for the same operations done with
@@ -11,6 +11,10 @@ diffusers' own API on a second copy of the pipeline:
   4. the switch cost with 2 and with N cached adapters (ours must not grow with N).
 It prints milliseconds and the ratio ours / diffusers. The tiny models have few layers, so the
 absolute numbers are small; the ratios and the growth with N are what this is for.
+
+--peft-public swaps our per-layer switch (a write of the attribute peft's `active_adapter`
+property reads) for peft's public `BaseTunerLayer.set_adapter(names, inference_mode=True)`,
+so the cost of using only the public API can be measured in the same run shape (issue 13).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine import networks
 from engine.catalog import Catalog
 from engine.loading import default_placement, load_checkpoint
 from engine.networks import LoraCatalog, LoraManager, LoraRequest
@@ -44,6 +50,14 @@ def timed(action: Callable[[], object], repeats: int) -> float:
         action()
         samples.append((time.perf_counter() - started) * 1e3)
     return statistics.median(samples)
+
+
+def public_set_active(layer: Any, names: list[str]) -> None:
+    """Our switch done with peft's public API only (for --peft-public)."""
+    if layer.disable_adapters:
+        layer.enable_adapters(True)
+    if list(layer.active_adapters) != names:
+        layer.set_adapter(names, inference_mode=True)
 
 
 def lora_copies(source: Path, folder: Path, count: int) -> list[Path]:
@@ -65,7 +79,10 @@ def main() -> int:
     parser.add_argument("--models", type=Path)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--peft-public", action="store_true")
     args = parser.parse_args()
+    if args.peft_public:
+        networks._set_active = public_set_active
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
