@@ -462,8 +462,8 @@ def _set_active(layer: Any, names: list[str]) -> None:
     SD1 (2 idle cores, 2026-12-03): a cached switch 49.8 ms instead of 1.75 ms (diffusers' own
     set_adapters: 35 ms, so the ratio goes from 0.05 to 1.42), a weight-only change 45.3 ms
     instead of 0.9 ms, the way back to the plain model 25.0 ms instead of 0.7 ms, and the
-    switch grows 2.7x from 2 to 8 cached adapters instead of 0.98x. It does not raise (with or without
-    names a layer lacks); the earlier "hang" was tests/test_networks.py
+    switch grows 2.7x from 2 to 8 cached adapters instead of 0.98x. It does not raise (with
+    or without names a layer lacks); the earlier "hang" was tests/test_networks.py
     test_switching_cached_loras_walks_no_modules, which forbids set_adapter on the switching
     path, raising inside the manager's finally while the lock was not yet released there.
     """
