@@ -553,6 +553,7 @@ class LoraManager:
         # before a file loads, and for every adapter a request uses; None: no budget.
         self.before_load: Callable[[LoraInfo], None] | None = None
         self.on_use: Callable[[LoraInfo], None] | None = None
+        self._retired = False  # see retire()
         self._reindex()
 
     # ---- public
@@ -653,6 +654,14 @@ class LoraManager:
                 self.modules_lock.release()
         finally:
             self._busy.release()
+
+    def retire(self) -> None:
+        """A refresh dropped this checkpoint: delete its adapters now, and those a request in
+        flight still uses when that request ends. Where its modules are shared with a kept
+        checkpoint (engine/pipelines.py) they would otherwise stay in the kept one's layers
+        for as long as the process runs. The caller holds the engine's turn."""
+        self._retired = True
+        self._trim()
 
     def cached(self) -> list[str]:
         """Names of the LoRAs held as adapters, least recently used first."""
@@ -859,7 +868,8 @@ class LoraManager:
             setattr(getattr(self.loaded.pipe, component), STATE_ATTR, ())
 
     def _make_room(self, keep: set[str], incoming: int) -> None:
-        while len(self._cache) + incoming > self.max_cached:
+        room = 0 if self._retired else self.max_cached
+        while len(self._cache) + incoming > room:
             victim = next((aid for aid in self._cache if aid not in keep), None)
             if victim is None:
                 return  # one request needs more than max_cached; trimmed after it
@@ -869,6 +879,8 @@ class LoraManager:
         try:
             with self.modules_lock:
                 self._make_room(keep=set(self._pinned), incoming=0)
+                if self._retired and not self._cache:
+                    self._unwrap_if_empty()
         except Exception:  # must not hide the generation's own outcome
             log.exception("LoRA cache trim on %s failed", self.loaded.info.title)
 

@@ -4,17 +4,21 @@ refresh-vae and refresh-embeddings), for the local webui server (sdapi/).
 The result is a new `Models` value; the caller swaps it in between requests, so a request in
 flight keeps the models it started with. Whatever did not change is reused as it is (a loaded
 checkpoint, a LoRA adapter cache, a loaded VAE file); new files load now, removed ones are
-dropped. A file that fails to load fails the refresh and leaves the old models serving.
+dropped (their LoRA adapters leave the modules they share with kept checkpoints). A file
+that fails to load fails the refresh and leaves the old models serving.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 from .catalog import Catalog, CheckpointInfo, HashCache
 from .embeddings import EmbeddingCatalog
-from .networks import LoraCatalog
+from .loading import LoadedCheckpoint
+from .networks import COMPONENT_WEIGHTS, LoraCatalog, LoraManager
+from .pipelines import PipelineCache
 from .planning import Models
 from .vae import VaeCatalog
 
@@ -40,6 +44,7 @@ def rescan(models: Models, hashes: HashCache) -> Models:
     managers = {t: m for t, m in models.lora_managers.items() if cache.loaded.get(t) is m.loaded}
     for manager in managers.values():
         manager.catalog = loras
+    _retire_dropped([m for t, m in models.lora_managers.items() if t not in managers], cache)
     # 5. VAE files and embeddings: new listings; a loaded VAE file is kept while unchanged.
     vaes = models.vaes
     if vaes is not None:
@@ -64,6 +69,26 @@ def rescan(models: Models, hashes: HashCache) -> Models:
         vaes=vaes,
         lora_managers=managers,
     )
+
+
+def _retire_dropped(dropped: list[LoraManager], cache: PipelineCache) -> None:
+    """Adapters of dropped checkpoints leave the modules they share with kept ones.
+
+    Under a turn of the engine's step batcher (shared by the kept engine), so that no other
+    request's UNet call runs through the layers meanwhile; a request in flight that still
+    uses such an adapter keeps it until it ends (LoraManager.retire)."""
+    kept = {id(m) for lc in cache.loaded.values() for m in _lora_modules(lc)}
+    sharing = [m for m in dropped if any(id(x) in kept for x in _lora_modules(m.loaded))]
+    if not sharing:
+        return
+    with cache.batcher.session():
+        for manager in sharing:
+            manager.retire()
+            log.info("refresh: LoRA adapters of dropped %s removed", manager.loaded.info.title)
+
+
+def _lora_modules(loaded: LoadedCheckpoint) -> list[Any]:
+    return [m for c in COMPONENT_WEIGHTS if (m := getattr(loaded.pipe, c, None)) is not None]
 
 
 def _default(catalog: Catalog, current: CheckpointInfo) -> CheckpointInfo:

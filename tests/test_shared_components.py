@@ -250,3 +250,37 @@ def test_a_checkpoint_added_by_a_refresh_shares_with_the_kept_ones(
     assert tune.lora_scope != base.lora_scope
     body = _body(TUNE, 1.0)
     assert np.array_equal(_picture(after, body), _picture(alone[TUNE], body))
+
+
+def _adapters(module: Any) -> set[str]:
+    return set(getattr(module, "peft_config", None) or ())
+
+
+def test_a_checkpoint_dropped_by_a_refresh_takes_its_adapters_out_of_shared_modules(
+    tiny_models_dir: Path, tmp_path: Path, alone: dict[str, Engine]
+) -> None:
+    """The base leaves the folder while its fine-tune (sharing its text encoder) stays: the
+    base's LoRA adapters leave the shared encoder (else they stay there, in device memory, for
+    as long as the server runs); one a request in flight uses stays until that request ends;
+    the fine-tune's own LoRA picture is unchanged."""
+    folder = _folder(tiny_models_dir, tmp_path / "models", {"tiny-sd15": None, TUNE: TUNE_PREFIX})
+    before = _engine(folder)
+    body = _body(TUNE, 1.0)
+    _picture(before, _body("tiny-sd15", 1.0))
+    _picture(before, body)
+    base, tune = _loaded(before, "tiny-sd15"), _loaded(before, TUNE)
+    encoder = tune.pipe.text_encoder
+    assert encoder is base.pipe.text_encoder
+    base_manager, tune_manager = (before.models.lora_manager(c) for c in (base, tune))
+    aid = before.models.loras.resolve("tiny-lora-sd15").adapter_id
+    base_name, tune_name = base_manager.adapter_name(aid), tune_manager.adapter_name(aid)
+    assert _adapters(encoder) == {base_name, tune_name}
+
+    (folder / "checkpoints" / f"{SD1}").unlink()
+    with base_manager.prepared([LoraRequest("tiny-lora-sd15", 1.0, 1.0)]):  # in flight
+        after = before.rescanned()
+        assert _adapters(encoder) == {base_name, tune_name}
+    assert _adapters(encoder) == {tune_name}
+    assert _loaded(after, TUNE) is tune
+    assert np.array_equal(_picture(after, body), _picture(alone[TUNE], body))
+    assert _adapters(encoder) == {tune_name}
