@@ -568,6 +568,7 @@ def _finish(
     scheduler_config: dict[str, Any],
     placement: Placement,
 ) -> LoadedCheckpoint:
+    _check_inputs(pipe.unet.config.in_channels, info.name)
     pipe.to(placement.device)
     pipe.set_progress_bar_config(disable=True)
     # One precision policy for every VAE (engine/vae_precision.py): the engine's dtype, fp32
@@ -585,6 +586,26 @@ def _finish(
         scheduler_config=scheduler_config,
         prediction_type=str(scheduler_config.get("prediction_type", "epsilon")),
         is_inpainting=pipe.unet.config.in_channels == 9,
+    )
+
+
+# UNet input channels: what each count means, and whether this server runs it. webui runs
+# the unsupported two with their own conditioning (a MiDaS depth map; the init image's latent
+# with a second CFG scale); without it they would load here and fail at the first step.
+_UNSUPPORTED_INPUTS = {
+    5: "a depth-to-image model (latent + depth map)",
+    8: "an instruct-pix2pix model (latent + the init image's latent)",
+}
+_SUPPORTED_INPUTS = "4 (text-to-image) or 9 (inpainting)"
+
+
+def _check_inputs(channels: int, name: str) -> None:
+    if channels in (4, 9):
+        return
+    kind = _UNSUPPORTED_INPUTS.get(channels, "an unknown kind of model")
+    raise ModelLoadError(
+        f"{name}: the UNet takes {channels} input channels: {kind}, which this server does "
+        f"not run; checkpoints here must take {_SUPPORTED_INPUTS}"
     )
 
 

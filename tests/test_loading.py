@@ -307,6 +307,32 @@ def test_missing_tensor_is_a_clear_load_error(tiny_models_dir: Path, tmp_path: P
         infer_configs(detect_family(shapes, path.name), shapes, path.name)
 
 
+@pytest.mark.parametrize(
+    ("channels", "kind"), [(8, "an instruct-pix2pix model"), (5, "a depth-to-image model")]
+)
+def test_an_edit_or_depth_checkpoint_is_refused_at_setup_by_name(
+    tiny_models_dir: Path, tmp_path: Path, channels: int, kind: str
+) -> None:
+    """A UNet whose first convolution takes the latent plus extra conditioning channels
+    (webui runs those with conditioning this server lacks): setup names the file, the
+    channel count, what it is and what is allowed, instead of failing at a request's first
+    step."""
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    state = load_file(str(tiny_models_dir / "checkpoints" / SD1))
+    weight = state[key]
+    extra = torch.zeros(weight.shape[0], channels - weight.shape[1], *weight.shape[2:])
+    state[key] = torch.cat([weight, extra.to(weight.dtype)], dim=1)
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    save_file(state, str(models / "checkpoints" / "edit.safetensors"))
+    message = (
+        rf"edit\.safetensors: the UNet takes {channels} input channels: {kind} .*"
+        r"must take 4 \(text-to-image\) or 9 \(inpainting\)"
+    )
+    with pytest.raises(ModelLoadError, match=message):
+        small_engine(models)
+
+
 def test_engine_config_from_env(tmp_path: Path) -> None:
     config = EngineConfig.from_env({"SD_MODELS_DIR": str(tmp_path), "SD_DEFAULT_CHECKPOINT": "x"})
     assert config.models_dir == tmp_path.resolve()
