@@ -142,7 +142,6 @@ class TextConditioner:
     emphasis: str = "Original"
     comma_backtrack: int = 20
     embeddings: EmbeddingCatalog | None = None
-    used_embeddings: dict[str, str] = field(default_factory=dict)  # name -> hash, for infotext
     _cache: dict[tuple[str, bool], Encoded] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -158,6 +157,30 @@ class TextConditioner:
             slot.tokenizer, slot.vectors_key, int(_text_model(slot.encoder).config.hidden_size)
         )
 
+    def _chunks(self, slot: EncoderSlot, text: str) -> list[Chunk]:
+        return tokenize_chunks(
+            slot.tokenizer,
+            text,
+            emphasis=self.emphasis,
+            comma_backtrack=self.comma_backtrack,
+            pad_token_id=slot.pad_token_id,
+            find_embedding=self._finder(slot),
+        )
+
+    def embeddings_in(self, texts: Sequence[str]) -> list[tuple[str, str]]:
+        """(name, hash) of the embeddings one webui forward over `texts` uses, in the order
+        it records them: chunk by chunk, and within a chunk text by text (tokenizing only;
+        SDXL's two tokenizers find the same names)."""
+        if self.embeddings is None or not self.embeddings.items:
+            return []
+        per_text = [self._chunks(self.slots[0], text) for text in texts]
+        found: dict[str, str] = {}
+        for index in range(max((len(chunks) for chunks in per_text), default=0)):
+            for chunks in per_text:
+                for _, name in chunks[index].embeddings if index < len(chunks) else ():
+                    found.setdefault(name, self.embeddings.get(name).hash)
+        return list(found.items())
+
     def _encode_chunk(self, slot: EncoderSlot, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         model = _text_model(slot.encoder)
         device = slot.encoder.device
@@ -170,7 +193,6 @@ class TextConditioner:
                 vectors = item.vectors_for(slot.vectors_key, token_embeds.shape[-1])
                 end = min(index + vectors.shape[0], token_embeds.shape[1] - 1)
                 token_embeds[0, index:end] = vectors[: end - index].to(token_embeds)
-                self.used_embeddings[name] = item.hash
         states, last = run_encoder(slot.encoder, ids, token_embeds)
         z = last if slot.layer == -1 else states[slot.layer]
         if slot.normed and slot.layer != -1:
@@ -193,14 +215,7 @@ class TextConditioner:
         # (engine/step_batcher.py).
         with text_encoding():
             for slot in self.slots:
-                chunks = tokenize_chunks(
-                    slot.tokenizer,
-                    text,
-                    emphasis=self.emphasis,
-                    comma_backtrack=self.comma_backtrack,
-                    pad_token_id=slot.pad_token_id,
-                    find_embedding=self._finder(slot),
-                )
+                chunks = self._chunks(slot, text)
                 encoded = [self._encode_chunk(slot, chunk) for chunk in chunks]
                 per_slot.append(torch.cat([z for z, _ in encoded], dim=1))
                 if slot.pooled:

@@ -59,7 +59,9 @@ class Effects:
 
     `unet_hooks` run at every step of the first pass; `hires_unet_hooks` at every step of the
     hires pass (a ScopedUNetHook among them is attached to the pass's UNet around the pass).
-    `infotext` entries join extra_generation_params (raw values; the engine quotes).
+    `infotext` entries join extra_generation_params (raw values; the engine quotes) where a
+    webui extension's `process` hook adds them (before webui's hires/img2img keys);
+    `batch_infotext` where a `before_process_batch` hook does (after those keys).
     `extra_images` are appended after the generated images (ControlNet's detected maps);
     `warnings` say what a request asked for that was changed or ignored."""
 
@@ -67,6 +69,7 @@ class Effects:
     hires_unet_hooks: list[UNetHook] = field(default_factory=list)
     cfg_hooks: list[CFGHook] = field(default_factory=list)
     infotext: dict[str, Any] = field(default_factory=dict)
+    batch_infotext: dict[str, Any] = field(default_factory=dict)
     extra_images: list[Image.Image] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # joins info.warnings
     image_hooks: list[ImageHook] = field(default_factory=list)  # on each decoded picture
@@ -78,6 +81,7 @@ class Effects:
             hires_unet_hooks=[*self.hires_unet_hooks, *other.hires_unet_hooks],
             cfg_hooks=[*self.cfg_hooks, *other.cfg_hooks],
             infotext={**self.infotext, **other.infotext},
+            batch_infotext={**self.batch_infotext, **other.batch_infotext},
             extra_images=[*self.extra_images, *other.extra_images],
             warnings=[*self.warnings, *other.warnings],
             image_hooks=[*self.image_hooks, *other.image_hooks],

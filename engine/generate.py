@@ -13,7 +13,7 @@ from typing import Any
 from .images import encode_image
 from .infotext import info_json
 from .oom import reported
-from .passes import Embeddings, Progress, models_used, run_batch
+from .passes import Progress, models_used, run_batch
 from .payload import (
     ParsedRequest,
     echo_parameters,
@@ -38,7 +38,6 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
     models.cache.acquire(models_used(plan))
     # 2. Generate batch by batch (n_iter batches of batch_size).
     pil_images: list[Any] = []
-    used: Embeddings = {}  # what text encoding learned: embedding name -> hash (TI hashes)
     with reported(
         f"generating {req.batch_size} image(s) of {plan.width}x{plan.height}",
         "try a smaller width/height, batch_size, or hires scale",
@@ -47,12 +46,11 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
             lo, hi = batch * plan.batch_size, (batch + 1) * plan.batch_size
             done = run_batch(plan, lo, hi, progress)
             pil_images += done.images
-            used.update(done.used)
             if done.stopped is not None and not done.stopped.skip:
                 break  # webui's interrupt: the batches so far are the answer
     # 3. Infotext per image, encoded files, the info JSON; no model is touched from here, so
     # other requests' steps go on meanwhile (engine/step_batcher.py).
-    infotexts = [image_infotext(plan, i, used) for i in range(len(pil_images))]
+    infotexts = [image_infotext(plan, i) for i in range(len(pil_images))]
     settings = parsed.settings
     with away():
         images = [
@@ -71,7 +69,7 @@ def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_pro
         ]
     if not req.send_images:
         images = []
-    info = info_json(build_info(plan, infotexts, used))
+    info = info_json(build_info(plan, infotexts))
     return Result(
         images=images, info=info, parameters=echo_parameters(parsed), warnings=plan.warnings
     )

@@ -66,19 +66,12 @@ LATENT_CHANNELS = 4
 Progress = Callable[[int, int], None]
 
 
-Embeddings = dict[str, str]  # textual-inversion name -> hash, as text encoding found them
-
-
-Sampled = tuple[torch.Tensor, Embeddings]  # a pass's final latents and the embeddings it used
-
-
 @dataclass(frozen=True)
 class Batch:
-    """One batch's pictures, the embeddings its prompts used, and whether a progress callback
-    stopped it (webui's interrupt or skip)."""
+    """One batch's pictures, and whether a progress callback stopped it (webui's interrupt
+    or skip)."""
 
     images: list[Any]
-    used: Embeddings
     stopped: StopSampling | None = None
 
 
@@ -109,22 +102,19 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> Batch:
         loras.switch(plan.loras, batch)
         try:
             if plan.img2img is None:
-                latents, used = txt2img_pass(
-                    plan, seeds, noise, generators, prompts, negatives, progress
-                )
+                latents = txt2img_pass(plan, seeds, noise, generators, prompts, negatives, progress)
             else:
-                latents, used = img2img_pass(
+                latents = img2img_pass(
                     plan, plan.img2img, lo, hi, noise, generators, prompts, negatives, progress
                 )
             # 3. Hires fix: upscale, then img2img at the target size with fresh noise.
             if plan.hires is not None:
                 loras.switch(plan.hires.loras, batch)  # hr_prompt's LoRAs (kept when the same)
-                latents, hires_used = hires_pass(plan, plan.hires, latents, lo, hi, progress)
-                used = {**used, **hires_used}
+                latents = hires_pass(plan, plan.hires, latents, lo, hi, progress)
         except StopSampling as stop:
             # Interrupt/skip (webui): the last prediction is decoded; no hires pass after it.
             assert stop.latents is not None
-            latents, used, stopped = stop.latents, stop.used, stop
+            latents, stopped = stop.latents, stop
         # 4. Decode; NaN is an error, never a black picture.
         if has_non_finite(latents):
             raise GenerationError(
@@ -137,7 +127,7 @@ def run_batch(plan: Plan, lo: int, hi: int, progress: Progress) -> Batch:
     if plan.img2img is not None and plan.img2img.mask is not None:
         inits = _batch_inits(plan.img2img, hi - lo)
         images = [finish_image(img, init) for img, init in zip(images, inits, strict=True)]
-    return Batch(images, used, stopped)
+    return Batch(images, stopped)
 
 
 def models_used(plan: Plan) -> list[LoadedCheckpoint]:
@@ -240,9 +230,9 @@ class PassJob:
     hooks: Sequence[Any] = ()  # extension UNet hooks for this pass
 
 
-def _run(plan: Plan, job: PassJob, progress: Progress) -> Sampled:
+def _run(plan: Plan, job: PassJob, progress: Progress) -> torch.Tensor:
     """One sampler pass over `job.loaded` (and the refiner, which takes over at its switch
-    point): the final latents and the embeddings the prompts used."""
+    point): the final latents."""
     loaded, spec, refiner = job.loaded, job.spec, job.refiner
     width, height = job.size
     settings = plan.settings
@@ -251,7 +241,6 @@ def _run(plan: Plan, job: PassJob, progress: Progress) -> Sampled:
         job.prompts, job.negatives, plan.request.steps, job.hires_steps
     )
     stages = []
-    conditioners = []
     models = [(loaded, None)] + ([(refiner.checkpoint, refiner.switch_at)] if refiner else [])
     for model, switch_at in models:
         conditioner = TextConditioner(
@@ -261,7 +250,6 @@ def _run(plan: Plan, job: PassJob, progress: Progress) -> Sampled:
             comma_backtrack=settings.comma_padding_backtrack,
             embeddings=plan.embeddings,
         )
-        conditioners.append(conditioner)
         time_ids, uncond_time_ids = sdxl_time_ids(model, width, height)
         stages.append(
             Stage(
@@ -302,15 +290,10 @@ def _run(plan: Plan, job: PassJob, progress: Progress) -> Sampled:
         # webui keeps the last x0 prediction; stopped before any step: the pass' start.
         start = job.init if job.init is not None else job.noise
         stop.latents = start if denoiser.last_denoised is None else denoiser.last_denoised
-        stop.used = _used(conditioners)
         raise
     if job.blend is not None:
         latents = job.blend.apply(latents)  # webui's final blend of the inpainted latent
-    return latents, _used(conditioners)
-
-
-def _used(conditioners: list[TextConditioner]) -> Embeddings:
-    return {name: h for c in conditioners for name, h in c.used_embeddings.items()}
+    return latents
 
 
 def txt2img_pass(
@@ -321,7 +304,7 @@ def txt2img_pass(
     prompts: list[str],
     negatives: list[str],
     progress: Progress,
-) -> Sampled:
+) -> torch.Tensor:
     loaded = plan.checkpoint
     steps = plan.request.steps
     spec = _sampler_pass(plan, plan.sampler, loaded, steps, steps, img2img=False)
@@ -376,7 +359,7 @@ def img2img_pass(
     prompts: list[str],
     negatives: list[str],
     progress: Progress,
-) -> Sampled:
+) -> torch.Tensor:
     loaded = plan.checkpoint
     inits = _batch_inits(job, hi - lo)
     noise = noise[: len(inits)]
@@ -399,7 +382,7 @@ def img2img_pass(
             init = init * (1 - repaint)
     # 3. webui's step window: nothing to run leaves the init latent as it is.
     if job.steps_run <= 0:
-        return init, {}
+        return init
     spec = _sampler_pass(
         plan, plan.sampler, loaded, job.schedule_steps, job.steps_run, img2img=True
     )
@@ -460,7 +443,7 @@ def img2img_inpaint_inputs(
 
 def hires_pass(
     plan: Plan, hires: Hires, latents: torch.Tensor, lo: int, hi: int, progress: Progress
-) -> Sampled:
+) -> torch.Tensor:
     loaded = hires.checkpoint
     target = hires.target
     # 1. Upscale: in latent space, or decode -> pixel upscaler -> encode.
@@ -481,7 +464,7 @@ def hires_pass(
             ]
         upscaled = encode_images(plan.vae.vae, resized).to(torch.float32)
     if hires.steps_run <= 0:
-        return upscaled, {}  # webui decodes the upscaled latent as it is when denoising is 0
+        return upscaled  # webui decodes the upscaled latent as it is when denoising is 0
     # 2. Fresh noise from the same seeds at the new size (webui makes a new ImageRNG).
     spec = _noise_spec(plan, lo, hi)
     noise, generators = first_noise(spec, LATENT_CHANNELS, target.height, target.width)

@@ -14,8 +14,9 @@ from functools import partial
 from typing import Any, Final
 
 from .catalog import Catalog, CheckpointInfo
-from .conditioning import check_clip_skip
+from .conditioning import TextConditioner, check_clip_skip
 from .embeddings import EmbeddingCatalog
+from .encoding_infotext import encoding_infotext, forwards_of
 from .errors import Problem, RequestError
 from .extensions import Effects, ExtensionRegistry, GenerationContext
 from .geometry import (
@@ -48,7 +49,6 @@ from .payload import (
 from .pipelines import PipelineCache
 from .prompt_parser import (
     extract_extra_networks,
-    get_learned_conditioning_prompt_schedules,
     lora_weights,
     strip_comments,
 )
@@ -191,7 +191,12 @@ class Plan:
     hires: Hires | None
     img2img: Img2Img | None
     refiner: Refiner | None
-    extras: dict[str, Any]
+    # Infotext keys decided here, by where webui inserts them (engine/response.py: extra_params).
+    extras: dict[str, Any]  # webui's p.init: the hires or img2img keys
+    lora_hashes: str | None
+    encoding_extras: dict[str, str]  # "TI hashes" / "Emphasis" (engine/encoding_infotext.py)
+    schedule_extras: dict[str, Any]  # the first pass' get_sigmas
+    hires_schedule_extras: dict[str, float]  # what the hires pass' get_sigmas adds
     warnings: list[str]
     comments: list[str]
 
@@ -269,27 +274,19 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         img2img = _plan_img2img(
             req, decoded, settings, sampler, extras, comments, models.model_upscalers(settings)
         )
-    if hashes := lora_hashes(lora_pairs):
-        extras["Lora hashes"] = hashes
-    texts = cond_prompts + negatives
-    if hires is not None:
-        texts += [extract_extra_networks(p)[0] for p in hires.prompts] + hires.negative_prompts
-    if settings.emphasis != "Original" and _uses_emphasis_syntax(texts, req.steps):
-        extras["Emphasis"] = settings.emphasis
-    refiner = _plan_refiner(models, req, checkpoint, extras)
+    refiner = _plan_refiner(models, req, checkpoint)
     # 8. alwayson_scripts extensions: parsed and prepared now, so their errors come first too.
     effects = _plan_extensions(models, req, checkpoint, width, height, batch_size, decoded)
-    extras.update(effects.infotext)
     warnings.extend(effects.warnings)
-    # 9. What webui's get_sigmas adds at sampling time, after everything above.
-    extras.update(
-        schedule_infotext_params(
-            discretization(checkpoint),
-            schedule_options(settings),
-            sampler,
-            *([hires.sampler] if hires else []),
-        )
+    # 9. What webui's text encoding and get_sigmas add to the infotext (from the first batch).
+    encoding = _encoding_extras(
+        models, checkpoint, settings, clip_skip, cond_prompts, negatives, batch_size, req.steps
     )
+    schedule = partial(
+        schedule_infotext_params, discretization(checkpoint), schedule_options(settings)
+    )
+    first = schedule(sampler)
+    hires_schedule = schedule(hires.sampler, first=False) if hires is not None else {}
     return Plan(
         request=req,
         settings=settings,
@@ -314,6 +311,10 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
         img2img=img2img,
         refiner=refiner,
         extras=extras,
+        lora_hashes=lora_hashes(lora_pairs),
+        encoding_extras=encoding,
+        schedule_extras=first,
+        hires_schedule_extras={k: v for k, v in hires_schedule.items() if k not in first},
         warnings=warnings,
         comments=comments,
     )
@@ -355,6 +356,7 @@ def _plan_hires(
         )
     if not req.enable_hr:
         return width, height, None
+    extras["Denoising strength"] = float(req.denoising_strength)  # webui's init, first
     hr_checkpoint = checkpoint
     if req.hr_checkpoint_name not in (*_OFF, "Use same checkpoint"):
         hr_checkpoint = _checkpoint(models, req.hr_checkpoint_name, "hr_checkpoint_name")
@@ -380,8 +382,6 @@ def _plan_hires(
         )
         if hr_sampler.sampler != sampler.sampler:
             extras["Hires sampler"] = hr_sampler.sampler
-        if hr_sampler.schedule_label != sampler.schedule_label:
-            extras["Hires schedule type"] = hr_sampler.schedule_label
     # The hires prompts fall back to the (already stripped) prompts; their own text is
     # stripped too, as webui's Comments script does with enable_hr.
     strip = strip_comments if settings.enable_prompt_comments else str
@@ -394,6 +394,9 @@ def _plan_hires(
         extras["Hires prompt"] = hr_prompts[0]
     if hr_negatives != negatives:
         extras["Hires negative prompt"] = hr_negatives[0]
+    if hr_sampler.schedule_label != sampler.schedule_label:
+        # Its place is set here (webui's init puts a None there); its value at the hires pass.
+        extras["Hires schedule type"] = hr_sampler.schedule_label
     target = hires_target(width, height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
     extras.update(target.infotext)
     if req.hr_second_pass_steps:
@@ -489,11 +492,28 @@ def _plan_networks(
     return list(stripped), loras
 
 
-def _uses_emphasis_syntax(texts: list[str], steps: int) -> bool:
-    """webui (sd_hijack_clip.py) records "Emphasis" when a text it encodes has ( or [: the
-    texts after prompt editing is resolved, so `[a:b:0.5]` alone does not count."""
-    schedules = get_learned_conditioning_prompt_schedules(list(dict.fromkeys(texts)), steps)
-    return any("(" in text or "[" in text for schedule in schedules for _, text in schedule)
+def _encoding_extras(
+    models: Models,
+    checkpoint: LoadedCheckpoint,
+    settings: Settings,
+    clip_skip: int,
+    prompts: list[str],
+    negatives: list[str],
+    batch_size: int,
+    steps: int,
+) -> dict[str, str]:
+    """webui's "TI hashes" and "Emphasis" for the first batch's first-pass encodings."""
+    conditioner = TextConditioner(
+        checkpoint,
+        clip_skip,
+        emphasis=settings.emphasis,
+        comma_backtrack=settings.comma_padding_backtrack,
+        embeddings=models.embeddings,
+    )
+    forwards = forwards_of(
+        prompts[:batch_size], negatives[:batch_size], steps, conditioner.embeddings_in
+    )
+    return encoding_infotext(forwards, settings.emphasis, wrappers=len(conditioner.slots))
 
 
 def _resolved(loras: PassLoras, field: str = "prompt") -> list[tuple[LoraInfo, LoraRequest]]:
@@ -540,6 +560,7 @@ def _plan_img2img(
     model_upscalers: Mapping[str, PixelUpscale],
 ) -> Img2Img:
     images, mask_image = decoded
+    extras["Denoising strength"] = float(req.denoising_strength)  # webui's init, first
     # 2. The mask as webui processes it (binarize, invert, blur, crop or resize).
     blur_x, blur_y = effective_mask_blur(req)
     mask_plan = None
@@ -585,8 +606,6 @@ def _plan_img2img(
     multiplier = req.initial_noise_multiplier
     if multiplier is None:
         multiplier = settings.initial_noise_multiplier
-    if multiplier != 1.0:
-        extras["Noise multiplier"] = multiplier
     return Img2Img(
         inits=inits,
         mask=mask_plan,
@@ -601,10 +620,7 @@ def _plan_img2img(
 
 
 def _plan_refiner(
-    models: Models,
-    req: Txt2ImgRequest | Img2ImgRequest,
-    checkpoint: LoadedCheckpoint,
-    extras: dict[str, Any],
+    models: Models, req: Txt2ImgRequest | Img2ImgRequest, checkpoint: LoadedCheckpoint
 ) -> Refiner | None:
     if req.refiner_checkpoint in _OFF or req.refiner_switch_at is None:
         return None
@@ -615,8 +631,6 @@ def _plan_refiner(
         # webui switches once (999 - timestep) / 1000 reaches the value: never at 1 (slider max).
         return None
     _same_family(checkpoint, refiner, "refiner_checkpoint")
-    extras["Refiner"] = short_title(refiner.info)
-    extras["Refiner switch at"] = req.refiner_switch_at
     return Refiner(refiner, req.refiner_switch_at)
 
 

@@ -10,8 +10,7 @@ from typing import Any
 from . import __version__
 from .images import EncodedImage
 from .infotext import ImageParams, InfoRecord, create_infotext, job_timestamp
-from .passes import Embeddings
-from .planning import Plan
+from .planning import Plan, short_title
 from .samplers import (
     discard_infotext_params,
     eta_infotext_params,
@@ -43,7 +42,7 @@ def _ensd(plan: Plan) -> int:
     return 0
 
 
-def image_params(plan: Plan, index: int, used: Embeddings) -> ImageParams:
+def image_params(plan: Plan, index: int) -> ImageParams:
     req = plan.request
     info = plan.checkpoint.info
     settings = plan.settings
@@ -73,20 +72,36 @@ def image_params(plan: Plan, index: int, used: Embeddings) -> ImageParams:
             if plan.img2img is not None and plan.checkpoint.is_inpainting
             else None
         ),
-        extra=extra_params(plan, used),
+        extra=extra_params(plan),
         version=VERSION if settings.add_version_to_infotext else None,
     )
 
 
-def extra_params(plan: Plan, used: Embeddings) -> dict[str, Any]:
+def extra_params(plan: Plan) -> dict[str, Any]:
     """webui's p.extra_generation_params: what the infotext adds after its fixed keys, and
-    what `info` lists under extra_generation_params (the same entries in both)."""
+    what `info` lists under extra_generation_params (the same entries in both).
+
+    In the order webui 1.10.1 inserts them (a key set again keeps its first place): the
+    extensions' `process` hooks, `p.init` (hires or img2img keys), the extensions'
+    `before_process_batch` hooks, the LoRA activation, text encoding, img2img's noise
+    multiplier, the first pass' `get_sigmas` and `Sampler.initialize`, the hires pass'
+    `get_sigmas`, and the refiner at its switch (during sampling)."""
     settings = plan.settings
+    noise = plan.img2img.noise_multiplier if plan.img2img is not None else 1.0
+    refiner: dict[str, Any] = {}
+    if plan.refiner is not None:
+        refiner["Refiner"] = short_title(plan.refiner.checkpoint.info)
+        refiner["Refiner switch at"] = plan.refiner.switch_at
     return {
+        **plan.effects.infotext,
         **plan.extras,
-        **network_extras(used),
-        **eta_infotext_params(plan.sampler, plan.eta),
+        **plan.effects.batch_infotext,
+        **({"Lora hashes": plan.lora_hashes} if plan.lora_hashes else {}),
+        **plan.encoding_extras,
+        **({"Noise multiplier": noise} if noise != 1.0 else {}),
         **discard_infotext_params(plan.sampler, settings.always_discard_next_to_last_sigma),
+        **plan.schedule_extras,
+        **eta_infotext_params(plan.sampler, plan.eta),
         **sigma_infotext_params(
             plan.sampler,
             s_churn=settings.s_churn,
@@ -94,29 +109,24 @@ def extra_params(plan: Plan, used: Embeddings) -> dict[str, Any]:
             s_tmax=settings.s_tmax,
             s_noise=settings.s_noise,
         ),
+        **plan.hires_schedule_extras,
+        **refiner,
     }
 
 
-def network_extras(used: Embeddings) -> dict[str, Any]:
-    """webui's "TI hashes" entry, for the embeddings the prompts actually used."""
-    if not used:
-        return {}
-    return {"TI hashes": ", ".join(f"{n}: {h}" for n, h in used.items())}
-
-
-def image_infotext(plan: Plan, index: int, used: Embeddings) -> str:
+def image_infotext(plan: Plan, index: int) -> str:
     seed_index = min(index, len(plan.seeds) - 1)
     return create_infotext(
         plan.prompts[seed_index],
         plan.negative_prompts[seed_index],
-        image_params(plan, seed_index, used),
+        image_params(plan, seed_index),
     )
 
 
-def build_info(plan: Plan, infotexts: list[str], used: Embeddings) -> InfoRecord:
+def build_info(plan: Plan, infotexts: list[str]) -> InfoRecord:
     req = plan.request
     ckpt = plan.checkpoint.info
-    extra = {"Schedule type": plan.sampler.schedule_label, **extra_params(plan, used)}
+    extra = extra_params(plan)
     return InfoRecord(
         prompt=plan.prompts[0],
         all_prompts=plan.prompts,

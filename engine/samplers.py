@@ -529,19 +529,22 @@ def sigma_infotext_params(
 
 
 def schedule_infotext_params(
-    model: Discretization, options: ScheduleOptions, *choices: SamplerChoice
-) -> dict[str, float]:
-    """webui get_sigmas: "Schedule min/max sigma", "Schedule rho" (the options that apply to
-    the pass' schedule) and "Beta schedule alpha/beta" when a pass samples on the Beta
-    schedule; never for DDIM/PLMS/UniPC or Automatic without a schedule (no schedule function)."""
-    found: dict[str, float] = {}
-    for choice in choices:
-        if choice.schedule is None or choice.row.kind in (Kind.TIMESTEPS, Kind.UNIPC):
-            continue
-        found.update(schedule_overrides(choice.schedule.name, model, options))
-        if choice.schedule.name == "beta":
-            found["Beta schedule alpha"] = options.beta_alpha
-            found["Beta schedule beta"] = options.beta_beta
+    model: Discretization, options: ScheduleOptions, choice: SamplerChoice, *, first: bool = True
+) -> dict[str, Any]:
+    """webui get_sigmas for one pass, in its order: the first pass' "Schedule type" (its label,
+    unless "Automatic"; only when `first`: the hires pass' goes to "Hires schedule type"),
+    "Schedule min/max sigma", "Schedule rho" (the options that apply to the pass' schedule)
+    and "Beta schedule alpha/beta" when it samples on the Beta schedule; never for
+    DDIM/PLMS/UniPC or Automatic without a schedule (no schedule function)."""
+    found: dict[str, Any] = {}
+    if choice.schedule is None or choice.row.kind in (Kind.TIMESTEPS, Kind.UNIPC):
+        return found
+    if first and choice.schedule_label != _SCHEDULES_BY_NAME[AUTOMATIC].label:
+        found["Schedule type"] = choice.schedule_label
+    found.update(schedule_overrides(choice.schedule.name, model, options))
+    if choice.schedule.name == "beta":
+        found["Beta schedule alpha"] = options.beta_alpha
+        found["Beta schedule beta"] = options.beta_beta
     return found
 
 

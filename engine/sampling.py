@@ -51,7 +51,6 @@ class StopSampling(Exception):
         super().__init__("skip" if skip else "interrupt")
         self.skip = skip
         self.latents: torch.Tensor | None = None  # filled by the pass that stopped
-        self.used: dict[str, str] = {}
 
 
 @runtime_checkable

@@ -325,12 +325,14 @@ def test_beta_schedule_parameters_are_in_the_infotext_as_webui_writes_them(engin
     assert "Schedule type: Beta, " in info["infotexts"][0]
     assert "Beta schedule alpha: 0.6, Beta schedule beta: 0.6" in info["infotexts"][0]
     # Not for another schedule, nor for a sampler that ignores the schedule; a hires pass
-    # that runs Beta counts.
+    # that runs Beta counts. The first pass' label joins extra_generation_params there too.
     model, default = Discretization.from_config({}), ScheduleOptions()
-    assert schedule_infotext_params(model, default, resolve_sampler("Euler", None, "Karras")) == {}
+    karras, beta = (resolve_sampler("Euler", None, s) for s in ("Karras", "Beta"))
+    assert schedule_infotext_params(model, default, karras) == {"Schedule type": "Karras"}
+    assert schedule_infotext_params(model, default, karras, first=False) == {}
     assert schedule_infotext_params(model, default, resolve_sampler("DDIM", None, "Beta")) == {}
-    both = resolve_sampler("Euler", None, "Karras"), resolve_sampler("Euler", None, "Beta")
-    assert schedule_infotext_params(model, default, *both) == expected
+    assert schedule_infotext_params(model, default, beta, first=False) == expected
+    assert list(info["extra_generation_params"])[-3:] == ["Schedule type", *expected]
 
 
 def test_sigma_options_against_k_diffusion_and_scipy() -> None:

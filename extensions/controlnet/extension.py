@@ -287,8 +287,14 @@ class ControlNetExtension:
             f"Control Mode: {CONTROL_MODES[unit.control_mode]}"
         )
         save = unit.save_detected_map and pre.name != "none"
+        # The real extension writes its infotext from `process`, or from before_process_batch
+        # when the request names a refiner (process_has_sdxl_refiner): after webui's
+        # hires/img2img keys then.
+        late = getattr(ctx.request, "refiner_checkpoint", None) is not None
+        entry = {f"ControlNet {unit.index}": info}
         common = Effects(
-            infotext={f"ControlNet {unit.index}": info},
+            infotext={} if late else entry,
+            batch_infotext=entry if late else {},
             extra_images=[detected] if save else [],
             warnings=[note for note in (*notes, res_note, a_note, b_note) if note],
         )
