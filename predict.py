@@ -1,59 +1,36 @@
 """Cog adapter: a webui API payload (or the playground's typed inputs) in, images and `info` out.
 
-All the work happens in `engine/`; this file only maps Cog inputs and outputs onto it. Cog reads
-this file statically (tree-sitter), so every Input() argument is a plain literal
-(tests/test_deploy_schema.py checks the schema Cog would build from it).
-
-Concurrency: `predict` is async and Cog gives it up to 8 prediction slots (`@concurrent`, read
-statically by `cog build`; COG_MAX_CONCURRENCY overrides it at run time). Each prediction runs
-the engine in a worker thread; the engine admits SD_MAX_CONCURRENCY of them at once and batches
-their UNet steps together (engine/step_batcher.py). A cancelled prediction stops at its next
-step, or at once while it waits to start; the others go on.
+Cog reads this file statically: every Input() argument is a plain literal (tests/
+test_deploy_schema.py). `predict` is async with 8 slots (`@concurrent`); each prediction runs
+the engine in a worker thread, cancellable at its next step (engine/worker_calls.py), and the
+engine batches the UNet steps of the requests in flight (engine/step_batcher.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import json
 import os
-import shutil
-import tempfile
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cog import BaseModel, BasePredictor, Input, Path, concurrent
 from cog.input import FieldInfo
 
-# One OpenMP thread per torch-calling thread (cog.yaml sets it too), before torch loads.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # per torch-calling thread; before torch loads
 
 from engine.api import Engine, EngineConfig
 from engine.device import setup_logging
 from engine.errors import EngineError, public_error
+from engine.output_files import OutputFolders
 from engine.playground import FIELD_NAMES
 from engine.progress import print_progress
-from engine.step_batcher import cancellable
+from engine.worker_calls import Progress, run_cancellable
 
 SLOTS = 8  # keep equal to @concurrent(max=...) below (Cog reads that literal)
-# Output folders are removed once this old: Cog has delivered their files long before, and a
-# folder of a prediction still being delivered is never this old.
-OUTPUT_TTL_S = 600.0
-
-
-class Cancelled(BaseException):
-    """Cog cancelled the prediction: raised in the engine's thread at its next step, or while
-    it waits to start (a BaseException, like Cog's own, so no `except Exception` in the
-    engine swallows it)."""
 
 
 class Output(BaseModel):
-    """`images`: the files (PNG with the infotext in its `parameters` chunk unless another
-    format is asked for). `seed`: the first image's seed. `info`: webui's info JSON string
-    (the extras endpoints: webui's `html_info`).
-    `parameters`: the request with defaults filled, as JSON. `listing`: a listing's JSON."""
+    """The image files (PNG carries the infotext), the first seed, webui's info, JSON texts."""
 
     images: list[Path]
     seed: int | None
@@ -72,7 +49,7 @@ class Predictor(BasePredictor):
         """Load every checkpoint under SD_MODELS_DIR (default: this repository)."""
         setup_logging()
         self.engine = Engine.setup(EngineConfig.from_env())
-        self.outdirs: list[tuple[float, Path]] = []  # (created, folder), oldest first
+        self.outputs = OutputFolders()
         self.workers = ThreadPoolExecutor(SLOTS, thread_name_prefix="predict")
 
     # fmt: off
@@ -103,51 +80,20 @@ class Predictor(BasePredictor):
         # fmt: on
         args = {name: given(value) for name, value in locals().items() if name != "self"}
         playground = {name: args[name] for name in FIELD_NAMES}
-        stop = threading.Event()
 
-        def check() -> None:
-            if stop.is_set():
-                raise Cancelled
+        def work(progress: Progress) -> Any:  # progress raises once Cog cancels this prediction
+            return self.engine.handle(args["endpoint"], args["api_json"], progress, playground)
 
-        def progress(step: int, total: int) -> None:
-            check()
-            print_progress(step, total)
-
-        def run() -> Any:  # checked while it waits to start too (engine door, memory)
-            with cancellable(check):
-                return self.engine.handle(args["endpoint"], args["api_json"], progress, playground)
-
-        # The worker thread keeps this prediction's context (Cog routes its logs by it).
-        work = self.workers.submit(contextvars.copy_context().run, run)
         try:
-            response = await asyncio.wrap_future(work)
-        except asyncio.CancelledError:
-            stop.set()  # the engine stops at its next step; the slot is free once it has
-            await asyncio.wait([asyncio.wrap_future(work)])
-            raise
+            response = await run_cancellable(self.workers, work, print_progress)
         except EngineError as exc:
             raise public_error(exc) from None
         if response.seed is not None:
             print(f"Using seed: {response.seed}", flush=True)
         return Output(
-            images=self._write(response.images),
+            images=[Path(p) for p in self.outputs.write(response.images)],
             seed=response.seed,
             info=response.info,
             parameters=json.dumps(response.parameters) if response.parameters else "",
             listing="" if response.listing is None else json.dumps(response.listing),
         )
-
-    def _write(self, images: list[Any]) -> list[Path]:
-        """The files in a folder of this prediction's own; folders older than OUTPUT_TTL_S go
-        (concurrent predictions may still be delivering the newer ones)."""
-        now = time.monotonic()
-        while self.outdirs and now - self.outdirs[0][0] > OUTPUT_TTL_S:
-            shutil.rmtree(self.outdirs.pop(0)[1], ignore_errors=True)
-        outdir = Path(tempfile.mkdtemp(prefix="sd-out-"))
-        self.outdirs.append((now, outdir))
-        files = []
-        for index, image in enumerate(images):
-            path = outdir / f"{index:05d}.{image.extension}"
-            path.write_bytes(image.data)
-            files.append(Path(path))
-        return files
