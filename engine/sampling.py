@@ -55,10 +55,13 @@ class StopSampling(Exception):
 
 @runtime_checkable
 class LatentObserver(Protocol):
-    """A progress callback that also wants each step's denoised prediction (live previews).
-    `sdxl` says which latent space it is in (the previews' colour approximation differs)."""
+    """A progress callback that also wants each model call's denoised prediction (live
+    previews) and webui's state there. `sdxl` says which latent space it is in (the previews'
+    colour approximation differs); `step` / `steps` are webui's state.sampling_step (the last
+    completed sampler step, 0 before the first) and state.sampling_steps, which count sampler
+    steps where the progress callback's numbers count model calls (Heun: two per step)."""
 
-    def observe(self, denoised: torch.Tensor, sdxl: bool) -> None: ...
+    def observe(self, denoised: torch.Tensor, sdxl: bool, step: int, steps: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,8 @@ class CFGDenoiser:
         if self.progress is None:
             return
         if isinstance(self.progress, LatentObserver):
-            self.progress.observe(denoised, self.stage.time_ids is not None)
+            sdxl = self.stage.time_ids is not None
+            self.progress.observe(denoised, sdxl, self.sampling_step, self.sampling_steps)
         self.progress(min(self.calls, self.total), self.total)
 
     def _guided(self, model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

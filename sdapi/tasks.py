@@ -42,8 +42,9 @@ class Task:
     started_at: float | None = None
     # Progress, written by the worker thread, read by /progress (plain values; no lock needed).
     job_no: int = 0
-    sampling_step: int = 0
+    sampling_step: int = 0  # webui's state values: sampler steps, not model calls
     sampling_steps: int = 0
+    call: int = 0  # the pass' model calls so far (a new pass starts again at 1)
     interrupted: bool = False
     skipped: bool = False
     latest: tuple[torch.Tensor, bool] | None = None  # first image's x0 prediction, sdxl
@@ -51,19 +52,20 @@ class Task:
 
     # ---- the engine's progress callback (engine/sampling.py: Progress, LatentObserver)
 
-    def __call__(self, step: int, total: int) -> None:
-        if step < self.sampling_step or step == self.sampling_step == 1:
-            self.job_no += 1  # a new pass (hires, the next batch) restarts at step 1
-        self.sampling_step, self.sampling_steps = step, total
+    def __call__(self, call: int, calls: int) -> None:
+        if call < self.call or call == self.call == 1:
+            self.job_no += 1  # a new pass (hires, the next batch) restarts at call 1
+        self.call = call
         if self.interrupted:
             raise StopSampling()
         if self.skipped:
             self.skipped = False  # webui: a skip ends the current batch only
             raise StopSampling(skip=True)
 
-    def observe(self, denoised: torch.Tensor, sdxl: bool) -> None:
+    def observe(self, denoised: torch.Tensor, sdxl: bool, step: int, steps: int) -> None:
         self.latest = (denoised[0].detach(), sdxl)
         self.preview_id += 1
+        self.sampling_step, self.sampling_steps = step, steps
 
     # ---- state
 

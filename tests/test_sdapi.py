@@ -257,6 +257,34 @@ def test_controlnet_extension_default_params_and_eight_units(url: str) -> None:
 # ---- progress, interrupt, skip
 
 
+def test_progress_counts_sampler_steps_as_webuis_state_does(engine: Engine) -> None:
+    """webui's /progress reads state.sampling_step, which its sampler callback sets to the
+    index of the step just completed (callback_state), over state.sampling_steps: sampler
+    steps, where Heun calls the model twice per step (k-diffusion sample_heun: 2 + 2 + 2 + 1
+    calls over 4 steps). The engine's plain progress callback counts the model calls."""
+    from sdapi.tasks import Task
+
+    seen: list[tuple[str, int, int]] = []
+
+    class Recorder:
+        def __call__(self, call: int, calls: int) -> None:
+            seen.append(("call", call, calls))
+
+        def observe(self, denoised: Any, sdxl: bool, step: int, steps: int) -> None:
+            seen.append(("state", step, steps))
+
+    body = payload(sampler_name="Heun", steps=4)
+    engine.handle("txt2img", body, lambda s, t: None)  # warm: nothing below is a first load
+    engine.handle("txt2img", body, Recorder())
+    states = [(step, steps) for kind, step, steps in seen if kind == "state"]
+    assert states == [(0, 4)] * 4 + [(1, 4)] * 2 + [(2, 4)]
+    # Model calls over webui's total_steps (steps x 2 for a second-order sampler).
+    assert [(c, n) for kind, c, n in seen if kind == "call"] == [(i, 8) for i in range(1, 8)]
+    task = Task("client", "txt2img", run=lambda t: None)
+    engine.handle("txt2img", body, task)
+    assert (task.job_no, task.sampling_step, task.sampling_steps) == (0, 2, 4)
+
+
 def run_in_thread(target: Any) -> tuple[threading.Thread, dict[str, Any]]:
     out: dict[str, Any] = {}
 
