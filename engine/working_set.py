@@ -206,7 +206,6 @@ class Entry:
     tensors: Callable[[], Iterable[torch.Tensor]] | None = None
     parent: Key | None = None
     drop: Callable[[], bool] | None = None
-    pinned_bytes: int = 0  # of its host copy, while that is in pinned memory
 
     @property
     def key(self) -> Key:
@@ -246,6 +245,10 @@ class WorkingSet:
     # benchmarks.
     moves: list[tuple[str, str, float]] = field(default_factory=list)
     pinned_bytes: int = 0  # host memory pinned now
+    # Pinned bytes per module (id) whose host copy is in pinned memory: counted per module, as
+    # checkpoints share modules (engine/pipelines.py) and one may go back to the device with
+    # another entry while the entry that pinned it stays on the host.
+    _pinned_modules: dict[int, int] = field(default_factory=dict, repr=False)
     _pins: Counter[Key] = field(default_factory=Counter, repr=False)
     # Bytes of a set of entries, within one call (the eviction loop asks again for the same
     # sets; walking every tensor is milliseconds for real models). Cleared on every change.
@@ -324,8 +327,11 @@ class WorkingSet:
     def forget_entry(self, key: Key) -> None:
         with self._lock:
             gone = self.entries.pop(key, None)
-            if gone is not None:
-                self.pinned_bytes -= gone.pinned_bytes  # its host copy is freed with it
+            if gone is not None:  # its host copies are freed with it, unless another holds them
+                others = {id(m) for e in self.entries.values() for m in e.modules}
+                for module in gone.modules:
+                    if id(module) not in others:
+                        self.pinned_bytes -= self._pinned_modules.pop(id(module), 0)
             self.resident.pop(key, None)
             self._tensors.pop(key, None)
             for child in [k for k, e in self.entries.items() if e.parent == key]:
@@ -512,9 +518,9 @@ class WorkingSet:
         ):
             if to_device:
                 for module in modules:
-                    module.to(target, non_blocking=entry.pinned_bytes > 0)
-                self.pinned_bytes -= entry.pinned_bytes
-                entry.pinned_bytes = 0
+                    pinned = self._pinned_modules.pop(id(module), 0)
+                    module.to(target, non_blocking=pinned > 0)
+                    self.pinned_bytes -= pinned
             else:
                 nbytes = pinned_size(module_tensors(modules))
                 pin = should_pin(
@@ -523,11 +529,11 @@ class WorkingSet:
                 for module in modules:
                     if pin:
                         to_pinned_host(module)
+                        size = pinned_size(module_tensors([module]))
+                        self._pinned_modules[id(module)] = size
+                        self.pinned_bytes += size
                     else:
                         module.to(target)
-                if pin:
-                    entry.pinned_bytes = nbytes
-                    self.pinned_bytes += nbytes
             if self.device == "cuda":
                 torch.cuda.synchronize()  # the copy is done: honest times, safe host reads
         self._record(entry, "to device" if to_device else TO_HOST, started)

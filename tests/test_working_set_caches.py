@@ -31,6 +31,7 @@ from engine.working_set import (
     Entry,
     WorkingSet,
     module_entry,
+    module_tensors,
     pinned_limit_from_env,
     pinned_size,
     pipe_modules,
@@ -256,6 +257,34 @@ def test_moving_to_the_host_on_the_cpu_pins_nothing() -> None:
     storage = modules[0].weight.untyped_storage().data_ptr()
     to_pinned_host(modules[0])
     assert modules[0].weight.untyped_storage().data_ptr() == storage
+
+
+def test_pinned_bytes_follow_modules_shared_between_entries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checkpoints share modules (a fine-tune's VAE and text encoder): a module pinned when
+    one entry left goes back to the device with another entry, and its pinned bytes go with
+    it, not when the entry that pinned it returns (which left the total counting memory no
+    longer pinned, so later moves stopped pinning too early). CUDA pins; on this CPU the
+    decision is forced and the copies are plain."""
+    from engine import working_set
+
+    monkeypatch.setattr(working_set, "should_pin", lambda device, host, nbytes, pinned, limit: True)
+    shared, own_a, own_b = (torch.nn.Linear(16, 16, bias=False) for _ in range(3))
+    size = pinned_size(module_tensors([shared]))  # each module's: 16 x 16 float32
+    working = WorkingSet("cpu", 2 * size, pinned_limit=2**40)
+    a = Entry("vae", "a", modules=(shared, own_a))
+    b = Entry("vae", "b", modules=(shared, own_b))
+    with working.lease():
+        working.use(a)
+    with working.lease():
+        working.use(b)  # a leaves (both its modules pinned), then `shared` comes back with b
+    assert working.pinned_bytes == size  # own_a only
+    with working.lease():
+        working.use(a)
+    assert working.pinned_bytes == size  # own_b only
+    working.forget_entry(b.key)
+    assert working.pinned_bytes == 0  # own_b's copy freed; `shared` is on the device with a
 
 
 # ---- the engine: real caches under a budget for the checkpoint and one VAE file
