@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .infotext import remove_symbols
 from .prompt_parser import get_learned_conditioning_prompt_schedules, split_and
 
 # (texts) -> the (name, hash) pairs of the embeddings a forward over them uses, in webui's order.
@@ -67,7 +68,9 @@ def encoding_infotext(forwards: Sequence[Forward], emphasis: str, wrappers: int)
     params: dict[str, str] = {}
     for forward in forwards:
         for _ in range(wrappers):
-            hashes = [f"{_clean(name)}: {digest}" for name, digest in forward.embeddings if digest]
+            hashes = [
+                f"{remove_symbols(name)}: {digest}" for name, digest in forward.embeddings if digest
+            ]
             if hashes:
                 if params.get("TI hashes"):
                     hashes.append(params["TI hashes"])
@@ -75,7 +78,3 @@ def encoding_infotext(forwards: Sequence[Forward], emphasis: str, wrappers: int)
             if emphasis != "Original" and any("(" in t or "[" in t for t in forward.texts):
                 params["Emphasis"] = emphasis
     return params
-
-
-def _clean(name: str) -> str:
-    return name.replace(":", "").replace(",", "")

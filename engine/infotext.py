@@ -131,6 +131,12 @@ def generation_params(params: ImageParams) -> dict[str, Any]:
     return result
 
 
+def remove_symbols(name: str) -> str:
+    """A network's name as webui's "Lora hashes" / "TI hashes" print it: ':' and ',' removed
+    (they would end the `name: hash` pair)."""
+    return name.replace(":", "").replace(",", "")
+
+
 def quote(value: Any) -> str:
     """webui's `quote`: JSON-quote a value whose text has `,`, `:` or a newline.
 

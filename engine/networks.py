@@ -40,6 +40,7 @@ from typing import Any
 
 from .catalog import HashCache
 from .errors import Problem, RequestError, UnknownName
+from .infotext import remove_symbols
 from .loading import Family, LoadedCheckpoint
 from .oom import is_out_of_memory, reported
 
@@ -431,10 +432,7 @@ def lora_hashes(pairs: Sequence[tuple[LoraInfo, LoraRequest]]) -> str | None:
     Keyed by the name as written in the prompt with ":" and "," removed (webui's
     remove_symbols), first mention order, one entry per name.
     """
-    table = str.maketrans("", "", ":,")
-    hashes = {
-        req.name.translate(table): info.addnet_hash for info, req in pairs if info.addnet_hash
-    }
+    hashes = {remove_symbols(req.name): info.addnet_hash for info, req in pairs if info.addnet_hash}
     return ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None
 
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
 
 from .catalog import Catalog, CheckpointInfo, HashCache
 from .embeddings import EmbeddingCatalog
-from .loading import LoadedCheckpoint
-from .networks import COMPONENT_WEIGHTS, LoraCatalog, LoraManager
-from .pipelines import PipelineCache
+from .networks import LoraCatalog, LoraManager
+from .pipelines import PipelineCache, lora_modules
 from .planning import Models
 from .vae import VaeCatalog
 
@@ -77,18 +75,14 @@ def _retire_dropped(dropped: list[LoraManager], cache: PipelineCache) -> None:
     Under a turn of the engine's step batcher (shared by the kept engine), so that no other
     request's UNet call runs through the layers meanwhile; a request in flight that still
     uses such an adapter keeps it until it ends (LoraManager.retire)."""
-    kept = {id(m) for lc in cache.loaded.values() for m in _lora_modules(lc)}
-    sharing = [m for m in dropped if any(id(x) in kept for x in _lora_modules(m.loaded))]
+    kept = {id(m) for lc in cache.loaded.values() for m in lora_modules(lc)}
+    sharing = [m for m in dropped if any(id(x) in kept for x in lora_modules(m.loaded))]
     if not sharing:
         return
     with cache.batcher.session():
         for manager in sharing:
             manager.retire()
             log.info("refresh: LoRA adapters of dropped %s removed", manager.loaded.info.title)
-
-
-def _lora_modules(loaded: LoadedCheckpoint) -> list[Any]:
-    return [m for c in COMPONENT_WEIGHTS if (m := getattr(loaded.pipe, c, None)) is not None]
 
 
 def _default(catalog: Catalog, current: CheckpointInfo) -> CheckpointInfo:
