@@ -464,6 +464,9 @@ def _set_active(layer: Any, names: list[str]) -> None:
     or without names a layer lacks); the earlier "hang" was tests/test_networks.py
     test_switching_cached_loras_walks_no_modules, which forbids set_adapter on the switching
     path, raising inside the manager's finally while the lock was not yet released there.
+    Upstream knows the cost: huggingface/diffusers#11816 (set_adapters slows with every
+    inactive adapter ever loaded), huggingface/peft#981 (set_adapter loops over every
+    adapter's ModuleDict).
     """
     if layer.disable_adapters:  # someone called disable_lora(); we switch per layer instead
         layer.enable_adapters(True)
