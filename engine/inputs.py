@@ -102,7 +102,7 @@ def _sniff(data: bytes) -> _Signature:
 
 
 # What PIL raises on corrupt, truncated or hostile data (it has no common base class).
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # includes UnidentifiedImageError and "image file is truncated"
     SyntaxError,  # PIL's "broken PNG file", "not a JPEG file"
     ValueError,
@@ -229,7 +229,7 @@ def _open(value: Any, field: str, limits: ImageLimits) -> Image.Image:
         raise _fail(field, value, f"this is a {signature.name} file, not an allowed format")
     try:
         size = _header_size(data, pil_format)
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         raise _fail(field, value, _unreadable(signature)) from None
     if size[0] * size[1] > limits.max_pixels or max(size) > limits.max_side:
         raise _fail(field, value, _too_many_pixels(size, limits))
@@ -238,19 +238,19 @@ def _open(value: Any, field: str, limits: ImageLimits) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=[pil_format])
     except Image.DecompressionBombError:
         raise _fail(field, value, _too_many_pixels(size, limits)) from None
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         raise _fail(field, value, _unreadable(signature)) from None
     try:
         # Animated PNG/WebP: webui's PIL hands the first frame to the pipeline.
         image.seek(0)
         image.load()
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         raise _fail(field, value, _unreadable(signature)) from None
     try:
         # Phone photos are stored sideways with an orientation tag; webui's fix_image applies
         # it. A broken EXIF block is ignored there too.
         return ImageOps.exif_transpose(image)
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         return image
 
 

@@ -25,7 +25,7 @@ from .device import attention_backend
 from .errors import RequestError
 from .geometry import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS
 from .infotext import parse_generation_parameters
-from .inputs import ALLOWED_FORMATS, open_image
+from .inputs import ALLOWED_FORMATS, DECODE_ERRORS, open_image
 from .payload import OPTIONS, decode_api_json
 from .samplers import list_samplers, list_schedulers
 from .upscaler_models import KINDS, WEBUI_NAMES, UpscalerFile
@@ -332,8 +332,14 @@ _PNG_INFO_IMAGE = f"a {ALLOWED_FORMATS} image as base64 or a data URL, under 'im
 
 
 def _user_comment(image: Image.Image) -> str:
-    """The EXIF UserComment as webui reads it (piexif.helper.UserComment.load, else UTF-8)."""
-    raw = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT, b"")
+    """The EXIF UserComment as webui reads it (piexif.helper.UserComment.load, else UTF-8).
+
+    A broken EXIF block reads as no comment (webui: `piexif.load` failing gives no comment),
+    as img2img ignores it (inputs.open_image)."""
+    try:
+        raw = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT, b"")
+    except DECODE_ERRORS:
+        return ""
     if isinstance(raw, str):
         return raw
     prefix, body = bytes(raw[:8]), bytes(raw[8:])

@@ -341,6 +341,16 @@ def test_png_info_reads_the_exif_comment_of_jpeg_and_webp(engine: Engine) -> Non
         assert info["parameters"]["Prompt"] == "a lighthouse on a cliff", fmt
 
 
+def test_png_info_of_a_jpeg_with_a_broken_exif_block_has_no_infotext(engine: Engine) -> None:
+    # webui reads a failing EXIF block as no comment; PIL raises SyntaxError on it.
+    buffer = io.BytesIO()
+    card_image(32, 32).save(buffer, format="JPEG", exif=b"Exif\0\0" + bytes(range(256))[::-1])
+    body = {"image": base64.b64encode(buffer.getvalue()).decode()}
+    info = listing(engine, "png-info", json.dumps(body))
+    assert info["info"] == ""
+    assert info["parameters"]["Prompt"] == ""  # parsed with webui's defaults, as without EXIF
+
+
 def test_png_info_data_url_and_other_text_chunks(engine: Engine) -> None:
     from PIL import PngImagePlugin
 
