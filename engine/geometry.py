@@ -133,11 +133,13 @@ def _resize_and_fill(
     # Fit inside the target keeping the aspect ratio, centre, then fill the two bands by
     # stretching the first/last row (or column) of the resized image across them. The band
     # resizes use PIL's default filter and a zero-height (zero-width) source box: webui's exact
-    # calls. Webui crashes on a zero-size band; we skip it.
+    # calls. Webui crashes on a zero-size band; we skip it. It also crashes when the fitted
+    # image would be 0 px thin (a 1x4096 image into 64x64); we keep 1 px, and the bands
+    # stretch that line.
     ratio = width / height
     src_ratio = image.width / image.height
-    src_w = width if ratio < src_ratio else image.width * height // image.height
-    src_h = height if ratio >= src_ratio else image.height * width // image.width
+    src_w = width if ratio < src_ratio else max(1, image.width * height // image.height)
+    src_h = height if ratio >= src_ratio else max(1, image.height * width // image.width)
     resized = _resize(image, src_w, src_h, resample)
     result = _canvas(image, width, height)
     result.paste(resized, (width // 2 - src_w // 2, height // 2 - src_h // 2))
@@ -495,6 +497,30 @@ def upscale_latent(latent: torch.Tensor, width: int, height: int, mode: str) -> 
 def resize_latent(latent: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """img2img resize_mode 3: webui bilinear-interpolates the init latent to `h//8`×`w//8`."""
     return upscale_latent(latent, width, height, "Latent")
+
+
+# resize_mode 3 VAE-encodes the image at its own size. SD's VAE encoder halves each side three
+# times with a 3x3 stride-2 convolution padded on one side only: below 8 px a side it fails
+# (webui fails there too, with a torch error).
+MIN_LATENT_RESIZE_SIDE = 8
+
+
+def latent_resize_problem(
+    size: tuple[int, int], first: tuple[int, int] | None = None
+) -> str | None:
+    """What an init image of `size` lacks for resize_mode 3, or None. `first`: the size of
+    the batch's first init image (they are encoded as one batch; webui fails there too)."""
+    if min(size) < MIN_LATENT_RESIZE_SIDE:
+        return (
+            f"at least {MIN_LATENT_RESIZE_SIDE} px a side with resize_mode 3 (latent upscale "
+            "encodes the image at its own size); or resize_mode 0-2"
+        )
+    if first is not None and size != first:
+        return (
+            f"the size of init_images[0] ({first[0]}x{first[1]}) with resize_mode 3 (the "
+            "images are encoded at their own size, as one batch); or resize_mode 0-2"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------------------------

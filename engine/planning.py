@@ -30,6 +30,7 @@ from .geometry import (
     hr_upscaler_choice,
     img2img_steps,
     img2img_upscaler,
+    latent_resize_problem,
     prepare_init_image,
     prepare_mask,
 )
@@ -536,6 +537,12 @@ def _decode_img2img(req: Img2ImgRequest) -> tuple[list[Any], Any]:
             mask_image = decode_mask(req.mask, field="mask")
         except RequestError as err:
             problems += err.problems
+    encoded_whole = images if images is not None and req.resize_mode == 3 else []
+    for index, image in enumerate(encoded_whole):
+        lacking = latent_resize_problem(image.size, first=encoded_whole[0].size if index else None)
+        if lacking is not None:
+            size = f"a {image.width}x{image.height} image"
+            problems.append(Problem(f"init_images[{index}]", size, lacking))
     if images is not None and len(images) > req.batch_size:
         problems.append(
             Problem(

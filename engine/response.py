@@ -142,7 +142,7 @@ def build_info(plan: Plan, infotexts: list[str]) -> InfoRecord:
         sampler_name=plan.sampler.sampler,
         cfg_scale=req.cfg_scale,
         steps=req.steps,
-        batch_size=req.batch_size,
+        batch_size=plan.batch_size,  # k init images make a batch of k: webui p.batch_size
         restore_faces=bool(req.restore_faces),
         face_restoration_model=None,
         sd_model_name=ckpt.name_for_extra,

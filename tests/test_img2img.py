@@ -104,6 +104,45 @@ def test_one_init_image_repeats_for_the_batch_and_more_than_batch_size_is_an_err
         run(engine, body)
 
 
+def test_fewer_init_images_than_batch_size_make_the_batch_and_info_says_so(
+    engine: Engine,
+) -> None:
+    # webui's img2img init sets p.batch_size = len(imgs) when 1 < len(imgs) <= batch_size.
+    other = card_image(96, 64).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    images, info = run(engine, i2i(init_images=[b64_png(INIT), b64_png(other)], batch_size=4))
+    assert len(images) == 2
+    assert info["batch_size"] == 2
+
+
+def test_a_very_thin_init_image_is_fitted_by_resize_and_fill(engine: Engine) -> None:
+    # 1x512 into 64x64 keeping the aspect ratio is 0 px wide (webui crashes); kept at 1 px,
+    # and the bands stretch that column across the picture.
+    thin = Image.new("RGB", (1, 512), (200, 30, 60))
+    plan = plan_of(engine, i2i(init_images=[b64_png(thin)], resize_mode=2, width=64, height=64))
+    prepared = np.asarray(plan.img2img.inits[0].image.convert("RGB"), dtype=np.int16)
+    assert prepared.shape == (64, 64, 3)
+    assert np.abs(prepared - np.array([200, 30, 60])).max() <= 2
+    images, _ = run(engine, i2i(init_images=[b64_png(thin)], resize_mode=2, width=64, height=64))
+    assert pixels(images[0]).size == (64, 64)
+
+
+def test_latent_resize_refuses_an_init_image_under_8_px_a_side(engine: Engine) -> None:
+    # resize_mode 3 VAE-encodes the image at its own size; the encoder fails below 8 px.
+    small = b64_png(Image.new("RGB", (4, 40), (9, 9, 9)))
+    with pytest.raises(RequestError) as err:
+        run(engine, i2i(init_images=[small], resize_mode=3))
+    assert [p.field for p in err.value.problems] == ["init_images[0]"]
+    assert "4x40" in str(err.value) and "8 px" in str(err.value)
+    # Several images are encoded as one batch at their own size: they must agree.
+    with pytest.raises(RequestError) as err:
+        pair = [b64_png(INIT), b64_png(card_image(64, 96))]
+        run(engine, i2i(init_images=pair, batch_size=2, resize_mode=3))
+    assert [p.field for p in err.value.problems] == ["init_images[1]"]
+    assert "64x96" in str(err.value) and "96x64" in str(err.value)
+    images, _ = run(engine, i2i(init_images=[b64_png(Image.new("RGB", (8, 8)))], resize_mode=3))
+    assert pixels(images[0]).size == (64, 64)
+
+
 def test_bad_init_image_is_a_clear_error(engine: Engine) -> None:
     with pytest.raises(RequestError) as err:
         run(engine, payload(init_images=["not base64!"]))
