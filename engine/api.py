@@ -257,7 +257,7 @@ class Engine:
                 try:
                     # What it uses stays on the device until it ends (engine/working_set.py).
                     with self.models.cache.memory.lease(), batcher.session():
-                        result: Result = generate(self.models, parsed, progress)
+                        result: Result = generate(self.models, parsed, self.limits, progress)
                     break
                 except DeviceBusy as busy:
                     # Its models fit once a request in flight ends: wait for one, then again

@@ -167,6 +167,10 @@ class TextConditioner:
             find_embedding=self._finder(slot),
         )
 
+    def chunk_count(self, text: str) -> int:
+        """How many 75-token chunks `text` encodes to (tokenizing only)."""
+        return len(self._chunks(self.slots[0], text))
+
     def embeddings_in(self, texts: Sequence[str]) -> list[tuple[str, str]]:
         """(name, hash) of the embeddings one webui forward over `texts` uses, in the order
         it records them: chunk by chunk, and within a chunk text by text (tokenizing only;

@@ -12,6 +12,7 @@ from typing import Any
 
 from .images import encode_image
 from .infotext import info_json
+from .limits import Limits
 from .oom import reported
 from .passes import Progress, models_used, run_batch
 from .payload import (
@@ -29,10 +30,12 @@ def log_progress(step: int, total: int) -> None:
     log.info("step %d/%d", step, total)
 
 
-def generate(models: Models, parsed: ParsedRequest, progress: Progress = log_progress) -> Result:
+def generate(
+    models: Models, parsed: ParsedRequest, limits: Limits, progress: Progress = log_progress
+) -> Result:
     """Run a parsed txt2img or img2img request and build webui's response."""
     # 1. Decide everything (names, sampler, seeds, prompts, images): every error before model work.
-    plan = make_plan(models, parsed)
+    plan = make_plan(models, parsed, limits)
     req = plan.request
     # 1a. Its checkpoints onto the device, within SD_DEVICE_MEMORY (engine/working_set.py).
     models.cache.acquire(models_used(plan))

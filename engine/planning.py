@@ -35,6 +35,7 @@ from .geometry import (
     prepare_mask,
 )
 from .inputs import decode_image_list, decode_mask
+from .limits import Limits
 from .loading import Family, LoadedCheckpoint, placement
 from .lora_memory import track
 from .networks import LoraCatalog, LoraInfo, LoraManager, LoraRequest, lora_hashes
@@ -50,7 +51,9 @@ from .payload import (
 from .pipelines import PipelineCache
 from .prompt_parser import (
     extract_extra_networks,
+    get_learned_conditioning_prompt_schedules,
     lora_weights,
+    split_and,
     strip_comments,
 )
 from .samplers import (
@@ -208,7 +211,7 @@ class Plan:
         return None
 
 
-def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
+def make_plan(models: Models, parsed: ParsedRequest, limits: Limits) -> Plan:
     """Resolve names and values; raise RequestError listing what is wrong."""
     req = parsed.request
     settings = parsed.settings
@@ -279,9 +282,27 @@ def make_plan(models: Models, parsed: ParsedRequest) -> Plan:
     # 8. alwayson_scripts extensions: parsed and prepared now, so their errors come first too.
     effects = _plan_extensions(models, req, checkpoint, width, height, batch_size, decoded)
     warnings.extend(effects.warnings)
-    # 9. What webui's text encoding and get_sigmas add to the infotext (from the first batch).
+    # 9. Every text the passes encode within the chunk limit, and what webui's text encoding
+    # and get_sigmas add to the infotext (from the first batch).
+    conditioner = TextConditioner(
+        checkpoint,
+        clip_skip,
+        emphasis=settings.emphasis,
+        comma_backtrack=settings.comma_padding_backtrack,
+        embeddings=models.embeddings,
+    )
+    passes = [
+        ("prompt", cond_prompts, req.steps, True),
+        ("negative_prompt", negatives, req.steps, False),
+    ]
+    if hires is not None:
+        passes += [
+            ("hr_prompt", hires.prompts, hires.schedule_steps, True),
+            ("hr_negative_prompt", hires.negative_prompts, hires.schedule_steps, False),
+        ]
+    _check_chunks(conditioner, passes, limits.prompt_chunks)
     encoding = _encoding_extras(
-        models, checkpoint, settings, clip_skip, cond_prompts, negatives, batch_size, req.steps
+        conditioner, settings, cond_prompts, negatives, batch_size, req.steps
     )
     schedule = partial(
         schedule_infotext_params, discretization(checkpoint), schedule_options(settings)
@@ -493,24 +514,46 @@ def _plan_networks(
     return list(stripped), loras
 
 
+def _check_chunks(
+    conditioner: TextConditioner,
+    passes: list[tuple[str, list[str], int, bool]],
+    limit: int,
+) -> None:
+    """Each text a pass encodes (every AND part and prompt-editing text of every image) in at
+    most `limit` chunks of 75 tokens (SD_LIMIT_MAX_PROMPT_CHUNKS). The parse counts BREAKs
+    only; tokens need the checkpoint's tokenizer. A prompt of 19,000 "ẑ" (3 tokens each)
+    inside the character limit is ~760 chunks: minutes of text encoding, and a UNet context
+    that long at every step. Tokenizing costs milliseconds for real prompts."""
+    problems: list[Problem] = []
+    seen: set[str] = set()  # hr_prompt defaults to the prompt: one problem, the prompt's
+    for field_name, prompts, steps, positive in passes:
+        distinct = list(dict.fromkeys(prompts))
+        parts = [t for p in distinct for t, _ in split_and(p)] if positive else distinct
+        schedules = get_learned_conditioning_prompt_schedules(parts, steps)
+        texts = {text for schedule in schedules for _, text in schedule} - seen
+        seen |= texts
+        most = max((conditioner.chunk_count(text) for text in texts), default=0)
+        if most > limit:
+            problems.append(
+                Problem(
+                    field_name,
+                    f"{most} chunks of 75 tokens",
+                    f"at most {limit} chunks per prompt (SD_LIMIT_MAX_PROMPT_CHUNKS)",
+                )
+            )
+    if problems:
+        raise RequestError(problems)
+
+
 def _encoding_extras(
-    models: Models,
-    checkpoint: LoadedCheckpoint,
+    conditioner: TextConditioner,
     settings: Settings,
-    clip_skip: int,
     prompts: list[str],
     negatives: list[str],
     batch_size: int,
     steps: int,
 ) -> dict[str, str]:
     """webui's "TI hashes" and "Emphasis" for the first batch's first-pass encodings."""
-    conditioner = TextConditioner(
-        checkpoint,
-        clip_skip,
-        emphasis=settings.emphasis,
-        comma_backtrack=settings.comma_padding_backtrack,
-        embeddings=models.embeddings,
-    )
     forwards = forwards_of(
         prompts[:batch_size], negatives[:batch_size], steps, conditioner.embeddings_in
     )

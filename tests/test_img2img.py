@@ -37,7 +37,8 @@ def run(engine: Engine, body: str) -> tuple[list[bytes], dict[str, Any]]:
 
 def plan_of(engine: Engine, body: str) -> Any:
     data = decode_api_json(body, engine.limits)
-    return make_plan(engine.models, parse_request(data, choose_mode("auto", data), engine.limits))
+    parsed = parse_request(data, choose_mode("auto", data), engine.limits)
+    return make_plan(engine.models, parsed, engine.limits)
 
 
 INIT = card_image(96, 64)

@@ -6,9 +6,12 @@ import json
 
 import pytest
 
+from engine.api import Engine
 from engine.errors import RequestError
 from engine.payload import LIMIT_ENV, Limits, parse_request
 from engine.prompt_limits import PromptBounds, prompt_problems
+
+from .helpers import payload
 
 BOUNDS = PromptBounds(and_parts=4, prompt_chunks=3, prompt_schedule=5, scheduled_chars=200)
 
@@ -108,3 +111,25 @@ def test_red_team_prompts_are_refused_by_the_request_parser(
         parse_request(json.loads(json.dumps(body)), "txt2img", Limits())
     [problem] = [p for p in caught.value.problems if p.field == field]
     assert needle in str(problem.value)
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"])
+def test_a_prompt_of_too_many_tokens_is_refused_before_model_work(
+    engine: Engine, field: str
+) -> None:
+    # Inside the character limit but ~760 chunks of 75 tokens ("ẑ" is 3 CLIP tokens): minutes of
+    # text encoding and a huge UNet context. BREAKs alone (the parse-time count) miss it.
+    text = "ẑ" * 19000
+    body = payload(steps=2, enable_hr=True, hr_scale=1.5, denoising_strength=0.5, **{field: text})
+    steps: list[int] = []
+    with pytest.raises(RequestError) as caught:
+        engine.handle("txt2img", body, lambda step, total: steps.append(step))
+    [problem] = caught.value.problems
+    assert problem.field == field
+    assert (
+        str(problem.value).endswith("chunks of 75 tokens") and int(problem.value.split()[0]) > 700
+    )
+    assert "SD_LIMIT_MAX_PROMPT_CHUNKS" in problem.allowed
+    assert steps == []  # refused before the first step
+    # A prompt that fits is unaffected (32 chunks is the default bound).
+    engine.handle("txt2img", payload(steps=1, **{field: "ẑ" * 100}))
