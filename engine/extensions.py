@@ -115,14 +115,17 @@ def script_args(value: Any, *, field: str) -> list[Any]:
     """The positional args of an alwayson_scripts entry.
 
     webui reads `{"args": [...]}`; clients also send the list itself, or a single dict (one
-    ControlNet unit). Anything else is an error naming the field."""
+    ControlNet unit). An empty entry, `{}`, has no args: webui (modules/api/api.py
+    init_script_args) reads an entry's args only when the key is there, so the script keeps
+    its defaults and does nothing. Anything else is an error naming the field."""
     if isinstance(value, Mapping):
         if "args" in value:
             args = value["args"]
             if isinstance(args, list | tuple):
                 return list(args)
             raise RequestError.single(f"{field}.args", args, "expected a list of arguments")
-        return [dict(value)]
+        # Not [{}]: that would be one unit of defaults, refused for a model never sent.
+        return [dict(value)] if value else []
     if isinstance(value, list | tuple):
         return list(value)
     raise RequestError.single(field, value, 'expected {"args": [...]}')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from extensions.controlnet import ControlNetExtension
 from extensions.controlnet.extension import fit_map, pixel_perfect_resolution
 from extensions.controlnet.hook import ControlNetHook, active, image_tensor, soft_scales
 from extensions.controlnet.preprocessors import PREPROCESSORS, run_preprocessor
-from tests.helpers import SD1, SDXL
+from tests.helpers import SD1, SDXL, payload, pixels
 
 FIELD = "alwayson_scripts.controlnet"
 
@@ -175,6 +176,18 @@ def test_registry_reports_problems_of_every_extension_at_once(
         "alwayson_scripts.ControlNet.args[0].model",
         "alwayson_scripts.CFG Rescale Extension.args[0]",
     }
+
+
+def test_an_entry_without_args_runs_nothing(engine: Engine) -> None:
+    # webui reads an entry's args only when the key is there: `{}` leaves the scripts'
+    # defaults (ControlNet off, rescale 0). It was read as one ControlNet unit without a model.
+    body = json.loads(payload(steps=2))
+    plain = engine.handle("auto", json.dumps(body))
+    body["alwayson_scripts"] = {"controlnet": {}, "CFG Rescale Extension": {}}
+    empty = engine.handle("auto", json.dumps(body))
+    assert len(empty.images) == 1  # no detected map
+    assert pixels(empty.images[0].data).tobytes() == pixels(plain.images[0].data).tobytes()
+    assert json.loads(empty.info)["infotexts"] == json.loads(plain.info)["infotexts"]
 
 
 # --------------------------------------------------------------------------------------------

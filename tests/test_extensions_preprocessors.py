@@ -13,7 +13,10 @@ from PIL import Image
 from scipy import ndimage
 
 from engine.api import Engine
+from engine.errors import RequestError
+from extensions.controlnet import preprocessors
 from extensions.controlnet.extension import bound_slider
+from extensions.controlnet.models import ModelCache
 from extensions.controlnet.preprocessors import PREPROCESSORS, gaussian_blur, run_preprocessor
 
 from .helpers import b64_png, card_image, payload
@@ -128,6 +131,98 @@ def test_a_missing_slider_bounds_like_the_extensions_invisible_one(
     # blur_gaussian has no slider_b: the extension's bound_check_params still checks
     # threshold_b against PreprocessorParameter(visible=False), 0..1 with default 0.5.
     assert bound_slider(value, None, "x.threshold_b", "blur_gaussian") == (used, None)
+
+
+# --------------------------------------------------------------------------------------------
+# The map size, refused before any work: the short side goes to the resolution, so a thin
+# image's long side grows with its aspect ratio (1x4096 at 512: a 512x2097152 canny map, 24 GiB)
+
+
+def _thin_unit(size: tuple[int, int], **unit: Any) -> str:
+    base = {"module": "canny", "model": "tiny-controlnet-sd15"}
+    base["image"] = b64_png(Image.new("RGB", size, (9, 9, 9)))
+    return payload(steps=2, alwayson_scripts={"controlnet": {"args": [{**base, **unit}]}})
+
+
+@pytest.fixture
+def preprocessor_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Every resize to the resolution, refused: a run that got there would try the huge map."""
+    calls: list[tuple[int, ...]] = []
+
+    def refuse(img: np.ndarray, res: int) -> np.ndarray:
+        calls.append(img.shape)
+        raise AssertionError(f"the preprocessor ran on a {img.shape} image at {res}")
+
+    monkeypatch.setattr(preprocessors, "_short_side", refuse)
+    return calls
+
+
+@pytest.fixture
+def model_loads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The ControlNet model loads a test makes (spied on, not replaced)."""
+    loads: list[Any] = []
+    load = ModelCache.get
+
+    def spy(self: ModelCache, *args: Any, **kwargs: Any) -> Any:
+        loads.append(args)
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelCache, "get", spy)
+    return loads
+
+
+@pytest.mark.parametrize(("size", "resize_mode"), [((1, 4096), 2), ((4096, 1), 0)])
+def test_a_thin_image_is_refused_while_the_unit_is_validated(
+    engine: Engine,
+    model_loads: list[Any],
+    preprocessor_calls: list[tuple[int, ...]],
+    size: tuple[int, int],
+    resize_mode: int,
+) -> None:
+    loads = model_loads
+    with pytest.raises(RequestError) as err:
+        engine.handle("auto", _thin_unit(size, resize_mode=resize_mode))
+    (problem,) = err.value.problems
+    assert problem.field == "alwayson_scripts.controlnet.args[0].image"
+    long_side = 512 * 4096
+    shown = f"{long_side}x512" if size[0] > size[1] else f"512x{long_side}"
+    assert f"{size[0]}x{size[1]} image" in str(problem) and f"{shown} map" in str(problem)
+    assert "16,777,216 pixels" in str(problem)
+    # From validation: no ControlNet was loaded and no preprocessor ran.
+    assert loads == [] and preprocessor_calls == []
+
+
+@pytest.mark.parametrize(("resize_mode", "shown"), [(2, "0x0 map"), (0, "64x262144 map")])
+def test_pixel_perfect_on_a_thin_image_names_the_image(
+    engine: Engine,
+    model_loads: list[Any],
+    preprocessor_calls: list[tuple[int, ...]],
+    resize_mode: int,
+    shown: str,
+) -> None:
+    # Resize and Fill at 64x64 picks resolution round(64 / 4096) = 0 (PIL raised "height and
+    # width must be > 0"); Just Resize picks 64, a 64x262144 map.
+    body = _thin_unit((1, 4096), resize_mode=resize_mode, pixel_perfect=True)
+    with pytest.raises(RequestError) as err:
+        engine.handle("auto", body)
+    (problem,) = err.value.problems
+    assert problem.field == "alwayson_scripts.controlnet.args[0].image"
+    assert shown in str(problem) and "at least 1" in str(problem)
+    assert preprocessor_calls == [] and model_loads == []  # checked before the model loads
+
+
+def test_a_thin_img2img_image_used_by_a_unit_names_init_images(
+    engine: Engine, model_loads: list[Any], preprocessor_calls: list[tuple[int, ...]]
+) -> None:
+    # A unit without its own image runs on init_images[0]; the error says where it came from.
+    unit = {"module": "canny", "model": "tiny-controlnet-sd15"}
+    thin = b64_png(Image.new("RGB", (1, 4096), (9, 9, 9)))
+    body = payload(init_images=[thin], alwayson_scripts={"controlnet": {"args": [unit]}})
+    with pytest.raises(RequestError) as err:
+        engine.handle("img2img", body)
+    (problem,) = err.value.problems
+    assert problem.field == "init_images[0]" and "1x4096 image" in str(problem)
+    assert preprocessor_calls == [] and model_loads == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,14 @@ from engine.loading import Placement
 from .hook import ControlNetHook, image_tensor
 from .inpaint_only import InpaintComposite, InpaintRestore
 from .models import ControlNetFile, LoadedControlNet, ModelCache, scan
-from .preprocessors import HIDDEN_SLIDER, PREPROCESSORS, RESOLUTION, Slider, run_preprocessor
+from .preprocessors import (
+    HIDDEN_SLIDER,
+    PREPROCESSORS,
+    RESOLUTION,
+    Slider,
+    run_preprocessor,
+    working_size_problem,
+)
 from .reference import MODES as REFERENCE_MODES
 from .reference import ReferenceHook, ReferenceUnit
 from .units import CONTROL_MODES, RESIZE_MODES, Unit, parse_units
@@ -245,24 +252,30 @@ class ControlNetExtension:
         image, resize_mode = unit.image, unit.resize_mode
         unit, fallback = _inpaint_only_fallback(ctx, unit)
         notes = [fallback] if fallback else []
+        image_field = f"{unit.field}.image"
         if image is None:
             if ctx.mode != "img2img" or not ctx.init_images:
                 raise RequestError.single(
-                    f"{unit.field}.image",
+                    image_field,
                     None,
                     "controlnet is enabled but no input image is given (send `image`, or use "
                     "img2img, where init_images[0] is used)",
                 )
-            image = ctx.init_images[0]
+            image, image_field = ctx.init_images[0], "init_images[0]"
             resize_mode = _FROM_IMG2IMG.get(ctx.resize_mode, JUST_RESIZE)
+        pre = unit.module
+        res, res_note = self._resolution(unit, image, ctx, resize_mode)
+        # Before the model loads: the map size follows the aspect ratio (units.py checks the
+        # cases it can size alone; pixel_perfect and img2img's image are known only here).
+        size_problem = working_size_problem(pre, image.size, res, image_field)
+        if size_problem is not None:
+            raise RequestError([size_problem])
         if unit.ignored_model is not None:
             notes.append(
                 f"{unit.field}.model: {unit.ignored_model!r} is not used by the model-free "
                 f"module {unit.module.name} (the ControlNet extension ignores it too)"
             )
         loaded = None if unit.model is None else self._model(ctx, unit.model, unit.field)
-        pre = unit.module
-        res, res_note = self._resolution(unit, image, ctx, resize_mode)
         a, a_note = bound_slider(
             unit.threshold_a, pre.slider_a, f"{unit.field}.threshold_a", pre.name
         )

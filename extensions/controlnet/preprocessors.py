@@ -2,9 +2,10 @@
 
 Each follows Mikubill's sd-webui-controlnet `scripts/processor.py`: the image is resized so its
 short side is `processor_res` (cubic when enlarging, area when shrinking), edge-padded to a
-multiple of 64 for the detector, and the padding is cut off again. Modules that need model
-weights (depth, openpose, lineart, ...) are listed so that a request naming one gets a clear
-"needs weights" error instead of "unknown".
+multiple of 64 for the detector, and the padding is cut off again. The size that resize makes
+is checked before any pixel work (`working_size_problem`). Modules that need model weights
+(depth, openpose, lineart, ...) are listed so that a request naming one gets a clear "needs
+weights" error instead of "unknown".
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Final
 import numpy as np
 import torch
 from PIL import Image
+
+from engine.errors import Problem
+from engine.inputs import IMAGE_LIMITS
 
 Array = np.ndarray
 DEFAULT_RES: Final = 512
@@ -32,6 +36,10 @@ class Slider:
 
     def contains(self, value: float) -> bool:
         return self.min <= value <= self.max
+
+    def bound(self, value: float) -> float:
+        """The value, or the default outside the range (the extension's bound_check_params)."""
+        return value if self.contains(value) else self.value
 
     def listing(self) -> dict[str, float | str]:
         return {
@@ -79,9 +87,15 @@ def _resize(img: Array, width: int, height: int) -> Array:
     return np.asarray(Image.fromarray(img).resize((width, height), resample))
 
 
+def _scaled_size(size: tuple[int, int], res: int) -> tuple[int, int]:
+    """(width, height) with the short side at `res`, rounded as resize_image_with_pad."""
+    width, height = size
+    k = res / min(width, height)
+    return round(width * k), round(height * k)
+
+
 def _short_side(img: Array, res: int) -> Array:
-    k = res / min(img.shape[:2])
-    height, width = round(img.shape[0] * k), round(img.shape[1] * k)
+    width, height = _scaled_size((img.shape[1], img.shape[0]), res)
     if (height, width) == img.shape[:2]:
         return img
     return _resize(img, width, height)
@@ -476,6 +490,47 @@ NEEDS_WEIGHTS: Final = frozenset(
 )
 
 
+# --------------------------------------------------------------------------------------------
+# The size a preprocessor works at, checked before it runs
+
+
+def working_size(pre: Preprocessor, size: tuple[int, int], res: int) -> tuple[int, int]:
+    """(width, height) of the map `pre` makes from an image of `size` at resolution `res`
+    (before the 64-padding; modules without a resolution work at the image's size)."""
+    return size if pre.resolution is None else _scaled_size(size, res)
+
+
+def working_size_problem(
+    pre: Preprocessor, size: tuple[int, int], res: int, field: str
+) -> Problem | None:
+    """A problem naming `field` (where the image came from) when that map is empty or too
+    large, else None.
+
+    The short side goes to the resolution, so the long side grows with the aspect ratio: a
+    1x4096 image at 512 is a 512x2097152 map (canny's float64 gradients alone need ~24 GiB),
+    and pixel_perfect can pick a resolution that rounds to 0. Mikubill's resize_image_with_pad
+    (scripts/preprocessor/legacy/processor.py) has no bound and would try either. The limit is
+    the one request images already have (engine/inputs.py IMAGE_LIMITS): a map no larger than
+    the largest image a client may send."""
+    width, height = working_size(pre, size, res)
+    limits = IMAGE_LIMITS
+    if (
+        min(width, height) >= 1
+        and max(width, height) <= limits.max_side
+        and width * height <= limits.max_pixels
+    ):
+        return None
+    return Problem(
+        field,
+        f"{size[0]}x{size[1]} image",
+        f"{pre.name} scales the short side to its resolution {res} (processor_res, or the one "
+        f"pixel_perfect picks), which makes a {width}x{height} map; a map must be at least 1 "
+        f"and at most {limits.max_side} pixels a side and at most {limits.max_pixels:,} pixels "
+        "(the request image limits): send a less elongated image or change processor_res or "
+        "pixel_perfect",
+    )
+
+
 def find_preprocessor(name: str) -> Preprocessor | None:
     """The preprocessor a request names (case-insensitive; UI labels and legacy aliases)."""
     key = name.strip().lower()
@@ -486,6 +541,7 @@ def find_preprocessor(name: str) -> Preprocessor | None:
 def run_preprocessor(
     pre: Preprocessor, image: Image.Image, res: int, a: float, b: float
 ) -> Image.Image:
-    """The detected map of an RGB image, as an RGB image."""
+    """The detected map of an RGB image, as an RGB image. Callers check working_size_problem
+    first (extension.py does, before it loads the unit's model)."""
     array = np.asarray(image.convert("RGB"))
     return Image.fromarray(np.ascontiguousarray(pre.run(array, res, a, b))).convert("RGB")

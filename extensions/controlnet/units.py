@@ -24,6 +24,7 @@ from .preprocessors import (
     PREPROCESSORS,
     Preprocessor,
     find_preprocessor,
+    working_size_problem,
 )
 
 # webui's control_net_unit_count default. webui drops units past it silently; we refuse an
@@ -308,9 +309,24 @@ def parse_unit(
         save_detected_map=reader.flag("save_detected_map", True),
         ignored_model=None if not free or _no_model(raw_model) else str(raw_model)[:100],
     )
+    size_problem = _working_size_problem(unit)
+    if size_problem is not None:
+        reader.problems.append(size_problem)
     if reader.problems or module is None or (model is None and not free):
         return None, reader.problems
     return unit, []
+
+
+def _working_size_problem(unit: Unit) -> Problem | None:
+    """The preprocessor's map size, checked while validating, before any model work, where
+    the unit alone decides it: its own image at its processor_res, bounded to the slider as
+    the extension does. With pixel_perfect (the resolution follows the generation size) or
+    img2img's image, the extension makes the same check before it loads the unit's model."""
+    slider = unit.module.resolution
+    if unit.image is None or slider is None or unit.pixel_perfect:
+        return None
+    res = int(slider.bound(unit.processor_res))
+    return working_size_problem(unit.module, unit.image.size, res, f"{unit.field}.image")
 
 
 def parse_units(args: list[Any], field: str, models: tuple[ControlNetFile, ...]) -> list[Unit]:
