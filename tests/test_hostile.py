@@ -78,6 +78,12 @@ def png_header(width: int, height: int) -> bytes:
     )
 
 
+# A 1x4096 / 4096x1 picture: within the request image limits, but its short side scaled to a
+# preprocessor's resolution is a map of millions of pixels a side.
+THIN = image_bytes("PNG", (1, 4096))
+WIDE = image_bytes("PNG", (4096, 1))
+
+
 def nested(depth: int) -> str:
     return '{"prompt": "x", "styles": ' + "[" * depth + "]" * depth + "}"
 
@@ -204,6 +210,38 @@ CORPUS: tuple[Bad, ...] = (
         "controlnet",
     ),
     Bad("controlnet-args-not-list", payload(alwayson_scripts={"controlnet": {"args": 3}}), "cont"),
+    # Red-team round 3 (stop 24): work or memory a request implies beyond its own fields.
+    Bad("prompt-token-chunks", payload(prompt="ẑ" * 19000, steps=2), "prompt"),
+    Bad("negative-token-chunks", payload(negative_prompt="ẑ" * 19000, steps=2), "negative_prompt"),
+    Bad(
+        "latent-resize-4px",
+        i2i(init_images=[b64_bytes(image_bytes("PNG", (4, 4)))], resize_mode=3),
+        "init_images[0]",
+    ),
+    Bad(
+        "latent-resize-mixed-sizes",
+        i2i(
+            init_images=[CARD, b64_bytes(image_bytes("PNG", (64, 96)))], batch_size=2, resize_mode=3
+        ),
+        "init_images[1]",
+    ),
+    Bad("controlnet-thin-image", cn(image=b64_bytes(THIN), resize_mode=2), "args[0].image"),
+    Bad("controlnet-thin-wide", cn(image=b64_bytes(WIDE), resize_mode=0), "args[0].image"),
+    Bad(
+        "controlnet-thin-pixel-perfect",
+        cn(image=b64_bytes(THIN), resize_mode=2, pixel_perfect=True),
+        "args[0].image",
+    ),
+    Bad(
+        "controlnet-thin-init-image",
+        i2i(
+            init_images=[b64_bytes(THIN)],
+            alwayson_scripts={
+                "controlnet": {"args": [{"module": "canny", "model": "tiny-controlnet-sd15"}]}
+            },
+        ),
+        "init_images[0]",
+    ),
 )
 
 
